@@ -1,0 +1,176 @@
+"""`gptflow`: run the pipeline, or one stage alone, from the command line.
+
+    gptflow run --preset tiny [--config FILE] [--set key=value ...]
+    gptflow data [--input PATH ...] [--set key=value ...]
+    gptflow tokenizer --input CORPUS
+    gptflow pretrain --input SHARDS_DIR
+    gptflow sft|align|eval --model MODEL_DIR --tokenizer TOKENIZER_DIR
+    gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
+
+Errors the user can fix (unknown preset or key, malformed --set, missing input) are printed as one line,
+without a traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.env import resolve_path, setup_env
+
+STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "eval")
+EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptflow", description="Raw web crawl in; an evaluated, aligned GPT out, tracked in MLflow.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, preset_help: str) -> None:
+        sp.add_argument("--preset", default="tiny", help=preset_help + " (tiny, small, gpt2-124m; default: tiny)")
+        sp.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (nested or dotted), applied before --set")
+        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key; repeatable; values parse as JSON when they can")
+        sp.add_argument("--workdir", metavar="DIR", help="where stage folders go (default: $GPTFLOW_HOME/runs)")
+        sp.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    run = sub.add_parser("run", help="run the whole pipeline", epilog=EPILOG,
+                         description="Run data, tokenizer, pretrain, SFT, alignment, eval and registration as one Prefect flow.")
+    common(run, "the preset to start from")
+
+    data = sub.add_parser("data", help="Common Crawl WARC/WET -> clean JSONL documents", epilog=EPILOG,
+                          description="Run the data stage alone. Keys for --set are relative to the data config (e.g. languages).")
+    common(data, "preset whose data config is the base")
+    data.add_argument("--input", nargs="+", metavar="PATH", help="WARC/WET files (replaces data.inputs)")
+
+    tok = sub.add_parser("tokenizer", help="train the BPE tokenizer and write token shards", epilog=EPILOG,
+                         description="Run the tokenizer stage alone on a folder or file of JSONL/text documents.")
+    common(tok, "preset whose tokenizer config is the base")
+    tok.add_argument("--input", required=True, metavar="CORPUS", help="folder or file of .jsonl(.gz)/.txt documents")
+
+    pre = sub.add_parser("pretrain", help="pretrain the GPT on token shards with Ray Train", epilog=EPILOG,
+                         description="Run the pretraining stage alone on a shards folder (with index.json).")
+    common(pre, "preset whose pretrain config is the base")
+    pre.add_argument("--input", required=True, metavar="SHARDS_DIR", help="shards folder from the tokenizer stage")
+
+    for name, what in (("sft", "supervised fine-tuning on chat data"), ("align", "DPO on preference pairs"),
+                       ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format")):
+        sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")
+        common(sp, f"preset whose {name} config is the base")
+        sp.add_argument("--model", required=True, metavar="MODEL_DIR", help="folder with model.safetensors and config.json")
+        sp.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="folder with tokenizer.json")
+        if name == "export":
+            sp.add_argument("--out", required=True, metavar="DIR", help="output folder for the Hugging Face model")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.config import parse_sets, read_config_file
+
+    out: dict[str, Any] = read_config_file(resolve_path(args.config)) if args.config else {}
+    out.update(parse_sets(args.sets))
+    return out
+
+
+def stage_config(args: argparse.Namespace, stage: str):
+    """The stage's config from the preset, with --config/--set keys relative to the stage."""
+    from flows.config import PipelineConfig, apply_overrides, validate
+    from flows.presets import resolve
+
+    base = resolve(args.preset)
+    section = getattr(base, stage).model_dump(mode="json")
+    section = apply_overrides(section, overrides_from(args), where=f"{stage} config")
+    field = PipelineConfig.model_fields[stage].annotation
+    return validate(field, section, f"{stage} config")
+
+
+def require(path: str, what: str) -> str:
+    from tasks.stage import GptflowError
+
+    p = resolve_path(path)
+    if not p.exists():
+        raise GptflowError(f"{what} does not exist: {path}")
+    return str(p)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.presets import resolve
+
+    overrides = overrides_from(args)
+    cfg = resolve(args.preset, overrides)  # validate before Prefect starts: errors stay one line
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    from flows.pipeline import llm_pipeline_flow
+
+    result = llm_pipeline_flow(preset=args.preset, overrides=overrides, workdir=args.workdir)
+    print_summary(result)
+    return 0
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    m = r["model"]
+    print("\n=== gptflow pipeline finished ===")
+    print(f"MLflow run:       {r['run_id']} (experiment '{r['experiment']}', tracking URI {r['tracking_uri']})")
+    print(f"Registered model: {m['name']} version {m['version']}  ->  models:/{m['name']}@{m['aliases'][0]}")
+    print("Stage times (s):  " + ", ".join(f"{k} {v:.1f}" + (" (cached)" if r["cached"].get(k) else "")
+                                          for k, v in r["times"].items()))
+    print(f"Stage folders:    {Path(r['stage_dirs']['eval']).parent.parent}")
+    print(f"Browse:           mlflow ui --backend-store-uri {r['tracking_uri']} --host 127.0.0.1")
+    print("\nEval results:\n" + r["eval_table"])
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from flows import stages
+
+    cfg = stage_config(args, args.command if args.command != "export" else "registry")
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "data":
+        if args.input:
+            cfg = cfg.model_copy(update={"inputs": [require(p, "input path") for p in args.input]})
+        result = stages.data_flow(config=cfg, workdir=args.workdir)
+    elif args.command == "tokenizer":
+        result = stages.tokenizer_flow(corpus=require(args.input, "corpus"), config=cfg, workdir=args.workdir)
+    elif args.command == "pretrain":
+        result = stages.pretrain_flow(shards=require(args.input, "shards folder"), config=cfg, workdir=args.workdir)
+    elif args.command == "export":
+        from models.export import export_hf
+
+        out = export_hf(Path(require(args.model, "model folder")), Path(require(args.tokenizer, "tokenizer folder")) / "tokenizer.json",
+                        Path(args.out))
+        print(f"exported a Hugging Face model to {out}")
+        return 0
+    else:
+        flow = {"sft": stages.sft_flow, "align": stages.align_flow, "eval": stages.eval_flow}[args.command]
+        result = flow(model=require(args.model, "model folder"), tokenizer=require(args.tokenizer, "tokenizer folder"),
+                      config=cfg, workdir=args.workdir)
+    print(json.dumps({k: result[k] for k in ("stage", "dir", "counts", "metrics", "outputs", "cached") if k in result},
+                     indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from tasks.stage import GptflowError
+
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_stage(args)
+    except (GptflowError, FileNotFoundError) as e:
+        print(f"gptflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptflow: interrupted; finished stages are kept and reused on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

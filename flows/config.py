@@ -1,0 +1,108 @@
+"""The pipeline's configuration: one frozen config per stage, composed; dotted overrides; config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.align import AlignConfig
+from tasks.bpe import TokenizerConfig
+from tasks.data import DataConfig
+from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
+from tasks.stage import GptflowError
+
+
+class RegistryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field("gpt-tiny", description="Registered model name in the MLflow registry.")
+    aliases: list[str] = Field(default_factory=lambda: ["candidate"], description="Aliases set on the new version.")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field(description="The preset this config started from.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pretrain: PretrainConfig
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON when they parse as JSON (numbers, booleans, lists, null), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise GptflowError(f"malformed --set '{item}': expected key=value, e.g. pretrain.lr=3e-4")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def flatten_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file of (nested or dotted) keys, flattened into dotted overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptflowError(f"config file does not exist: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise GptflowError(f"config file {path} is not valid YAML/JSON: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GptflowError(f"config file {path} must hold a mapping of keys to values")
+    return flatten_keys(data)
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """Set dotted keys in a nested dict; a key that does not exist is an error (no silent typos)."""
+    out = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+                raise GptflowError(f"unknown {where} key '{dotted}': '{'.'.join(parts[: i + 1])}' does not exist; "
+                                   f"known keys here: {known}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise GptflowError(f"invalid {where}: {problems}") from None

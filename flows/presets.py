@@ -1,0 +1,89 @@
+"""Presets: plain functions returning a `PipelineConfig`; variants call a base and change a few fields.
+
+- `tiny`: the test and debug flavour. The whole pipeline on the bundled sample crawl in about 2-3 minutes on
+  2 CPU cores. ~0.5M-parameter LLaMA-style GPT, context 128; 2 Ray workers x 8 sequences x 128 tokens =
+  2,048 tokens per step, 120 steps = 246k tokens.
+- `small`: a ~10M-parameter model, context 256, for a workstation; 2 workers x 16 x 256 x 2 accum = 16k tokens
+  per step, 2,000 steps = 33M tokens (Chinchilla-optimal for 10M params would be ~200M).
+- `gpt2-124m`: GPT-2 small (12 layers, d_model 768, 12 heads, context 1024, vocab padded to 50,304) on GPUs:
+  8 workers x 16 x 1024 x 4 accum = 524k tokens per step (GPT-3 paper's 0.5M batch for this size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from flows.config import PipelineConfig, RegistryConfig
+from models.gpt import GPTConfig
+from tasks.align import AlignConfig
+from tasks.bpe import TokenizerConfig
+from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
+
+PresetName = Literal["tiny", "small", "gpt2-124m"]
+
+
+def tiny() -> PipelineConfig:
+    vocab = 2048
+    return PipelineConfig(
+        preset="tiny",
+        tokenizer=TokenizerConfig(vocab_size=vocab),
+        pretrain=PretrainConfig(
+            model=GPTConfig(arch="llama", vocab_size=vocab, block_size=128, n_layer=2, n_head=4, n_embd=128),
+            steps=120, batch_size=8, lr=3e-3, warmup_steps=10, num_workers=2,
+            log_every=10, eval_every=40, eval_batches=4, ckpt_every=60,
+        ),
+        sft=SFTConfig(max_examples=400, steps=40, batch_size=8, lr=1e-3, log_every=10),
+        align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),
+        eval=EvalConfig(limit=20, batch_size=32),
+        registry=RegistryConfig(model_name="gpt-tiny"),
+    )
+
+
+def small() -> PipelineConfig:
+    base = tiny()
+    vocab = 8192
+    return base.model_copy(update={
+        "preset": "small",
+        "tokenizer": TokenizerConfig(vocab_size=vocab),
+        "pretrain": PretrainConfig(
+            model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=6, n_head=6, n_embd=384),
+            steps=2000, batch_size=16, grad_accum=2, lr=1e-3, warmup_steps=100, num_workers=2,
+            log_every=20, eval_every=200, ckpt_every=200,
+        ),
+        "sft": SFTConfig(steps=300, batch_size=16, lr=3e-4),
+        "align": AlignConfig(steps=200, batch_size=8, lr=5e-5),
+        "eval": EvalConfig(limit=None),
+        "registry": RegistryConfig(model_name="gpt-small"),
+    })
+
+
+def gpt2_124m() -> PipelineConfig:
+    base = small()
+    vocab = 50304  # 50,257 rounded up to a multiple of 64 for fast matmuls
+    return base.model_copy(update={
+        "preset": "gpt2-124m",
+        "tokenizer": TokenizerConfig(vocab_size=50257),
+        "pretrain": PretrainConfig(
+            model=GPTConfig(arch="gpt2", vocab_size=vocab, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+            steps=19073, batch_size=16, grad_accum=4, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
+            log_every=50, eval_every=500, ckpt_every=1000, eval_batches=20,
+        ),
+        "registry": RegistryConfig(model_name="gpt-gpt2-124m"),
+    })
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m}
+
+
+def resolve(preset: str, overrides: dict | None = None) -> PipelineConfig:
+    """Preset + dotted overrides, validated. Unknown presets and keys are errors that say what exists."""
+    from flows.config import apply_overrides, validate
+    from tasks.stage import GptflowError
+
+    if preset not in PRESETS:
+        raise GptflowError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    base = PRESETS[preset]().model_dump(mode="json")
+    return validate(PipelineConfig, apply_overrides(base, overrides or {}), f"config for preset '{preset}'")

@@ -1,0 +1,73 @@
+"""One place for environment defaults: offline switches, telemetry off, every cache inside the workspace.
+
+`GPTFLOW_HOME` (default: `<repo>/.gptflow`) is the workspace: Prefect home, Ray temp files, Hugging Face
+caches, the MLflow sqlite file and the run folders live there, so nothing is written into the user's home.
+Variables the user already set win: `MLFLOW_TRACKING_URI`, `PREFECT_API_URL` and `RAY_ADDRESS` point the
+pipeline at real servers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+def workspace() -> Path:
+    return Path(os.environ.get("GPTFLOW_HOME", REPO_ROOT / ".gptflow")).resolve()
+
+
+def defaults(home: Path) -> dict[str, str]:
+    return {
+        # Prefect: home in the workspace, no analytics, a patient ephemeral server on 2 cores.
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # MLflow: sqlite in the workspace (the file store raises in MLflow 3), no telemetry.
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        # Ray: no usage stats, no token auth file in ~/.ray, temp files under the workspace.
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "RAY_DEDUP_LOGS": "1",
+        # Hugging Face and friends: offline, caches in the workspace.
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TLDEXTRACT_CACHE": str(home / "cache" / "tldextract"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "MPLCONFIGDIR": str(home / "cache" / "matplotlib"),
+        "TQDM_MININTERVAL": "2",
+    }
+
+
+def setup_env() -> Path:
+    """Apply the defaults (without overriding what is already set) and return the workspace folder."""
+    home = workspace()
+    home.mkdir(parents=True, exist_ok=True)
+    for key, value in defaults(home).items():
+        os.environ.setdefault(key, value)
+    for key in ("PREFECT_HOME", "HF_HOME", "XDG_CACHE_HOME"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def runs_dir() -> Path:
+    return workspace() / "runs"
+
+
+def resolve_path(p: str | Path) -> Path:
+    """A user path: absolute, or relative to the current folder, or else relative to the repo (bundled data)."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (REPO_ROOT / path).resolve() if (REPO_ROOT / path).exists() else path.resolve()

@@ -1,0 +1,36 @@
+"""Start or join Ray: a local Ray inside the workspace by default, the cluster at `RAY_ADDRESS` when set."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from infra.env import REPO_ROOT, workspace
+
+log = logging.getLogger(__name__)
+
+
+def ray_init(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
+                                           "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY") if k in os.environ}
+    env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    runtime_env = {"env_vars": env_vars}
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        return
+    temp = workspace() / "ray"
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )

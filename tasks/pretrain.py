@@ -1,0 +1,300 @@
+"""Pretraining stage: a GPT trained on the token shards with Ray Train (DDP over workers), resumable.
+
+In: `shards/` from the tokenizer stage. Out: `model/` (`model.safetensors`, `config.json`), the loss curve
+(`loss_curve.png`, `history.json`) and Ray Train checkpoints under `ray/`. A run that is killed resumes
+from its latest checkpoint when it is started again with the same inputs and parameters (same stage folder,
+same Ray `RunConfig(name, storage_path)`). Run alone: `gptflow pretrain --input SHARDS_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.gpt import GPTConfig
+from tasks.stage import GptflowError
+
+log = logging.getLogger(__name__)
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: GPTConfig = Field(description="The GPT architecture; vocab_size must hold the tokenizer's vocabulary.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak (Chinchilla: 0.1).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on matrices (GPT-3: 0.1).")
+    beta1: float = Field(0.9, description="AdamW beta1.")
+    beta2: float = Field(0.95, description="AdamW beta2 (GPT-3: 0.95).")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
+    seed: int = Field(1337, description="Seeds the weights and the data windows: same seed, same run.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_every: int = Field(50, ge=1, description="Validation loss every N steps (and at the end).")
+    eval_batches: int = Field(4, ge=1, description="Validation micro-batches per evaluation.")
+    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+# ---------------------------------------------------------------- data
+
+
+class TokenWindows:
+    """Random windows of `block_size + 1` tokens from memory-mapped shards; nothing is loaded whole."""
+
+    def __init__(self, shards_dir: Path, split: str, block_size: int):
+        index = json.loads((Path(shards_dir) / "index.json").read_text())
+        dtype = np.dtype(index["dtype"])
+        shards = index["splits"][split]["shards"]
+        self.arrays = [np.memmap(Path(shards_dir) / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.arrays = [a for a in self.arrays if len(a) > 1]
+        if not self.arrays:
+            raise GptflowError(f"no {split} tokens in {shards_dir}")
+        sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
+        self.p = sizes / sizes.sum()
+        self.T = block_size
+        self.tokens_per_byte = index["splits"][split]["tokens"] / max(index["splits"][split]["bytes"], 1)
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for shard in rng.choice(len(self.arrays), size=batch_size, p=self.p):
+            a = self.arrays[shard]
+            start = int(rng.integers(0, max(len(a) - self.T - 1, 0) + 1))
+            idx = (start + np.arange(self.T + 1)) % len(a)  # wraps only when a shard is shorter than a window
+            rows.append(np.asarray(a[idx], dtype=np.int64))
+        xy = torch.from_numpy(np.stack(rows))
+        return xy[:, :-1], xy[:, 1:]
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * 0.8)
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(cfg.steps - decay_start, 1)
+        return cfg.lr - (cfg.lr - floor) * frac
+    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured dense matmul throughput (FLOP/s) on this device: the denominator of MFU on CPU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the loop on each Ray worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from models.checkpoint import load_model, save_model  # noqa: F401  (load used by resume below)
+    from models.gpt import GPT
+    from tasks import train_state
+    from tasks.tracking import MetricLogger
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+    raw = GPT(cfg.model).to(device)
+    opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    start_step, history = 0, {"train": [], "val": []}
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            d = Path(d)
+            meta = train_state.read_json(d / "train_state.json")
+            from safetensors.torch import load_file
+
+            raw.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+            train_state.load_optimizer(opt, d / "optimizer.safetensors", meta["optimizer"])
+            train_state.load_rng(d / "rng.safetensors")
+            start_step, history = meta["step"], meta["history"]
+        if rank == 0:
+            print(f"[pretrain] resumed from checkpoint at step {start_step}", flush=True)
+
+    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
+    if cfg.compile:
+        model = torch.compile(model)
+    train = TokenWindows(Path(config["shards"]), "train", cfg.model.block_size)
+    val = TokenWindows(Path(config["shards"]), "val", cfg.model.block_size)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    tracker = MetricLogger(config.get("run_id") if rank == 0 else None, config.get("tracking_uri"))
+    peak = matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32) if rank == 0 else 1.0
+    flops_per_token = raw.flops_per_token()
+    tokens_per_step = world * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+
+    def evaluate() -> float:
+        model.eval()
+        rng = np.random.default_rng([cfg.seed, 7777, rank])  # the same windows at every evaluation
+        losses = []
+        with torch.no_grad(), amp:
+            for _ in range(cfg.eval_batches):
+                x, y = val.sample(rng, cfg.batch_size)
+                losses.append(model(x.to(device), y.to(device))[1].item())
+        model.train()
+        return float(np.mean(losses))
+
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step, rank])  # data position = step: exact on resume
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = train.sample(rng, cfg.batch_size)
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            ctx_mgr = model.no_sync() if not sync else _nullcontext()
+            with ctx_mgr, amp:
+                loss = model(x.to(device), y.to(device))[1] / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history["train"].append([step + 1, loss_sum])
+        last = step + 1 == cfg.steps
+        metrics: dict[str, float] = {}
+        if (step + 1) % cfg.log_every == 0 or last:
+            dt = time.perf_counter() - t_last
+            tps = tokens_per_step * (step + 1 - step_last) / dt
+            metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": gnorm, "perf/tokens_per_s": tps,
+                       "perf/mfu": tps / world * flops_per_token / peak}
+            t_last, step_last = time.perf_counter(), step + 1
+        if (step + 1) % cfg.eval_every == 0 or last:
+            vloss = evaluate()
+            metrics.update({"val/loss": vloss, "val/bpb": vloss / math.log(2) * val.tokens_per_byte})
+            history["val"].append([step + 1, vloss])
+        if metrics:
+            tracker.log(metrics, step + 1)
+            if rank == 0:
+                shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
+                print(f"[pretrain] step {step + 1}/{cfg.steps} ({100 * (step + 1) / cfg.steps:.0f}%) {shown}", flush=True)
+        if (step + 1) % cfg.ckpt_every == 0 or last:
+            report = {"step": step + 1, "train_loss": loss_sum, **{k.replace("/", "_"): v for k, v in metrics.items()}}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    d = Path(tmp)
+                    save_model(raw, d)
+                    meta = {"step": step + 1, "history": history,
+                            "optimizer": train_state.save_optimizer(opt, d / "optimizer.safetensors")}
+                    train_state.save_rng(d / "rng.safetensors")
+                    train_state.write_json(d / "train_state.json", meta)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(report)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None = None,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from infra.ray_cluster import ray_init
+
+    index = json.loads((Path(shards_dir) / "index.json").read_text())
+    if index["vocab_size"] > cfg.model.vocab_size:
+        raise GptflowError(
+            f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {index['vocab_size']}"
+        )
+    ray_init()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards_dir).resolve()),
+                           "run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name="pretrain", storage_path=str((out_dir / "ray").resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise result.error
+    model_dir = out_dir / "model"
+    with result.checkpoint.as_directory() as d:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy(Path(d) / name, model_dir / name)
+        history = json.loads((Path(d) / "train_state.json").read_text())["history"]
+    (out_dir / "history.json").write_text(json.dumps(history))
+    plot_loss(history, out_dir / "loss_curve.png", "pretraining")
+    final = result.metrics or {}
+    return {
+        "counts": {"steps": cfg.steps, "tokens": cfg.steps * cfg.num_workers * cfg.batch_size * cfg.grad_accum * cfg.model.block_size},
+        "metrics": {"pretrain/final_train_loss": history["train"][-1][1], "pretrain/final_val_loss": history["val"][-1][1],
+                    "pretrain/val_bpb": final.get("val_bpb", float("nan")),
+                    "pretrain/tokens_per_s": final.get("perf_tokens_per_s", float("nan")),
+                    "pretrain/mfu": final.get("perf_mfu", float("nan")), "pretrain/fit_seconds": seconds},
+        "outputs": {"model": model_dir, "loss_curve": out_dir / "loss_curve.png"},
+    }
+
+
+def plot_loss(history: dict[str, list], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for split, style in (("train", "-"), ("val", "o-")):
+        if history.get(split):
+            steps, losses = zip(*history[split])
+            ax.plot(steps, losses, style, label=split, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

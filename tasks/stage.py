@@ -1,0 +1,105 @@
+"""Stage folders, content hashes and manifests: how a stage knows it has already been done.
+
+A stage writes into `<runs>/<stage>/<key>/`, where `key` hashes the stage name, its config and the content
+of its inputs. `manifest.json` (inputs with hashes, parameters, counts, outputs) is written last, then
+`_SUCCESS`; a folder with `_SUCCESS` is reused as it is, so a rerun with the same inputs and parameters does
+not recompute it. A folder without it is the stage's own scratch: stages that checkpoint resume from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+class GptflowError(Exception):
+    """An error the user can act on: the CLI prints its message without a traceback."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """Hash a file, or a folder as the hash of its files' relative names and hashes."""
+    path = Path(path)
+    if not path.exists():
+        raise GptflowError(f"input path does not exist: {path}")
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def stage_key(stage: str, params: Mapping[str, Any], input_hashes: Mapping[str, str]) -> str:
+    blob = json.dumps({"stage": stage, "params": params, "inputs": dict(input_hashes)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    if not (stage_dir / "_SUCCESS").exists():
+        return None
+    return json.loads((stage_dir / "manifest.json").read_text())
+
+
+def run_stage(
+    stage: str,
+    cfg: BaseModel,
+    inputs: Mapping[str, Path],
+    core: Callable[[Path], dict[str, Any]],
+    root: Path,
+) -> dict[str, Any]:
+    """Run `core(out_dir)` unless a finished folder for the same key exists; return the manifest.
+
+    `core` returns `{"counts": {...}, "metrics": {...}, "outputs": {name: path}}`; the outputs are hashed into
+    the manifest so that the next stage's key changes exactly when this stage's output changes.
+    """
+    for name, p in inputs.items():
+        if not Path(p).exists():
+            raise GptflowError(f"{stage}: input '{name}' does not exist: {p}")
+    hashes = {name: path_sha256(Path(p)) for name, p in inputs.items()}
+    params = cfg.model_dump(mode="json")
+    key = stage_key(stage, params, hashes)
+    out_dir = Path(root) / stage / key
+    done = read_manifest(out_dir)
+    if done is not None:
+        log.info("%s: inputs and parameters unchanged, reusing %s", stage, out_dir)
+        return {**done, "cached": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = core(out_dir)
+    seconds = time.perf_counter() - start
+    outputs = {name: str(Path(p)) for name, p in result.get("outputs", {}).items()}
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "dir": str(out_dir),
+        "inputs": {name: {"path": str(inputs[name]), "sha256": hashes[name]} for name in inputs},
+        "params": params,
+        "counts": result.get("counts", {}),
+        "metrics": result.get("metrics", {}),
+        "outputs": {name: {"path": p, "sha256": path_sha256(Path(p))} for name, p in outputs.items()},
+        "seconds": round(seconds, 3),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    (out_dir / "_SUCCESS").write_text(key)
+    return {**manifest, "cached": False}
+
+
+def output(manifest: Mapping[str, Any], name: str) -> Path:
+    return Path(manifest["outputs"][name]["path"])

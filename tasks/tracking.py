@@ -1,0 +1,201 @@
+"""MLflow at the edges: the only module that imports mlflow.
+
+One parent run per pipeline run, one nested run per stage. Stage wrappers call `stage_run(...)` and
+`log_manifest(...)`; the trainer's rank 0 logs through `MetricLogger` with the run id it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from infra.env import REPO_ROOT
+
+EXPERIMENT = "llm-pipeline"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _set_experiment() -> None:
+    mlflow.set_experiment(EXPERIMENT)
+
+
+@contextmanager
+def pipeline_run(name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
+    """The parent run: resolved config as params and `config.json`, git sha and preset as tags."""
+    _set_experiment()
+    with mlflow.start_run(run_name=name, tags={"git_sha": git_sha(), **tags}) as run:
+        log_params(run.info.run_id, flatten(config))
+        mlflow.log_dict(dict(config), "config.json")
+        yield run.info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, parent_run_id: str | None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A nested run for one stage under `parent_run_id` (or a top-level run when a stage runs alone)."""
+    _set_experiment()
+    all_tags = {"stage": stage, "git_sha": git_sha(), **(tags or {})}
+    flow_run = _prefect_flow_run_id()
+    if flow_run:
+        all_tags["prefect_flow_run_id"] = flow_run
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(exp.experiment_id, run_name=stage, tags=all_tags)
+    status = "FAILED"
+    try:
+        yield run.info.run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status=status)
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.get_id()
+    except Exception:  # outside a flow, or prefect not importable
+        return None
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    client = MlflowClient()
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    ts = int(time.time() * 1000)
+    items = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
+    client = MlflowClient()
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def metric_name(key: str) -> str:
+    """MLflow allows letters, digits, `_ - . / ` and spaces; lm-eval's `acc,none` becomes `acc_none`."""
+    return re.sub(r"[^\w\-./ ]", "_", key)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    client = MlflowClient()
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_manifest(run_id: str, manifest: Mapping[str, Any], artifacts: list[Path] = ()) -> None:
+    """Stage params, counts and metrics, its manifest and the given small files."""
+    log_params(run_id, flatten(manifest["params"]))
+    metrics = {f"{manifest['stage']}/{k}": v for k, v in flatten(manifest.get("counts", {})).items()}
+    metrics.update(flatten(manifest.get("metrics", {})))
+    metrics["time/seconds"] = manifest["seconds"]
+    log_metrics(run_id, metrics)
+    MlflowClient().set_tag(run_id, "cached", str(manifest.get("cached", False)).lower())
+    MlflowClient().set_tag(run_id, "stage_dir", manifest["dir"])
+    manifest_file = Path(manifest["dir"]) / "manifest.json"
+    log_artifact(run_id, manifest_file)
+    for p in artifacts:
+        if Path(p).exists():
+            log_artifact(run_id, Path(p))
+
+
+class MetricLogger:
+    """Rank-0 metric logging to a given run id; `NullTracker` semantics when run_id is None."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None = None):
+        self.run_id = run_id
+        if run_id and tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.run_id:
+            log_metrics(self.run_id, metrics, step)
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def run_url(run_id: str) -> str:
+    run = MlflowClient().get_run(run_id)
+    return f"{tracking_uri()} experiment {run.info.experiment_id} run {run_id}"
+
+
+def register_model(
+    run_id: str, model_dir: Path, tokenizer_dir: Path, name: str, aliases: list[str], tags: Mapping[str, str]
+) -> dict[str, Any]:
+    """Log the model (safetensors weights + config + tokenizer, loaded by code, no pickles) and register it."""
+    from tasks import pyfunc_model
+
+    artifacts = {"model": str(model_dir), "tokenizer": str(tokenizer_dir)}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(pyfunc_model.__file__)),
+            artifacts=artifacts,
+            code_paths=[str(REPO_ROOT / "models")],
+            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
+                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
+            registered_model_name=name,
+        )
+    client = MlflowClient()
+    version = info.registered_model_version
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, metric_name(k), str(v))
+    return {"name": name, "version": int(version), "model_uri": info.model_uri, "aliases": aliases}
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg).split("+")[0]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,0 +1,55 @@
+"""Checkpoint files for training: model weights, optimizer state and RNG as safetensors plus a small JSON.
+
+No pickles: the optimizer's tensors are flattened into `optimizer.safetensors` and its plain values into
+`train_state.json`, so a checkpoint from an untrusted place cannot run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(idx), {})[name] = value
+    save_file(tensors, str(path))
+    return {"param_groups": sd["param_groups"], "plain_state": plain}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["plain_state"].items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_rng(path: Path) -> None:
+    save_file({"torch_cpu": torch.get_rng_state()}, str(path))
+
+
+def load_rng(path: Path) -> None:
+    torch.set_rng_state(load_file(str(path))["torch_cpu"])
+
+
+def write_json(path: Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
