@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     from flows.config import parse_sets, read_config_file
 
-    out: dict[str, Any] = read_config_file(resolve_path(args.config)) if args.config else {}
+    out: dict[str, Any] = {}
+    if args.config:
+        if not resolve_path(args.config).is_file():
+            from tasks.stage import GptflowError
+
+            raise GptflowError(f"config file does not exist: {args.config}")
+        out = read_config_file(resolve_path(args.config))
     out.update(parse_sets(args.sets))
     return out
 

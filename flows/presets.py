@@ -2,7 +2,7 @@
 
 - `tiny`: the test and debug flavour. The whole pipeline on the bundled sample crawl in about 2-3 minutes on
   2 CPU cores. ~0.5M-parameter LLaMA-style GPT, context 128; 2 Ray workers x 8 sequences x 128 tokens =
-  2,048 tokens per step, 120 steps = 246k tokens.
+  2,048 tokens per step, 80 steps = 164k tokens.
 - `small`: a ~10M-parameter model, context 256, for a workstation; 2 workers x 16 x 256 x 2 accum = 16k tokens
   per step, 2,000 steps = 33M tokens (Chinchilla-optimal for 10M params would be ~200M).
 - `gpt2-124m`: GPT-2 small (12 layers, d_model 768, 12 heads, context 1024, vocab padded to 50,304) on GPUs:
@@ -32,8 +32,8 @@ def tiny() -> PipelineConfig:
         tokenizer=TokenizerConfig(vocab_size=vocab),
         pretrain=PretrainConfig(
             model=GPTConfig(arch="llama", vocab_size=vocab, block_size=128, n_layer=2, n_head=4, n_embd=128),
-            steps=120, batch_size=8, lr=3e-3, warmup_steps=10, num_workers=2,
-            log_every=10, eval_every=40, eval_batches=4, ckpt_every=60,
+            steps=80, batch_size=8, lr=3e-3, warmup_steps=8, num_workers=2,
+            log_every=10, eval_every=40, eval_batches=4, ckpt_every=40,
         ),
         sft=SFTConfig(max_examples=400, steps=40, batch_size=8, lr=1e-3, log_every=10),
         align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),

@@ -81,7 +81,7 @@ class TokenWindows:
             idx = (start + np.arange(self.T + 1)) % len(a)  # wraps only when a shard is shorter than a window
             rows.append(np.asarray(a[idx], dtype=np.int64))
         xy = torch.from_numpy(np.stack(rows))
-        return xy[:, :-1], xy[:, 1:]
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.checkpoint import load_model, save_model  # noqa: F401  (load used by resume below)
+    from models.checkpoint import load_model, save_model
     from models.gpt import GPT
     from tasks import train_state
     from tasks.tracking import MetricLogger
@@ -140,9 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             d = Path(d)
             meta = train_state.read_json(d / "train_state.json")
-            from safetensors.torch import load_file
-
-            raw.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+            raw.load_state_dict(load_model(d, device).state_dict())
             train_state.load_optimizer(opt, d / "optimizer.safetensors", meta["optimizer"])
             train_state.load_rng(d / "rng.safetensors")
             start_step, history = meta["step"], meta["history"]

@@ -1,0 +1,86 @@
+"""The one whole-pipeline run: tiny preset, bundled sample crawl, real Prefect (ephemeral), MLflow (sqlite),
+Ray (local), datatrove and lm-eval. Then a rerun, which must reuse every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.pipeline import llm_pipeline_flow
+from tasks.tracking import EXPERIMENT
+
+STAGES = ["data", "tokenizer", "pretrain", "sft", "align", "eval"]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    return llm_pipeline_flow(preset="tiny")
+
+
+def _children(client: MlflowClient, parent_id: str) -> dict:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run):
+    client = MlflowClient()
+    parent = client.get_run(first_run["run_id"])
+    assert parent.info.status == "FINISHED"
+    for stage in STAGES + ["register", "total"]:
+        assert parent.data.metrics[f"time/{stage}_s"] > 0
+    children = _children(client, first_run["run_id"])
+    assert set(STAGES + ["register"]) <= set(children)
+    for stage in STAGES:
+        run = children[stage]
+        assert run.info.status == "FINISHED", stage
+        assert run.data.params, f"{stage} logged no params"
+        assert run.data.metrics["time/seconds"] > 0
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "manifest.json" in names, (stage, names)
+        manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "manifest.json")).read_text())
+        assert manifest["stage"] == stage and manifest["outputs"], stage
+        for out in manifest["outputs"].values():
+            assert len(out["sha256"]) == 64
+    pre = children["pretrain"].data.metrics
+    assert {"train/loss", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu"} <= set(pre)
+    history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
+    assert len(history) >= 2 and history[-1].value < history[0].value, "pretraining loss did not fall"
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
+    assert children["sft"].data.metrics["sft/val_loss_after"] < children["sft"].data.metrics["sft/val_loss_before"]
+    evals = children["eval"].data.metrics
+    for task in ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa",
+                 "lambada_openai", "wikitext"]:
+        assert any(k.startswith(f"eval/{task}/") or k.startswith(f"eval/gptflow_{task}/") for k in evals), task
+
+
+def test_a_model_version_is_registered_with_its_alias(first_run):
+    client = MlflowClient()
+    m = first_run["model"]
+    version = client.get_model_version_by_alias(m["name"], "candidate")
+    assert int(version.version) == m["version"]
+    assert version.tags["preset"] == "tiny"
+    assert version.tags["pipeline_run_id"] == first_run["run_id"]
+
+
+def test_the_registered_model_loads_and_generates(first_run):
+    import mlflow.pyfunc
+
+    m = first_run["model"]
+    model = mlflow.pyfunc.load_model(f"models:/{m['name']}@candidate")
+    out = model.predict(["What is the capital of France?"], params={"max_new_tokens": 8})
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
+    again = llm_pipeline_flow(preset="tiny")
+    assert all(again["cached"][s] for s in STAGES), again["cached"]
+    assert again["stage_dirs"] == first_run["stage_dirs"]
+    changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.steps": 2})
+    cached = changed["cached"]
+    assert cached["data"] and cached["tokenizer"] and cached["pretrain"]
+    assert not cached["sft"] and not cached["align"] and not cached["eval"]

@@ -1,0 +1,104 @@
+"""Config, presets, overrides and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+from flows.config import apply_overrides, parse_sets, read_config_file
+from flows.presets import PRESETS, resolve
+from tasks.stage import GptflowError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate_and_hold_the_tokenizer_vocabulary(name):
+    cfg = resolve(name)
+    assert cfg.preset == name
+    assert cfg.pretrain.model.vocab_size >= cfg.tokenizer.vocab_size
+
+
+def test_dotted_overrides_change_exactly_one_field():
+    base = resolve("tiny")
+    cfg = resolve("tiny", {"pretrain.lr": 1e-4, "pretrain.model.n_layer": 3})
+    assert cfg.pretrain.lr == 1e-4 and cfg.pretrain.model.n_layer == 3
+    assert cfg.model_copy(update={"pretrain": base.pretrain}) == base
+
+
+def test_unknown_key_names_the_key_and_what_exists():
+    with pytest.raises(GptflowError, match=r"unknown config key 'pretrain\.lrr'.*known keys here:.*\blr\b"):
+        resolve("tiny", {"pretrain.lrr": 1.0})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(GptflowError, match="unknown preset 'huge'.*tiny, small, gpt2-124m"):
+        resolve("huge")
+
+
+def test_bad_value_is_a_validation_error_naming_the_field():
+    with pytest.raises(GptflowError, match="pretrain.steps"):
+        resolve("tiny", {"pretrain.steps": -3})
+
+
+@pytest.mark.parametrize("item", ["pretrain.lr", "=3", "pretrain..lr=1", ""])
+def test_malformed_set_is_rejected(item):
+    with pytest.raises(GptflowError, match="malformed --set"):
+        parse_sets([item])
+
+
+def test_set_values_parse_as_json_or_string():
+    assert parse_sets(["a=3", "b=3e-4", "c=true", 'd=["en","fr"]', "e=hello"]) == {
+        "a": 3, "b": 3e-4, "c": True, "d": ["en", "fr"], "e": "hello"}
+
+
+def test_config_file_nested_and_dotted(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pretrain:\n  lr: 0.002\n  model:\n    n_layer: 3\nsft.steps: 7\n")
+    over = read_config_file(f)
+    assert over == {"pretrain.lr": 0.002, "pretrain.model.n_layer": 3, "sft.steps": 7}
+    cfg = resolve("tiny", over)
+    assert (cfg.pretrain.lr, cfg.pretrain.model.n_layer, cfg.sft.steps) == (0.002, 3, 7)
+
+
+def test_apply_overrides_does_not_touch_the_base():
+    base = {"a": {"b": 1}}
+    assert apply_overrides(base, {"a.b": 2}) == {"a": {"b": 2}} and base == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--preset", "huge"], "unknown preset 'huge'"),
+    (["run", "--set", "pretrain.lr"], "malformed --set 'pretrain.lr'"),
+    (["run", "--set", "pretrain.nope=1"], "unknown config key 'pretrain.nope'"),
+    (["run", "--config", "no/such/file.yaml"], "config file does not exist: no/such/file.yaml"),
+    (["tokenizer", "--input", "no/such/corpus"], "corpus does not exist: no/such/corpus"),
+    (["data", "--input", "no/such.warc.gz"], "input path does not exist: no/such.warc.gz"),
+    (["sft", "--model", "no/model", "--tokenizer", "no/tok"], "model folder does not exist: no/model"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"gptflow: error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_cli_error_in_a_real_process_has_no_traceback():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "gptflow: error: unknown preset 'nope'; choose one of: tiny, small, gpt2-124m")
+    assert "Traceback" not in out.stderr
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert main(["run", "--set", "pretrain.steps=5", "--print-config"]) == 0
+    assert '"steps": 5' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--set" in capsys.readouterr().out
