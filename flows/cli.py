@@ -162,10 +162,25 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_logs() -> None:
+    """Our stages' progress at INFO; libraries' chatter (HTTP requests, datatrove's stat dumps) at WARNING.
+    Full datatrove logs stay in each data stage's `logs/` folder."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("tasks", "flows", "eval", "models"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_logs()
     from tasks.stage import GptflowError
 
     try:

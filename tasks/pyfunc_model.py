@@ -1,10 +1,13 @@
 """The registered model as MLflow loads it: code, not a pickle (MLflow "models from code").
 
 The model's artifacts are the safetensors weights with their `config.json` and the tokenizer folder;
-`predict` takes prompts (a list of strings or a DataFrame with a `prompt` column) and returns completions.
+`predict` takes a list of prompts and returns the assistant's completions (greedy unless `params` says
+otherwise: `max_new_tokens`, `temperature`, `top_k`, `top_p`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -20,11 +23,11 @@ class GPTChatModel(PythonModel):
         self.model.eval()
         self.tok = Tokenizer.from_file(f"{context.artifacts['tokenizer']}/tokenizer.json")
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         from models.generate import generate
 
         params = params or {}
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        prompts = list(model_input)
         ids = [[self.tok.token_to_id("<|user|>")] + self.tok.encode(p, add_special_tokens=False).ids
                + [self.tok.token_to_id("<|end|>"), self.tok.token_to_id("<|assistant|>")] for p in prompts]
         out = generate(self.model, ids, max_new_tokens=int(params.get("max_new_tokens", 64)),

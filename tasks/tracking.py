@@ -49,32 +49,39 @@ def _set_experiment() -> None:
 @contextmanager
 def pipeline_run(name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
     """The parent run: resolved config as params and `config.json`, git sha and preset as tags."""
-    _set_experiment()
-    with mlflow.start_run(run_name=name, tags={"git_sha": git_sha(), **tags}) as run:
-        log_params(run.info.run_id, flatten(config))
-        mlflow.log_dict(dict(config), "config.json")
-        yield run.info.run_id
+    with _run(name, {"git_sha": git_sha(), **tags}) as run_id:
+        log_params(run_id, flatten(config))
+        MlflowClient().log_dict(run_id, dict(config), "config.json")
+        yield run_id
 
 
 @contextmanager
-def stage_run(stage: str, parent_run_id: str | None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-    """A nested run for one stage under `parent_run_id` (or a top-level run when a stage runs alone)."""
+def _run(name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """A run created and ended through the client, so no thread-local "active run" leaks between tasks."""
     _set_experiment()
-    all_tags = {"stage": stage, "git_sha": git_sha(), **(tags or {})}
-    flow_run = _prefect_flow_run_id()
-    if flow_run:
-        all_tags["prefect_flow_run_id"] = flow_run
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    run = client.create_run(exp.experiment_id, run_name=stage, tags=all_tags)
+    tags = dict(tags)
+    flow_run = _prefect_flow_run_id()
+    if flow_run:
+        tags["prefect_flow_run_id"] = flow_run
+    run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
     status = "FAILED"
     try:
         yield run.info.run_id
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)
+
+
+@contextmanager
+def stage_run(stage: str, parent_run_id: str | None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A nested run for one stage under `parent_run_id` (or a top-level run when a stage runs alone)."""
+    all_tags = {"stage": stage, "git_sha": git_sha(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with _run(stage, all_tags) as run_id:
+        yield run_id
 
 
 def _prefect_flow_run_id() -> str | None:

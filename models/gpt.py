@@ -1,0 +1,383 @@
+"""A GPT language model in one file, in two flavours chosen by the config alone.
+
+- `arch="gpt2"`: learned position embeddings, LayerNorm, GELU (tanh approximation, as HF `gelu_new`) MLP,
+  biases, multi-head attention.
+- `arch="llama"`: rotary position embeddings (HF `rotate_half` layout), RMSNorm, SwiGLU MLP, no biases,
+  grouped-query attention (`n_kv_head` < `n_head`).
+
+Attention always goes through `F.scaled_dot_product_attention`: with `is_causal=True` on the plain training
+path, with an explicit boolean mask when documents are masked (`doc_mask`), when a batch is left-padded, or
+when a KV cache is fed more than one token at a time.
+
+Shapes: B batch, T time (new tokens), L keys (cached + new), C = n_embd, nh = n_head, nkv = n_kv_head,
+hd = head dim, V = vocab size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from models.generate import KVCache
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss (SFT masks prompts this way)
+
+
+class GPTConfig(BaseModel):
+    """Everything needed to build a `GPT`; `None` fields resolve to the architecture's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Literal["gpt2", "llama"] = Field("llama", description="Architecture family: 'gpt2' or 'llama'.")
+    vocab_size: int = Field(gt=0, description="Number of token ids (embedding rows).")
+    block_size: int = Field(gt=0, description="Maximum context length in tokens.")
+    n_layer: int = Field(gt=0, description="Number of transformer blocks.")
+    n_head: int = Field(gt=0, description="Number of attention (query) heads.")
+    n_embd: int = Field(gt=0, description="Width of the residual stream (d_model).")
+    n_kv_head: int | None = Field(
+        None, gt=0, description="Key/value heads for grouped-query attention; None means n_head."
+    )
+    ffn_hidden: int | None = Field(
+        None,
+        gt=0,
+        description="MLP hidden width; None means 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama).",
+    )
+    bias: bool | None = Field(
+        None, description="Biases in linear layers and LayerNorm; None means True (gpt2) or False (llama)."
+    )
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency (llama only).")
+    norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of LayerNorm / RMSNorm.")
+    doc_mask: bool = Field(False, description="Block attention across eot_id boundaries inside a packed window.")
+    eot_id: int | None = Field(
+        None, ge=0, description="End-of-text token id closing each document (required by doc_mask)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GPTConfig:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.arch == "gpt2" and self.kv_heads != self.n_head:
+            raise ValueError("grouped-query attention (n_kv_head != n_head) needs arch='llama'")
+        if self.arch == "llama" and self.head_dim % 2 != 0:
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.doc_mask and self.eot_id is None:
+            raise ValueError("doc_mask=True requires eot_id")
+        if self.eot_id is not None and self.eot_id >= self.vocab_size:
+            raise ValueError(f"eot_id ({self.eot_id}) must be < vocab_size ({self.vocab_size})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU keeps ~8 d^2 weights with 3 matrices
+
+    @property
+    def use_bias(self) -> bool:
+        return self.bias if self.bias is not None else self.arch == "gpt2"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like HF LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.use_bias)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, hd): each frequency appears twice, [f0..f_{hd/2-1}, f0..f_{hd/2-1}]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+    t = torch.arange(length, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (length, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (length, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # first and second half of the head dim
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd); cos/sin: (B or 1, 1, T, hd)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal attention with a fused q/k/v projection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.use_rope = cfg.arch == "llama"
+        self.dropout = cfg.dropout
+        qkv_dim = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.use_bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, L, hd) with L = past + T
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and past == 0,  # mask None and past > 0 means T == 1: see everything
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2 MLP: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class SwiGLU(nn.Module):
+    """LLaMA MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
+        self.w_up = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    """Token embedding -> n_layer pre-norm blocks -> final norm -> output head (tied to the embedding by default).
+
+    Parameter names: wte, wpe (gpt2 only), blocks.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.*}, ln_f, lm_head.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections: keep the stream's variance in check
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and the mean loss over targets != -100 (or None).
+
+        With `kv_cache`, idx holds only the new tokens; their positions start at `kv_cache.pos`.
+        """
+        B, T = idx.shape
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = self._positions(idx, kv_cache)  # (1 or B, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)  # (1 or B, T, C) broadcasts over B
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (1 or B, 1, T, hd)
+        x = self.drop(x)
+        mask = self._attention_mask(idx, kv_cache)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(idx)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None if targets is None else self.loss(logits, targets)
+        return logits, loss
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != -100 (0, not NaN, when every target is ignored)."""
+        V = logits.size(-1)
+        total = F.cross_entropy(
+            logits.float().view(-1, V), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return total / count
+
+    def _positions(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Position ids (1, T), or (B, T) when a cached batch is left-padded (each row starts at 0)."""
+        past = 0 if kv_cache is None else kv_cache.pos
+        pos = torch.arange(past, past + idx.size(1), device=idx.device).unsqueeze(0)  # (1, T)
+        if kv_cache is not None and kv_cache.padded:
+            pos = (pos - kv_cache.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+        return pos
+
+    def _attention_mask(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L) mask (True = may attend), or None when plain causal attention does.
+
+        Rules: causal; never a left-pad key; with doc_mask, only keys of the same document, where an
+        eot token closes (belongs to) the document before it. Each query may always see itself, so no
+        row is fully masked (which would turn pad positions into NaN).
+        """
+        cfg = self.config
+        B, T = idx.shape
+        past = 0 if kv_cache is None else kv_cache.pos
+        padded = kv_cache is not None and kv_cache.padded
+        if not (cfg.doc_mask or padded or (past > 0 and T > 1)):
+            return None
+        L = past + T
+        q_pos = torch.arange(past, L, device=idx.device)  # (T,)
+        k_pos = torch.arange(L, device=idx.device)  # (L,)
+        mask = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)).expand(B, T, L)  # causal: (B, T, L)
+        if padded:
+            mask = mask & (k_pos.view(1, 1, L) >= kv_cache.pad.view(B, 1, 1))
+        if cfg.doc_mask:
+            tokens = idx if kv_cache is None else torch.cat([kv_cache.tokens[:, :past], idx], dim=1)  # (B, L)
+            is_eot = (tokens == cfg.eot_id).long()
+            doc = torch.cumsum(is_eot, dim=1) - is_eot  # (B, L) document index; eot ends its document
+            mask = mask & (doc[:, past:].unsqueeze(2) == doc.unsqueeze(1))  # (B, T, 1) vs (B, 1, L)
+        mask = mask | (k_pos.view(1, 1, L) == q_pos.view(1, T, 1))
+        return mask.unsqueeze(1)  # (B, 1, T, L) broadcasts over heads
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters. non_embedding=True drops the lookup-only tables (positions, and the token
+        embedding when untied); a tied embedding stays, because it does a matmul as the output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * n_embd * T, T = block_size by
+        default. N = num_params(non_embedding=True): every weight that takes part in a matmul."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def configure_optimizer(
+        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms and biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)

@@ -1,0 +1,238 @@
+"""GPT model: config validation, causal and document masking, loss, parameter bookkeeping, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models import GPT, GPTConfig
+from models.checkpoint import load_model, save_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine: spinning OpenMP threads make them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ARCHS = {
+    "gpt2": dict(arch="gpt2"),
+    "llama": dict(arch="llama"),
+    "llama_gqa": dict(arch="llama", n_kv_head=2),
+}
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw})
+
+
+def build(cfg: GPTConfig, seed: int = 0) -> GPT:
+    """A model with weights noisy enough that every position matters."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+# -- config ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(n_head=4, n_kv_head=3), "divisible by n_kv_head"),
+        (dict(doc_mask=True), "requires eot_id"),
+        (dict(eot_id=61), "eot_id"),
+        (dict(arch="gpt2", n_kv_head=2), "grouped-query"),
+        (dict(n_embd=36, n_head=12), "even head dim"),
+        (dict(arch="bert"), "arch"),
+        (dict(unknown_field=1), "unknown_field"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
+def test_config_rejects(kw, msg):
+    with pytest.raises(ValidationError, match=msg):
+        tiny(**kw)
+
+
+def test_config_defaults_and_frozen():
+    llama = GPTConfig(vocab_size=32000, block_size=2048, n_layer=32, n_head=32, n_embd=4096)
+    assert llama.arch == "llama" and llama.kv_heads == 32 and llama.use_bias is False
+    assert llama.ffn_dim == 10944  # 8/3 * 4096 = 10922.7, rounded up to a multiple of 64
+    gpt2 = tiny(arch="gpt2")
+    assert gpt2.ffn_dim == 4 * 32 and gpt2.use_bias is True
+    assert tiny(doc_mask=True, eot_id=0).doc_mask
+    with pytest.raises(ValidationError):
+        gpt2.n_layer = 3
+    assert all(f.description for f in GPTConfig.model_fields.values())
+    assert GPTConfig.model_validate_json(gpt2.model_dump_json()) == gpt2
+
+
+# -- forward -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_shapes_and_loss(arch):
+    model = build(tiny(**ARCHS[arch]))
+    idx = torch.randint(0, 61, (2, 12))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 12, 61) and loss is None
+    targets = torch.randint(0, 61, (2, 12))
+    _, loss = model(idx, targets)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 61), targets.view(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_loss_ignores_minus_100():
+    model = build(tiny())
+    idx = torch.randint(0, 61, (2, 10))
+    targets = torch.randint(0, 61, (2, 10))
+    targets[:, :6] = -100
+    logits, loss = model(idx, targets)
+    ref = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, 61), targets[:, 6:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    _, loss = model(idx, torch.full_like(targets, -100))  # nothing to learn: 0, not NaN
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causal(arch):
+    model = build(tiny(**ARCHS[arch]))
+    idx = torch.randint(0, 61, (1, 16))
+    changed = idx.clone()
+    changed[:, 9:] = torch.randint(0, 61, (1, 7))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_doc_mask(arch):
+    eot = 0
+    cfg = tiny(**ARCHS[arch], doc_mask=True, eot_id=eot)
+    model = build(cfg)
+    idx = torch.randint(1, 61, (2, 16))
+    idx[:, 6] = eot  # document 1: positions 0..6 (the eot closes it); document 2: 7..15
+    changed = idx.clone()
+    changed[:, :6] = torch.randint(1, 61, (2, 6))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, 7:], b[:, 7:])  # the second document cannot see the first
+    assert not torch.allclose(a[:, :7], b[:, :7])
+
+    plain = GPT(tiny(**ARCHS[arch]))
+    plain.load_state_dict(model.state_dict())
+    c, _ = plain.eval()(idx)
+    d, _ = plain(changed)
+    assert not torch.allclose(c[:, 7:], d[:, 7:])  # without doc_mask, it can
+    torch.testing.assert_close(a[:, :7], c[:, :7])  # and the first document is unaffected by the mask
+
+
+def test_doc_mask_without_eot_equals_causal():
+    cfg = tiny(doc_mask=True, eot_id=0)
+    model = build(cfg)
+    plain = GPT(tiny())
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(1, 61, (2, 16))
+    torch.testing.assert_close(model(idx)[0], plain.eval()(idx)[0])
+
+
+def test_too_long_raises():
+    model = build(tiny())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_backward_and_dropout():
+    model = GPT(tiny(arch="gpt2", dropout=0.1)).train()
+    idx = torch.randint(0, 61, (2, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# -- bookkeeping -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_init_and_tying(arch):
+    cfg = GPTConfig(arch=arch, vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.wte.weight
+    assert abs(model.wte.weight.std().item() - 0.02) < 2e-3
+    resid = model.blocks[0].attn.c_proj.weight.std().item()
+    assert abs(resid - 0.02 / math.sqrt(2 * 4)) < 1e-3
+    untied = GPT(cfg.model_copy(update={"tie_embeddings": False}))
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() == model.num_params() + 256 * 128
+
+
+def test_num_params_and_flops():
+    cfg = tiny(arch="gpt2")
+    model = GPT(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == n
+    assert model.num_params(non_embedding=True) == n - 32 * 32  # position table only (wte is tied)
+    assert model.flops_per_token() == 6 * (n - 32 * 32) + 12 * 2 * 32 * 32
+
+
+def test_configure_optimizer():
+    model = GPT(tiny(arch="gpt2"))
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert decay["betas"] == (0.9, 0.95)
+
+
+# -- checkpoint --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [ARCHS["gpt2"], ARCHS["llama_gqa"], dict(arch="gpt2", tie_embeddings=False)])
+def test_save_load_round_trip(tmp_path, kw):
+    model = build(tiny(**kw))
+    save_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(tmp_path)
+    assert loaded.config == model.config
+    idx = torch.randint(0, 61, (2, 12))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert (loaded.lm_head.weight is loaded.wte.weight) == model.config.tie_embeddings
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(tmp_path)
+    save_model(build(tiny()), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_load_rejects_mismatched_weights(tmp_path):
+    save_model(build(tiny()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_layer"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(tmp_path)
