@@ -66,7 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="folder with tokenizer.json")
         if name == "export":
             sp.add_argument("--out", required=True, metavar="DIR", help="output folder for the Hugging Face model")
+    plan = sub.add_parser("plan", help="parameters, FLOPs, memory and time of a model, from its config",
+                          description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
+                                      "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
+    plan.add_argument("--preset", default="tiny", help="tiny, small, gpt2-124m, or the planning-only gpt3-175b, llama2-7b")
+    plan.add_argument("--tokens", type=float, help="training tokens (default: Chinchilla-optimal, 20 per parameter)")
+    plan.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l4"], help="GPU whose dense bf16 peak sets the time")
+    plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
     return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flows.plan import render_plan
+    from tasks.stage import GptflowError
+
+    if not 0 < args.mfu <= 1 or args.gpus < 1:
+        raise GptflowError("--mfu must be in (0, 1] and --gpus at least 1")
+    print(render_plan(args.preset, int(args.tokens) if args.tokens else None, args.gpu, args.mfu, args.gpus))
+    return 0
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.stage import GptflowError
 
     try:
+        if args.command == "plan":
+            return cmd_plan(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
     except (GptflowError, FileNotFoundError) as e:
         print(f"gptflow: error: {e}", file=sys.stderr)

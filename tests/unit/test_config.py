@@ -96,9 +96,25 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert '"steps": 5' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export"])
+@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export", "plan"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert "--set" in capsys.readouterr().out
+    assert ("--set" if command != "plan" else "--mfu") in capsys.readouterr().out
+
+
+def test_plan_reproduces_the_gpt3_seed_figures(capsys):
+    assert main(["plan", "--preset", "gpt3-175b"]) == 0
+    out = capsys.readouterr().out
+    assert "weights in matrices   175,181,291,520" in out
+    assert "embedding 617,558,016" in out
+    assert out.count("14,495,514,624") == 4
+    assert "a 7B model needs 84 GB" in out
+
+
+def test_plan_of_a_pipeline_preset_and_bad_preset(capsys):
+    assert main(["plan", "--preset", "tiny"]) == 0
+    assert "plan for tiny: llama" in capsys.readouterr().out
+    assert main(["plan", "--preset", "gpt5"]) == 2
+    assert "unknown preset 'gpt5'" in capsys.readouterr().err
