@@ -74,16 +74,22 @@ def dpo_batch(policy, ref, batch, pad_id: int, beta: float) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def preference_accuracy(policy, ref, pairs, pad_id: int, beta: float, batch_size: int) -> tuple[float, float]:
-    """Share of held-out pairs where the policy prefers the chosen reply more than the reference does, and the DPO loss."""
+def preference_metrics(policy, ref, pairs, pad_id: int, beta: float, batch_size: int) -> dict[str, float]:
+    """On held-out pairs: DPO loss, reward accuracy (the policy moved towards the chosen reply more than
+    towards the rejected one, relative to the reference) and the policy's own preference for the chosen reply."""
     policy.eval()
-    losses, accs = [], []
+    losses, accs, prefers = [], [], []
     for i in range(0, len(pairs), batch_size):
-        loss, acc, _ = dpo_batch(policy, ref, pairs[i : i + batch_size], pad_id, beta)
+        batch = pairs[i : i + batch_size]
+        loss, acc, _ = dpo_batch(policy, ref, batch, pad_id, beta)
+        x, y = pad_batch([c for c, _ in batch] + [r for _, r in batch], pad_id)
+        lp = seq_logprob(policy, x, y)
+        prefers.append((lp[: len(batch)] > lp[len(batch):]).float().mean().item())
         losses.append(loss.item())
         accs.append(acc.item())
     policy.train()
-    return sum(accs) / len(accs), sum(losses) / len(losses)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"dpo_loss": mean(losses), "reward_acc": mean(accs), "prefers_chosen": mean(prefers)}
 
 
 def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path, out_dir: Path) -> dict[str, Any]:
@@ -100,7 +106,7 @@ def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path
     val, train = encoded[:n_val], encoded[n_val:]
     if not train:
         raise GptflowError(f"{data}: too few usable preference pairs ({len(encoded)})")
-    acc_before, _ = preference_accuracy(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
+    before = preference_metrics(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
     opt = policy.configure_optimizer(cfg.lr, 0.0)
     rng = random.Random(cfg.seed)
     history: dict[str, list] = {"train": [], "val": []}
@@ -115,15 +121,16 @@ def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             print(f"[align] step {step + 1}/{cfg.steps} dpo_loss {loss.item():.4f} acc {acc.item():.2f} "
                   f"margin {margin.item():.4f}", flush=True)
-    acc_after, val_loss = preference_accuracy(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
-    history["val"].append([cfg.steps, val_loss])
+    after = preference_metrics(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
+    history["val"].append([cfg.steps, after["dpo_loss"]])
     save_model(policy, out_dir / "model")
     (out_dir / "history.json").write_text(json.dumps(history))
     plot_loss(history, out_dir / "loss_curve.png", "DPO")
     return {
         "counts": {"pairs": len(pairs), "kept": len(encoded), "dropped_truncated": len(pairs) - len(encoded),
                    "train": len(train), "val": len(val)},
-        "metrics": {"align/val_pref_acc_after": acc_after, "align/val_pref_acc_before": acc_before,
-                    "align/val_dpo_loss": val_loss, "align/final_train_loss": history["train"][-1][1]},
+        "metrics": {**{f"align/val_{k}_before": v for k, v in before.items()},
+                    **{f"align/val_{k}_after": v for k, v in after.items()},
+                    "align/final_train_loss": history["train"][-1][1]},
         "outputs": {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png"},
     }
