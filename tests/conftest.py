@@ -9,6 +9,10 @@ from pathlib import Path
 # Before anything imports prefect, mlflow or ray: a throwaway workspace, unless the caller chose one.
 if "GPTFLOW_HOME" not in os.environ:
     os.environ["GPTFLOW_HOME"] = tempfile.mkdtemp(prefix="gptflow-test-")
+# A fresh, empty home folder: the end-to-end test checks that nothing was written into it.
+if "GPTFLOW_TEST_HOME" not in os.environ:
+    os.environ["GPTFLOW_TEST_HOME"] = tempfile.mkdtemp(prefix="gptflow-home-")
+    os.environ["HOME"] = os.environ["GPTFLOW_TEST_HOME"]
 for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "HF_HOME"):
     if var != "MLFLOW_TRACKING_URI" or os.environ.get("GPTFLOW_TEST_KEEP_URIS") != "1":
         os.environ.pop(var, None)

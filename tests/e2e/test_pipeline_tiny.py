@@ -84,3 +84,11 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     cached = changed["cached"]
     assert cached["data"] and cached["tokenizer"] and cached["pretrain"]
     assert not cached["sft"] and not cached["align"] and not cached["eval"]
+
+
+def test_nothing_was_written_into_the_home_folder(first_run):
+    import os
+
+    home = Path(os.environ["GPTFLOW_TEST_HOME"])
+    assert Path.home() == home
+    assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []

@@ -1,0 +1,290 @@
+"""Pretraining stage: data windows, learning-rate schedules, exact optimizer/RNG state, and real Ray Train runs.
+
+The Ray tests start a local Ray and run three 2-worker fits on CPU (an uninterrupted reference run, a run whose
+whole process tree is killed with SIGKILL after its second checkpoint, and the rerun that resumes it), so the
+file takes about 3-4 minutes on 2 idle cores; almost all of it is Ray's start and stop of each fit.
+
+Run: `.venv/bin/python -m pytest tests/unit/test_pretrain.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from infra.env import DATA_DIR, REPO_ROOT
+from models.gpt import GPT, GPTConfig
+from tasks import train_state
+from tasks.bpe import TokenizerConfig, build_tokenizer
+from tasks.pretrain import PretrainConfig, TokenWindows, lr_at, pretrain_gpt
+from tasks.stage import GptflowError
+
+CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
+
+# 2 workers x 16 sequences x 64 tokens = 2,048 tokens per step; 30 steps, a checkpoint every 5.
+# About 0.1 s per step on 2 cores: long enough that a kill after the second checkpoint lands mid-run.
+CFG = PretrainConfig(
+    model=GPTConfig(arch="llama", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64),
+    steps=30, batch_size=16, lr=3e-3, warmup_steps=3, num_workers=2,
+    log_every=5, eval_every=15, eval_batches=2, ckpt_every=5, keep_checkpoints=2,
+)
+
+
+# ---------------------------------------------------------------- data windows (no Ray)
+
+
+def _write_shards(root: Path, splits: dict[str, list[np.ndarray]]) -> Path:
+    """A shards folder in the tokenizer stage's format, holding the given token arrays."""
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"dtype": "uint16", "vocab_size": 4096, "eot_id": 0, "splits": {}}
+    for split, arrays in splits.items():
+        shards = []
+        for i, a in enumerate(arrays):
+            name = f"{split}_{i:04d}.bin"
+            a.astype(np.uint16).tofile(root / name)
+            shards.append({"file": name, "tokens": len(a), "docs": 1})
+        tokens = sum(len(a) for a in arrays)
+        index["splits"][split] = {"tokens": tokens, "docs": len(arrays), "bytes": 4 * tokens, "shards": shards}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture
+def counting_shards(tmp_path) -> Path:
+    """Token i is the number i, so a window's content says where it came from."""
+    return _write_shards(tmp_path / "shards", {"train": [np.arange(0, 1000), np.arange(1000, 1300)],
+                                               "val": [np.arange(2000, 2100)]})
+
+
+def test_windows_are_contiguous_and_targets_are_shifted(counting_shards):
+    x, y = TokenWindows(counting_shards, "train", 16).sample(np.random.default_rng(0), 64)
+    assert x.shape == y.shape == (64, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # next-token targets
+    assert torch.equal(x - x[:, :1], torch.arange(16).expand(64, 16))  # one contiguous run per row
+    starts = x[:, 0]
+    in_first = (starts >= 0) & (starts <= 1000 - 17)
+    in_second = (starts >= 1000) & (starts <= 1300 - 17)
+    assert bool((in_first | in_second).all())  # never across a shard boundary or past its end
+    assert bool(in_first.any() and in_second.any())
+
+
+def test_same_seed_same_batches_and_different_streams_differ(counting_shards):
+    w = TokenWindows(counting_shards, "train", 16)
+
+    def batch(seed: int, step: int, rank: int) -> torch.Tensor:
+        return w.sample(np.random.default_rng([seed, step, rank]), 8)[0]
+
+    assert torch.equal(batch(1337, 5, 0), batch(1337, 5, 0))
+    assert torch.equal(TokenWindows(counting_shards, "train", 16).sample(np.random.default_rng([1337, 5, 0]), 8)[0],
+                       batch(1337, 5, 0))  # a fresh reader (a resumed worker) sees the same windows
+    for other in (batch(1338, 5, 0), batch(1337, 6, 0), batch(1337, 5, 1)):
+        assert not torch.equal(other, batch(1337, 5, 0))
+
+
+def test_windows_wrap_a_shard_shorter_than_a_window_and_reject_an_empty_split(tmp_path):
+    shards = _write_shards(tmp_path / "short", {"train": [np.arange(10)], "val": [np.arange(1)]})
+    x, y = TokenWindows(shards, "train", 16).sample(np.random.default_rng(0), 2)
+    assert x.shape == (2, 16) and int(x.max()) < 10
+    with pytest.raises(GptflowError, match="no val tokens"):
+        TokenWindows(shards, "val", 16)  # a 1-token shard has no (input, target) pair
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+
+def _lrs(**kw) -> list[float]:
+    cfg = CFG.model_copy(update={"steps": 100, "warmup_steps": 10, "lr": 1e-3, "min_lr_ratio": 0.1, **kw})
+    return [lr_at(s, cfg) for s in range(cfg.steps)]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_warmup_is_linear_up_to_the_peak(schedule):
+    lrs = _lrs(schedule=schedule)
+    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])
+    assert max(lrs) == pytest.approx(1e-3)
+
+
+def test_cosine_decays_monotonically_to_the_floor():
+    lrs = _lrs(schedule="cosine")
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-9)  # half-way: the midpoint of peak and floor
+    assert 1e-4 <= lrs[-1] < 1.01e-4
+
+
+def test_wsd_is_flat_then_decays_linearly_over_the_last_fifth():
+    lrs = _lrs(schedule="wsd")
+    assert lrs[10:80] == pytest.approx([1e-3] * 70)
+    decay = np.diff(lrs[80:])
+    assert np.allclose(decay, decay[0]) and decay[0] < 0  # a straight line down
+    assert lrs[-1] == pytest.approx(1e-4 + 9e-4 / 20)  # one step short of the floor
+
+
+# ---------------------------------------------------------------- checkpoint state (no Ray)
+
+
+def _step(model: GPT, opt: torch.optim.Optimizer, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (4, 17), generator=g)
+    loss = model(x[:, :-1], x[:, 1:].contiguous())[1]  # GPT.loss views the targets: they must be contiguous
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def test_optimizer_and_rng_state_round_trip_exactly(tmp_path):
+    from models.checkpoint import load_model, save_model
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = model.configure_optimizer(1e-2, 0.1)
+    for seed in range(3):
+        _step(model, opt, seed)
+    save_model(model, tmp_path)
+    meta = train_state.save_optimizer(opt, tmp_path / "optimizer.safetensors")
+    train_state.write_json(tmp_path / "meta.json", meta)  # through JSON, as in a checkpoint
+    train_state.save_rng(tmp_path / "rng.safetensors")
+    expected = [_step(model, opt, seed) for seed in (3, 4)]  # dropout draws from the global RNG
+
+    torch.manual_seed(123)  # a different RNG state, restored below
+    resumed = GPT(cfg)
+    resumed.load_state_dict(load_model(tmp_path).state_dict())
+    opt2 = resumed.configure_optimizer(1e-2, 0.1)
+    train_state.load_optimizer(opt2, tmp_path / "optimizer.safetensors", train_state.read_json(tmp_path / "meta.json"))
+    train_state.load_rng(tmp_path / "rng.safetensors")
+    assert [_step(resumed, opt2, seed) for seed in (3, 4)] == expected
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- real Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(TokenizerConfig(vocab_size=512), CORPUS, out)
+    return out / "shards"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted run: 2 workers, 30 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, pretrain_gpt(CFG, shards, out)
+
+
+def test_two_worker_run_learns_and_exports_the_model(reference):
+    from models.checkpoint import load_model
+
+    out, result = reference
+    history = json.loads((out / "history.json").read_text())
+    train = [loss for _, loss in history["train"]]
+    assert [s for s, _ in history["train"]] == list(range(1, CFG.steps + 1))
+    assert train[0] == pytest.approx(math.log(512), abs=0.1)  # starts at chance
+    assert train[-1] < train[0] - 0.5, train
+    assert [s for s, _ in history["val"]] == [15, 30] and history["val"][1][1] < history["val"][0][1]
+    assert history["resumes"] == []
+
+    assert set(result) == {"counts", "metrics", "outputs"}
+    assert result["counts"] == {"steps": 30, "tokens": 30 * 2 * 16 * 64}
+    m = result["metrics"]
+    assert m["pretrain/final_train_loss"] == train[-1]
+    assert m["pretrain/tokens_per_s"] > 0 and 0 < m["pretrain/mfu"] < 1.5 and 0 < m["pretrain/val_bpb"] < 8
+    assert Path(result["outputs"]["loss_curve"]).stat().st_size > 0
+    model = load_model(result["outputs"]["model"])
+    assert model.config == CFG.model
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from infra.env import setup_env
+setup_env()
+from tasks.pretrain import PretrainConfig, pretrain_gpt
+pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+def _registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
+        return 0
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's GCS, raylet, controller, workers), as when the
+    machine dies, each by its pid; then wait until they are gone."""
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:  # the driver already exited (the caller's assertion says why)
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def test_killed_run_resumes_to_the_same_loss_curve(shards, reference, tmp_path):
+    out = tmp_path / "stage"  # one stage folder for both attempts, as run_stage gives a rerun
+    # The first attempt brings up its own Ray, in a short folder: Ray's socket paths must stay under 108 bytes.
+    home = tempfile.mkdtemp(prefix="gptflow-killed-")
+    env = {**os.environ, "GPTFLOW_HOME": home}
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), str(shards), str(out)],
+                                cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    run_dir = out / "ray" / "pretrain"
+    deadline = time.monotonic() + 300
+    try:
+        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
+            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        _kill_tree(proc)
+        shutil.rmtree(home, ignore_errors=True)
+    killed_at = _registered_step(run_dir)
+    assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+
+    result = pretrain_gpt(CFG, shards, out)  # the rerun: same folder, same RunConfig(name, storage_path)
+
+    history = json.loads((out / "history.json").read_text())
+    assert history["resumes"] == [killed_at]
+    expected = json.loads((reference[0] / "history.json").read_text())
+    for split in ("train", "val"):
+        steps, losses = np.array(history[split]).T
+        ref_steps, ref_losses = np.array(expected[split]).T
+        assert np.array_equal(steps, ref_steps)
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    assert result["metrics"]["pretrain/final_train_loss"] == pytest.approx(
+        reference[1]["metrics"]["pretrain/final_train_loss"], abs=1e-5)
