@@ -65,7 +65,7 @@ def gpt2_124m() -> PipelineConfig:
     vocab = 50304  # 50,257 rounded up to a multiple of 64 for fast matmuls
     return base.model_copy(update={
         "preset": "gpt2-124m",
-        "tokenizer": TokenizerConfig(vocab_size=50257),
+        "tokenizer": TokenizerConfig(source="gpt2"),  # GPT-2's own vocabulary and merges (bundled)
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="gpt2", vocab_size=vocab, block_size=1024, n_layer=12, n_head=12, n_embd=768),
             steps=19073, batch_size=16, grad_accum=4, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
