@@ -71,7 +71,7 @@ ARTICLES = {
         [
             "After six months of repairs the village library has reopened with a new roof and a bright reading room. "
             "Volunteers have sorted the donated books, and the children's corner now has low shelves and soft chairs. "
-            "The distinctive sentence about the library says that the first reading club meets on Tuesday evening.",
+            "The distinctive sentence about library events says that the first reading club meets on Tuesday evening.",
             "If you would like to help, please write to jane.doe@villagelibrary.org or call 555-867-5309 during the day. "
             "The catalogue server at 81.2.69.160 is being moved, so the online search may be slow this week. "
             "We are grateful to everyone who donated time, money and books to make this possible.",
@@ -102,6 +102,11 @@ LOREM = (
         "This page is a template and the real text will be added soon by our editors.",
     ],
 )
+
+
+# Trafilatura's 1 s limit also bounds the start of its sandbox process; on a busy 2-core machine that can cost a
+# page now and then, which the exact counts below would see. Real pages in these fixtures take a few milliseconds.
+SLOW_MACHINE_TIMEOUT_S = 10.0
 
 
 def article_html(title: str, paragraphs: list[str]) -> str:
@@ -171,7 +176,7 @@ def handmade(tmp_path_factory):
         ("https://new.example.com/", article_html(*LOREM)),
     ]
     warc = write_warc(folder / "handmade.warc.gz", pages)
-    cfg = DataConfig(inputs=[str(warc)], text_sources={}, minhash=False)
+    cfg = DataConfig(inputs=[str(warc)], text_sources={}, minhash=False, extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
     out = folder / "out"
     result = build_corpus(cfg, out)
     return result, out
@@ -192,13 +197,14 @@ def test_handmade_keeps_each_good_article_once_and_drops_the_junk(handmade):
 
 def test_handmade_removed_pages_are_written_with_their_filter(handmade):
     result, out = handmade
-    language = read_jsonl_gz(out / "removed" / "language")
-    assert [r["metadata"]["url"] for r in language] == ["https://example.de/eisenbahn"]
-    assert language[0]["metadata"]["language"] == "de"
+    language = {r["metadata"]["url"]: r["metadata"]["language"] for r in read_jsonl_gz(out / "removed" / "language")}
+    assert language["https://example.de/eisenbahn"] == "de"
+    junk = {"https://shop.example.com/", "https://new.example.com/", "https://example.de/eisenbahn"}
     kept_urls = {r["metadata"]["url"] for r in read_jsonl_gz(out / "documents")}
-    assert not kept_urls & {"https://shop.example.com/", "https://new.example.com/", "https://example.de/eisenbahn"}
+    assert not kept_urls & junk
     removed = {r["metadata"]["url"] for f in (out / "removed").iterdir() for r in read_jsonl_gz(f)}
-    assert "https://new.example.com/" in removed  # lorem ipsum: a C4 rule (or Gopher before it)
+    assert junk <= removed  # the nav-only and lorem ipsum pages score as "not English enough" before C4 sees them
+    assert {"https://mirror-one.example.net/bread", "https://mirror-two.example.net/bread"} <= removed
 
 
 def test_handmade_pii_is_masked(handmade):
@@ -211,13 +217,13 @@ def test_handmade_pii_is_masked(handmade):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The bundled crawl (4 Common Crawl files) plus half of the C4 sample: every stage, MinHash included.
+# The bundled crawl (4 Common Crawl files) plus a fifth of the C4 sample: every stage, MinHash included.
 
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled") / "out"
-    cfg = DataConfig(text_sources={"data/text/c4_demo.jsonl.gz": 0.5})
+    cfg = DataConfig(text_sources={"data/text/c4_demo.jsonl.gz": 0.2})
     return cfg, out, build_corpus(cfg, out)
 
 
@@ -230,9 +236,9 @@ def test_bundled_counts_add_up_at_every_step(bundled):
     assert steps["filter/read_wet"]["in"] == 69
     assert steps["filter/language"]["dropped"] > 50  # the sample crawl is mostly zh/ru/vi/...
     sampled = steps["filter/sample"]["dropped_by_reason"]["sampled_out"]
-    assert 100 < sampled < 200  # half of 300 C4 documents
+    assert 200 < sampled < 280  # 4 in 5 of the 300 C4 documents
     totals = result["counts"]["totals"]
-    assert totals["docs_out"] == steps["minhash_dedup/write"]["kept"] > 100
+    assert totals["docs_out"] == steps["minhash_dedup/write"]["kept"] > 40
     assert result["counts"]["corrupt_files"] == []
 
 
@@ -279,17 +285,38 @@ def test_missing_input_is_named_before_any_work(tmp_path):
 
 
 def test_truncated_gzip_among_good_files_keeps_the_good_documents(tmp_path):
-    good = write_warc(tmp_path / "good.warc.gz", [(f"https://good.example/{n}", article_html(*ARTICLES[n])) for n in ("bees", "tides")])
-    whole = write_warc(tmp_path / "whole.warc.gz", [(f"https://bad.example/{n}", article_html(*ARTICLES[n])) for n in ARTICLES])
+    good = write_warc(
+        tmp_path / "good.warc.gz",
+        [(f"https://good.example/{n}", article_html(*ARTICLES[n])) for n in ("bees", "tides")],
+    )
+    whole = write_warc(
+        tmp_path / "whole.warc.gz", [(f"https://bad.example/{n}", article_html(*ARTICLES[n])) for n in ARTICLES]
+    )
     data = whole.read_bytes()
     (tmp_path / "bad.warc.gz").write_bytes(data[: len(data) // 2])
-    cfg = DataConfig(inputs=[str(good), str(tmp_path / "bad.warc.gz")], text_sources={}, exact_dedup=False, minhash=False)
+    cfg = DataConfig(
+        inputs=[str(good), str(tmp_path / "bad.warc.gz")],
+        text_sources={},
+        exact_dedup=False,
+        minhash=False,
+        extract_timeout_s=SLOW_MACHINE_TIMEOUT_S,
+    )
     result = build_corpus(cfg, tmp_path / "out")
     assert_invariants(result)
     assert result["counts"]["corrupt_files"] == ["bad.warc.gz"]
     assert result["counts"]["steps"]["filter/read_warc"]["corrupt_files"] == ["bad.warc.gz"]
     urls = [r["metadata"]["url"] for r in read_jsonl_gz(tmp_path / "out" / "documents")]
     assert {"https://good.example/bees", "https://good.example/tides"} <= set(urls)
+
+
+def test_crawl_with_no_english_gives_an_empty_corpus_not_an_error(tmp_path):
+    warc = write_warc(tmp_path / "de.warc.gz", [("https://example.de/eisenbahn", article_html(*GERMAN))])
+    # tasks=1, workers=1: datatrove runs the tasks in this process, so this also covers the in-process path
+    cfg = DataConfig(inputs=[str(warc)], text_sources={}, tasks=1, workers=1, extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
+    result = build_corpus(cfg, tmp_path / "out")
+    assert result["counts"]["totals"]["docs_out"] == 0 and list(iter_documents(tmp_path / "out")) == []
+    assert result["counts"]["skipped_stages"][0] == "exact_signatures"
+    assert result["counts"]["steps"]["filter/language"]["dropped"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

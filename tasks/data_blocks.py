@@ -1,0 +1,204 @@
+"""Our own datatrove blocks for the data stage, only where datatrove has none.
+
+- `CrawlReader`: datatrove's `WarcReader` that also counts the page records it drops and survives a corrupt
+  or truncated file (the other files' documents are kept; the skip is counted with the file name).
+- `TextReader`: the same for JSONL text sources (datatrove's `JsonlReader` stops the task on a truncated gzip).
+- `SourceSampler`: keeps a deterministic fraction of each source's documents (the mixing weights).
+- `PhoneNumberFormatter`: masks phone numbers; datatrove's `PIIFormatter` only does emails and IPs.
+- `document_text`: the content getter of the exact-dedup hash (module level, so workers can unpickle it).
+
+Stats convention, shared with `tasks/data.py`: every block that can lose documents counts `total`, `forwarded`
+and `dropped` (+ `dropped_<reason>`), so `total == forwarded + dropped` can be checked from the stats files.
+Readers count `records` in (page records or lines) and `documents` out, with `dropped_<reason>` for the rest.
+"""
+
+import os
+import re
+import zlib
+
+import xxhash
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.readers.jsonl import JsonlReader
+from datatrove.pipeline.readers.warc import WarcReader, process_record
+from datatrove.utils.logging import logger
+
+# What a damaged input raises mid-read: gzip's EOFError ("Compressed file ended before the end-of-stream marker")
+# or BadGzipFile (an OSError), zlib.error for bad deflate data, warcio's ArchiveLoadFailed for a non-WARC body.
+CORRUPT_FILE_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, UnicodeDecodeError)
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    from warcio.recordloader import ArchiveLoadFailed
+
+    return (*CORRUPT_FILE_ERRORS, ArchiveLoadFailed)
+
+
+def corrupt_file_stat(filepath: str) -> str:
+    """Stat key that records a skipped damaged file by name (read back by `tasks/data.py`)."""
+    return f"corrupt_file:{os.path.basename(filepath)}"
+
+
+class _AssignedFiles:
+    """A datatrove reader shards its file list round-robin from task 0, so with few files of very different sizes
+    (and several readers in one pipeline) task 0 gets most of the work. `file_ranks` (name as listed in the paths
+    file -> task) lets `tasks/data.py` deal the files itself: largest first, to the least loaded task."""
+
+    file_ranks: dict[str, int] = {}
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self._task, self._n_tasks = rank, world_size
+        return super().run(data, 0, 1)  # list every file as a single task would; read_files_shard keeps ours
+
+    def read_files_shard(self, shard: list[str]) -> DocumentsPipeline:
+        mine = [f for i, f in enumerate(shard) if self.file_ranks.get(f, i) % self._n_tasks == self._task]
+        return super().read_files_shard(mine)
+
+
+class CrawlReader(_AssignedFiles, WarcReader):
+    """WarcReader for WARC (HTML `response`) and WET (plain-text `conversion`) records.
+
+    Requests, metadata and warcinfo records are not pages and are not counted. A page record becomes a document
+    or is dropped as `non_html_or_undecodable` (images, PDFs, robots.txt, undecodable bytes: datatrove's own
+    `process_record` rules) or `empty`. A damaged file is logged and skipped from the point of damage on.
+    """
+
+    name = "🕷 Crawl (WARC/WET)"
+
+    def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_ranks = dict(file_ranks or {})
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        from warcio.archiveiterator import ArchiveIterator
+
+        try:
+            with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+                for ri, record in enumerate(ArchiveIterator(f)):
+                    if record.rec_type not in ("response", "conversion"):
+                        continue
+                    self.stat_update("records")
+                    with self.track_time():
+                        data = process_record(record)
+                        document = self.get_document_from_dict(data, filepath, ri) if data else None
+                    if document is None:
+                        self.stat_update("dropped", "dropped_empty" if data else "dropped_non_html_or_undecodable")
+                        continue
+                    yield document
+                # warcio takes an EOFError between records for the end of the file, so a file cut short can end
+                # "cleanly"; reading past warcio's stop raises the gzip error again (or finds unread bytes).
+                if f.read(1):
+                    raise EOFError("data left after the last record warcio could parse")
+        except _corrupt_errors() as e:
+            self.stat_update("corrupt_files", corrupt_file_stat(filepath))
+            logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+
+
+class TextReader(_AssignedFiles, JsonlReader):
+    """JsonlReader that counts lines and skips bad lines and damaged files instead of failing the task."""
+
+    name = "🐿 Text (JSONL)"
+
+    def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_ranks = dict(file_ranks or {})
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        import orjson
+
+        try:
+            with self.data_folder.open(filepath, "r", compression=self.compression) as f:
+                for li, line in enumerate(f):
+                    self.stat_update("records")
+                    with self.track_time():
+                        try:
+                            document = self.get_document_from_dict(orjson.loads(line), filepath, li)
+                            reason = None if document else "empty"
+                        except (orjson.JSONDecodeError, TypeError, AttributeError):
+                            document, reason = None, "bad_json"
+                    if document is None:
+                        self.stat_update("dropped", f"dropped_{reason}")
+                        continue
+                    yield document
+        except _corrupt_errors() as e:
+            self.stat_update("corrupt_files", corrupt_file_stat(filepath))
+            logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+
+
+class SourceSampler(BaseFilter):
+    """Keep a fixed fraction of each source's documents (`metadata["source"]`); other sources pass untouched.
+
+    The draw is a hash of (seed, document id), so it does not depend on task sharding or document order and a
+    rerun keeps exactly the same documents.
+    """
+
+    name = "🎲 Source sampler"
+
+    def __init__(self, rates: dict[str, float], seed: int = 0, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        for source, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"sampling rate for {source!r} must be in [0, 1], got {rate}")
+        self.rates = dict(rates)
+        self.seed = seed
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        rate = self.rates.get(doc.metadata.get("source"), 1.0)
+        if rate >= 1.0:
+            return True
+        draw = xxhash.xxh64_intdigest(f"{self.seed}/{doc.id}") / 2**64
+        return draw < rate or (False, "sampled_out")
+
+
+# A phone number: an optional "+country" prefix, then either a bracketed area code or NANP-style groups with a
+# consistent "-" or "." separator, or a "+country" number with space groups. Plain space-separated digit runs
+# (years, counts, prices) are deliberately not matched; a validator also asks for 7-15 digits (E.164 length).
+_PHONE_RE = re.compile(
+    r"(?<![\w+])"
+    r"(?:"
+    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}"  # +44 20 7946 0958, +1-555-123-4567
+    r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]\d{3,4}"  # (555) 123-4567
+    r"|\d{3}([-.])\d{3}\1\d{4}"  # 555-123-4567, 555.123.4567
+    r")"
+    r"(?![\w-])"
+)
+
+
+class PhoneNumberFormatter(BaseFormatter):
+    """Replace phone numbers with a fixed placeholder (a fixed one keeps duplicate pages identical)."""
+
+    name = "📞 Phone numbers"
+
+    def __init__(self, replacement: str = "<PHONE>"):
+        super().__init__()
+        self.replacement = replacement
+
+    def _replace(self, match: re.Match) -> str:
+        n_digits = sum(ch.isdigit() for ch in match.group(0))
+        if not 7 <= n_digits <= 15:
+            return match.group(0)
+        self.stat_update("phone_numbers_masked")
+        return self.replacement
+
+    def format(self, text: str) -> str:
+        return _PHONE_RE.sub(self._replace, text)
+
+
+# `datasets.load_dataset("json", ...)` takes the schema of the first file and casts the others to it, so every
+# row of the final output has the same metadata keys with the same types: strings ("" where a source has none,
+# never null) and the language score. The crawl date is left out: pyarrow reads ISO dates as timestamps, which
+# cannot be cast to or from the empty string of sources without dates.
+OUTPUT_METADATA = ("source", "url", "file_path", "language")
+
+
+def output_record(writer, document: Document) -> dict:
+    """JsonlWriter adapter of the final documents: text, id and fixed metadata keys with fixed types."""
+    metadata = {k: str(document.metadata.get(k) or "") for k in OUTPUT_METADATA}
+    metadata["language_score"] = float(document.metadata.get("language_score", 0.0))
+    return {"text": document.text, "id": str(document.id), "metadata": metadata}
+
+
+def document_text(doc: Document) -> str:
+    """Exact-dedup content: the whole text (the annotation tells datatrove which hash function to use)."""
+    return doc.text
