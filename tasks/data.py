@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.env import DATA_DIR, REPO_ROOT, runs_dir, setup_env
+from tasks.data_report import funnel_chart, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -677,6 +678,9 @@ def build_corpus(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
         "logs": str(out_dir / "logs"),
         "summary": str(out_dir / "summary.json"),
     }
+    funnel_chart(steps, out_dir / "funnel.png")
+    write_samples(out_dir)
+    outputs.update({"funnel": str(out_dir / "funnel.png"), "samples": str(out_dir / "samples")})
     result = {"counts": counts, "outputs": outputs}
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     return result

@@ -46,6 +46,9 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run):
         assert manifest["stage"] == stage and manifest["outputs"], stage
         for out in manifest["outputs"].values():
             assert len(out["sha256"]) == 64
+    data_files = {a.path for a in client.list_artifacts(children["data"].info.run_id)}
+    assert {"funnel.png", "samples"} <= data_files, data_files
+    assert children["data"].data.metrics["data/totals.docs_out"] > 50
     pre = children["pretrain"].data.metrics
     assert {"train/loss", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu"} <= set(pre)
     history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")

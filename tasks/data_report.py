@@ -1,0 +1,63 @@
+"""What people look at after the data stage: a filter funnel chart and samples of kept and dropped text."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def funnel_chart(steps: dict[str, dict[str, Any]], png: Path) -> Path:
+    """Documents kept after each filtering step (readers summed), with the drops labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first_stage = next(iter(steps)).split("/", 1)[0]  # later stages re-read what the previous one wrote
+    first = {k: c for k, c in steps.items() if k.startswith(first_stage + "/")}
+    lost = sum(c["in"] - c["kept"] for c in first.values() if c.get("kind") in ("reader", "extractor"))
+    filters = [(k.split("/", 1)[-1], c) for k, c in steps.items() if c.get("kind") == "filter" and c.get("kept") is not None]
+    rows = [("read + extract", filters[0][1]["in"] if filters else 0, lost)]
+    rows += [(name, c["kept"], c.get("dropped", 0)) for name, c in filters]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    names = [r[0] for r in rows][::-1]
+    kept = [r[1] for r in rows][::-1]
+    ax.barh(names, kept, color="#4c72b0")
+    for y, (_, k, d) in enumerate(rows[::-1]):
+        ax.text(k, y, f" {k}" + (f"  (-{d})" if d else ""), va="center", fontsize=8)
+    ax.set_xlabel("documents kept")
+    ax.set_title("data stage funnel")
+    ax.margins(x=0.2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _records(folder: Path) -> Iterator[dict]:
+    for f in sorted(folder.rglob("*.jsonl*")):
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def write_samples(out_dir: Path, per_step: int = 3, chars: int = 600) -> Path:
+    """`samples/kept.md` and `samples/dropped_<step>.md`: the first few documents, cut to `chars`."""
+    samples = out_dir / "samples"
+    samples.mkdir(exist_ok=True)
+    groups = {"kept": out_dir / "documents"}
+    if (out_dir / "removed").exists():
+        groups.update({f"dropped_{d.name}": d for d in sorted((out_dir / "removed").iterdir()) if d.is_dir()})
+    for name, folder in groups.items():
+        parts = [f"# {name}\n"]
+        for i, rec in zip(range(per_step), _records(folder)):
+            meta = rec.get("metadata", {})
+            url = meta.get("url") or meta.get("source") or ""
+            parts.append(f"## {i + 1}. {url}\n\n```\n{rec.get('text', '')[:chars]}\n```\n")
+        (samples / f"{name}.md").write_text("\n".join(parts))
+    return samples
