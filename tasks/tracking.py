@@ -126,7 +126,7 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
     path = Path(path)
     client = MlflowClient()
     if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
+        client.log_artifacts(run_id, str(path), artifact_path or path.name)
     else:
         client.log_artifact(run_id, str(path), artifact_path)
 
