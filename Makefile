@@ -27,7 +27,8 @@ test-fast: install
 	$(BIN)/python -m pytest tests -m "not e2e"
 
 bench: install
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.tokenizer
+	$(BIN)/python -m bench.pretrain
 
 clean:
 	rm -rf .gptflow
