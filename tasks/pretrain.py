@@ -3,7 +3,9 @@
 In: `shards/` from the tokenizer stage. Out: `model/` (`model.safetensors`, `config.json`), the loss curve
 (`loss_curve.png`, `history.json`) and Ray Train checkpoints under `ray/`. A run that is killed resumes
 from its latest checkpoint when it is started again with the same inputs and parameters (same stage folder,
-same Ray `RunConfig(name, storage_path)`). Run alone: `gptflow pretrain --input SHARDS_DIR`.
+same Ray `RunConfig(name, storage_path)`), and the resumed loss curve equals the uninterrupted one: checkpoints
+hold the weights, the AdamW state, each rank's torch RNG and the step, and the data windows are a function of
+(seed, step, rank). Run alone: `gptflow pretrain --input SHARDS_DIR`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,8 +103,9 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
     """Measured dense matmul throughput (FLOP/s) on this device: the denominator of MFU on CPU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: the training RNG stream stays untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -115,6 +119,22 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: in
 # ---------------------------------------------------------------- the loop on each Ray worker
 
 
+class _NullTracker:
+    """Ranks above 0 (and runs without a run id) log nothing, and never import mlflow."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+def _rank_mean(value: float, world: int) -> float:
+    """Mean of a scalar over the data-parallel ranks (gloo has no AVG, so SUM / world)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / world
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -122,7 +142,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from models.checkpoint import load_model, save_model
     from models.gpt import GPT
     from tasks import train_state
-    from tasks.tracking import MetricLogger
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -130,11 +149,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw = GPT(cfg.model).to(device)
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout: a different stream per rank
     opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start_step, history = 0, {"train": [], "val": []}
+    if device.type == "cpu":  # AdamW's default on CPU is a per-tensor loop: ~10x slower than foreach at 14M params
+        for group in opt.param_groups:
+            group["foreach"] = True
+    start_step, history = 0, {"train": [], "val": [], "resumes": []}
 
+    # Exact resume: weights, AdamW moments and step, each rank's torch RNG, and the step (which fixes the data).
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -142,19 +166,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             meta = train_state.read_json(d / "train_state.json")
             raw.load_state_dict(load_model(d, device).state_dict())
             train_state.load_optimizer(opt, d / "optimizer.safetensors", meta["optimizer"])
-            train_state.load_rng(d / "rng.safetensors")
+            train_state.load_rng(d / f"rng_rank{rank}.safetensors")
             start_step, history = meta["step"], meta["history"]
+        history.setdefault("resumes", []).append(start_step)
         if rank == 0:
-            print(f"[pretrain] resumed from checkpoint at step {start_step}", flush=True)
+            log.info("[pretrain] resumed from checkpoint at step %d", start_step)
 
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
     if cfg.compile:
         model = torch.compile(model)
     train = TokenWindows(Path(config["shards"]), "train", cfg.model.block_size)
     val = TokenWindows(Path(config["shards"]), "val", cfg.model.block_size)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    tracker = MetricLogger(config.get("run_id") if rank == 0 else None, config.get("tracking_uri"))
-    peak = matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32) if rank == 0 else 1.0
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if rank == 0 and config.get("run_id"):
+        from tasks.tracking import MetricLogger
+
+        tracker = MetricLogger(config["run_id"], config.get("tracking_uri"))
+    else:
+        tracker = _NullTracker()
+    # MFU is per worker: each worker's model FLOP/s over the matmul throughput of one worker's CPUs (or GPU),
+    # re-measured briefly at every log step and the best kept, so a busy moment at start-up does not inflate it.
+    peak_dtype, peak_n = (torch.bfloat16, 4096) if device.type == "cuda" else (torch.float32, 1024)
+    peak = matmul_flops(device, peak_dtype, peak_n) if rank == 0 else math.nan
     flops_per_token = raw.flops_per_token()
     tokens_per_step = world * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
 
@@ -167,35 +200,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 x, y = val.sample(rng, cfg.batch_size)
                 losses.append(model(x.to(device), y.to(device))[1].item())
         model.train()
-        return float(np.mean(losses))
+        return _rank_mean(float(np.mean(losses)), world)
 
     t_last, step_last = time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        rng = np.random.default_rng([cfg.seed, step, rank])  # data position = step: exact on resume
+        rng = np.random.default_rng([cfg.seed, step, rank])  # data position = (seed, step, rank): exact on resume
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = train.sample(rng, cfg.batch_size)
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            ctx_mgr = model.no_sync() if not sync else _nullcontext()
-            with ctx_mgr, amp:
+            sync = world == 1 or micro == cfg.grad_accum - 1  # all-reduce gradients on the last micro-batch only
+            with (nullcontext() if sync else model.no_sync()), amp:
                 loss = model(x.to(device), y.to(device))[1] / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss_sum = _rank_mean(loss_sum, world)  # the loss of the whole global batch, not of rank 0's share
         history["train"].append([step + 1, loss_sum])
         last = step + 1 == cfg.steps
         metrics: dict[str, float] = {}
         if (step + 1) % cfg.log_every == 0 or last:
             dt = time.perf_counter() - t_last
             tps = tokens_per_step * (step + 1 - step_last) / dt
+            if rank == 0:
+                peak = max(peak, matmul_flops(device, peak_dtype, peak_n, seconds=0.1))
             metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": gnorm, "perf/tokens_per_s": tps,
                        "perf/mfu": tps / world * flops_per_token / peak}
-            t_last, step_last = time.perf_counter(), step + 1
         if (step + 1) % cfg.eval_every == 0 or last:
             vloss = evaluate()
             metrics.update({"val/loss": vloss, "val/bpb": vloss / math.log(2) * val.tokens_per_byte})
@@ -203,29 +237,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if metrics:
             tracker.log(metrics, step + 1)
             if rank == 0:
+                # logging, not print: Ray Train V2 patches print() in workers to echo to stdout *and* to the
+                # root logger, and both are forwarded to the driver, so every printed line showed twice.
                 shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
-                print(f"[pretrain] step {step + 1}/{cfg.steps} ({100 * (step + 1) / cfg.steps:.0f}%) {shown}", flush=True)
+                log.info("[pretrain] step %d/%d (%.0f%%) %s", step + 1, cfg.steps, 100 * (step + 1) / cfg.steps, shown)
         if (step + 1) % cfg.ckpt_every == 0 or last:
             report = {"step": step + 1, "train_loss": loss_sum, **{k.replace("/", "_"): v for k, v in metrics.items()}}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    d = Path(tmp)
+            # Every rank adds its own RNG file; Ray merges the ranks' files into one checkpoint folder.
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Path(tmp)
+                train_state.save_rng(d / f"rng_rank{rank}.safetensors")
+                if rank == 0:
                     save_model(raw, d)
                     meta = {"step": step + 1, "history": history,
                             "optimizer": train_state.save_optimizer(opt, d / "optimizer.safetensors")}
-                    train_state.save_rng(d / "rng.safetensors")
-                    train_state.write_json(d / "train_state.json", meta)
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(report)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+                    train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step + 1:06d}")
+        if (step + 1) % cfg.log_every == 0 or last:
+            t_last, step_last = time.perf_counter(), step + 1  # evaluation and checkpoints stay out of tokens/s
 
 
 # ---------------------------------------------------------------- the driver
@@ -234,7 +264,7 @@ class _nullcontext:
 def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None = None,
                  tracking_uri: str | None = None) -> dict[str, Any]:
     """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from infra.ray_cluster import ray_init
@@ -251,8 +281,12 @@ def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: s
                            "run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        # Same name and storage path on every call: Ray V2 finds its checkpoint snapshot there and hands the
+        # latest checkpoint to get_checkpoint(), so a rerun of a killed (or failed) run resumes. No in-process
+        # retries (max_failures=0): a failure surfaces; the stage rerun resumes from the last checkpoint.
         run_config=RunConfig(name="pretrain", storage_path=str((out_dir / "ray").resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)),
     )
     start = time.perf_counter()
     result = trainer.fit()
@@ -287,7 +321,7 @@ def plot_loss(history: dict[str, list], png: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for split, style in (("train", "-"), ("val", "o-")):
         if history.get(split):
-            steps, losses = zip(*history[split])
+            steps, losses = zip(*history[split], strict=True)
             ax.plot(steps, losses, style, label=split, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

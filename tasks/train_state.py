@@ -40,11 +40,18 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict[str, Any])
 
 
 def save_rng(path: Path) -> None:
-    save_file({"torch_cpu": torch.get_rng_state()}, str(path))
+    """This process's torch RNG (CPU, and the current GPU's when CUDA is in use): one file per rank."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file(states, str(path))
 
 
 def load_rng(path: Path) -> None:
-    torch.set_rng_state(load_file(str(path))["torch_cpu"])
+    states = load_file(str(path))
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["torch_cuda"])
 
 
 def write_json(path: Path, obj: Any) -> None:
