@@ -505,4 +505,7 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Path, out_dir: Path) -> dict:
     }
     if by_source:
         counts["tokens_by_source"] = by_source
-    return {"counts": counts, "metrics": metrics, "outputs": {"tokenizer": tok_dir, "shards": out_dir / "shards"}}
+    shard_files = {f"shard/{sh['file']}": out_dir / "shards" / sh["file"] for s in ("train", "val") for sh in splits[s]["shards"]}
+    # every shard is its own output, so the manifest lists each with its sha256
+    return {"counts": counts, "metrics": metrics,
+            "outputs": {"tokenizer": tok_dir, "shards": out_dir / "shards", **shard_files}}

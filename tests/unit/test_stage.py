@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,16 @@ def test_folder_hash_sees_content_and_names(tmp_path):
     h2 = path_sha256(tmp_path / "a")
     (tmp_path / "a" / "f").rename(tmp_path / "a" / "g")
     assert len({h1, h2, path_sha256(tmp_path / "a")}) == 3
+
+
+def test_tokenizer_manifest_lists_every_shard_with_its_hash(tmp_path):
+    from infra.env import DATA_DIR
+    from tasks.bpe import build_tokenizer
+
+    corpus = DATA_DIR / "text" / "c4_demo.jsonl.gz"
+    cfg = TokenizerConfig(vocab_size=300, shard_tokens=20_000)
+    m = run_stage("tokenizer", cfg, {"corpus": corpus}, lambda out: build_tokenizer(cfg, corpus, out), tmp_path)
+    shards = {k: v for k, v in m["outputs"].items() if k.startswith("shard/")}
+    assert len(shards) > 2 and any("val_" in k for k in shards)
+    for v in shards.values():
+        assert v["sha256"] == path_sha256(Path(v["path"]))
