@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from infra.env import REPO_ROOT, workspace
 
@@ -34,3 +36,18 @@ def ray_init(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the length of one job. A local Ray that this call started is shut down afterwards: its gRPC
+    threads do not survive a later fork of this process (datatrove, Trafilatura), which hung the next job."""
+    import ray
+
+    started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    ray_init(num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

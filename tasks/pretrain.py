@@ -258,20 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve."""
+def _fit(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None, tracking_uri: str | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from infra.ray_cluster import ray_init
-
-    index = json.loads((Path(shards_dir) / "index.json").read_text())
-    if index["vocab_size"] > cfg.model.vocab_size:
-        raise GptflowError(
-            f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {index['vocab_size']}"
-        )
-    ray_init()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards_dir).resolve()),
@@ -285,8 +275,22 @@ def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: s
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=0)),
     )
+    return trainer.fit()
+
+
+def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None = None,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve."""
+    from infra.ray_cluster import ray_session
+
+    index = json.loads((Path(shards_dir) / "index.json").read_text())
+    if index["vocab_size"] > cfg.model.vocab_size:
+        raise GptflowError(
+            f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {index['vocab_size']}"
+        )
     start = time.perf_counter()
-    result = trainer.fit()
+    with ray_session():
+        result = _fit(cfg, shards_dir, out_dir, run_id, tracking_uri)
     seconds = time.perf_counter() - start
     if result.error:
         raise result.error
