@@ -45,6 +45,7 @@ def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> d
 def tokenizer_task(cfg: TokenizerConfig, corpus: str, root: str, parent_run_id: str | None = None) -> dict:
     with tracking.stage_run("tokenizer", parent_run_id) as run_id:
         m = run_stage("tokenizer", cfg, {"corpus": Path(corpus)}, lambda out: build_tokenizer(cfg, Path(corpus), out), Path(root))
+        tracking.log_dataset_input(run_id, "corpus", Path(corpus), m["inputs"]["corpus"]["sha256"], {}, "training")
         return _finish("tokenizer", run_id, m, "tokenizer", "shards/index.json")
 
 
@@ -54,6 +55,9 @@ def pretrain_task(cfg: PretrainConfig, shards: str, root: str, parent_run_id: st
         uri = tracking.tracking_uri()
         m = run_stage("pretrain", cfg, {"shards": Path(shards)},
                       lambda out: pretrain_gpt(cfg, Path(shards), out, run_id=run_id, tracking_uri=uri), Path(root))
+        index = tracking.read_json(Path(shards) / "index.json")
+        profile = {f"{s}_tokens": v["tokens"] for s, v in index["splits"].items()}
+        tracking.log_dataset_input(run_id, "token-shards", Path(shards), m["inputs"]["shards"]["sha256"], profile, "training")
         return _finish("pretrain", run_id, m, "loss_curve.png", "history.json", "model/config.json")
 
 

@@ -147,6 +147,17 @@ def log_manifest(run_id: str, manifest: Mapping[str, Any], artifacts: list[Path]
             log_artifact(run_id, Path(p))
 
 
+def log_dataset_input(run_id: str, name: str, path: Path, sha256: str, profile: Mapping[str, Any], context: str) -> None:
+    """Record a stage folder (a corpus, token shards) as an MLflow dataset input of the run that consumes it:
+    lineage in the run's "Datasets used" with the content digest, so two runs on the same data show the same one."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps({"uri": Path(path).resolve().as_uri()})
+    dataset = Dataset(name=name, digest=sha256[:20], source_type="local", source=source,
+                      profile=json.dumps(dict(profile), default=str))
+    MlflowClient().log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+
 class MetricLogger:
     """Rank-0 metric logging to a given run id; `NullTracker` semantics when run_id is None."""
 

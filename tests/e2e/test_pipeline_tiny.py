@@ -49,6 +49,9 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run):
     data_files = {a.path for a in client.list_artifacts(children["data"].info.run_id)}
     assert {"funnel.png", "samples"} <= data_files, data_files
     assert children["data"].data.metrics["data/totals.docs_out"] > 50
+    for stage, dataset in (("tokenizer", "corpus"), ("pretrain", "token-shards")):
+        inputs = client.get_run(children[stage].info.run_id).inputs.dataset_inputs
+        assert [d.dataset.name for d in inputs] == [dataset], stage
     pre = children["pretrain"].data.metrics
     assert {"train/loss", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu"} <= set(pre)
     history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
