@@ -9,13 +9,7 @@ from models import GPT, GPTConfig
 from models.generate import KVCache, filter_logits, generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a busy 2-core machine: spinning OpenMP threads make them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARCHS = {

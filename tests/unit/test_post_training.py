@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from models.checkpoint import save_model
@@ -13,9 +15,10 @@ from tasks.align import AlignConfig, align_dpo
 from tasks.bpe import TokenizerConfig, save_tokenizer, train_bpe
 from tasks.sft import SFTConfig, finetune_sft
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _setup(tmp_path):
-    torch.set_num_threads(1)
     texts = [f"Question {i}: what is {i} plus {i}? Answer: {2 * i}. Good answer, bad answer." for i in range(60)]
     tok = train_bpe(iter(texts), TokenizerConfig(vocab_size=320, min_frequency=1))
     save_tokenizer(tok, tmp_path / "tok")
