@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from infra.env import REPO_ROOT as REPO
 from infra.env import DATA_DIR
 from tasks.bpe import TokenizerConfig, build_tokenizer
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from infra.env import REPO_ROOT as REPO
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from conftest import REPO
+from infra.env import REPO_ROOT as REPO
 
 
 def deployments():
