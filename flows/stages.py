@@ -23,10 +23,11 @@ from tasks.data import DataConfig, build_corpus
 from tasks.evaluate import EvalConfig, evaluate_model
 from tasks.pretrain import PretrainConfig, pretrain_gpt
 from tasks.sft import SFTConfig, finetune_sft
-from tasks.stage import output, run_stage
+from tasks.stage import run_stage
+from tasks.train_state import read_json
 
 
-def _finish(stage: str, run_id: str, manifest: dict, *files: str) -> dict:
+def _finish(run_id: str, manifest: dict, *files: str) -> dict:
     out = Path(manifest["dir"])
     tracking.log_manifest(run_id, manifest, [out / f for f in files])
     return manifest
@@ -38,7 +39,7 @@ def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> d
     inputs.update({f"text_{i}": resolve_path(p) for i, p in enumerate(cfg.text_sources)})
     with tracking.stage_run("data", parent_run_id) as run_id:
         m = run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, out), Path(root))
-        return _finish("data", run_id, m, "funnel.png", "samples")
+        return _finish(run_id, m, "funnel.png", "samples")
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)
@@ -46,7 +47,7 @@ def tokenizer_task(cfg: TokenizerConfig, corpus: str, root: str, parent_run_id: 
     with tracking.stage_run("tokenizer", parent_run_id) as run_id:
         m = run_stage("tokenizer", cfg, {"corpus": Path(corpus)}, lambda out: build_tokenizer(cfg, Path(corpus), out), Path(root))
         tracking.log_dataset_input(run_id, "corpus", Path(corpus), m["inputs"]["corpus"]["sha256"], {}, "training")
-        return _finish("tokenizer", run_id, m, "tokenizer", "shards/index.json")
+        return _finish(run_id, m, "tokenizer", "shards/index.json")
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -55,10 +56,10 @@ def pretrain_task(cfg: PretrainConfig, shards: str, root: str, parent_run_id: st
         uri = tracking.tracking_uri()
         m = run_stage("pretrain", cfg, {"shards": Path(shards)},
                       lambda out: pretrain_gpt(cfg, Path(shards), out, run_id=run_id, tracking_uri=uri), Path(root))
-        index = tracking.read_json(Path(shards) / "index.json")
+        index = read_json(Path(shards) / "index.json")
         profile = {f"{s}_tokens": v["tokens"] for s, v in index["splits"].items()}
         tracking.log_dataset_input(run_id, "token-shards", Path(shards), m["inputs"]["shards"]["sha256"], profile, "training")
-        return _finish("pretrain", run_id, m, "loss_curve.png", "history.json", "model/config.json")
+        return _finish(run_id, m, "loss_curve.png", "history.json", "model/config.json")
 
 
 @task(name="sft", cache_policy=NO_CACHE)
@@ -67,7 +68,7 @@ def sft_task(cfg: SFTConfig, model: str, tokenizer: str, root: str, parent_run_i
     inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
     with tracking.stage_run("sft", parent_run_id) as run_id:
         m = run_stage("sft", cfg, inputs, lambda out: finetune_sft(cfg, Path(model), Path(tokenizer), data, out), Path(root))
-        return _finish("sft", run_id, m, "loss_curve.png", "history.json")
+        return _finish(run_id, m, "loss_curve.png", "history.json")
 
 
 @task(name="align", cache_policy=NO_CACHE)
@@ -76,7 +77,7 @@ def align_task(cfg: AlignConfig, model: str, tokenizer: str, root: str, parent_r
     inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
     with tracking.stage_run("align", parent_run_id) as run_id:
         m = run_stage("align", cfg, inputs, lambda out: align_dpo(cfg, Path(model), Path(tokenizer), data, out), Path(root))
-        return _finish("align", run_id, m, "loss_curve.png", "history.json")
+        return _finish(run_id, m, "loss_curve.png", "history.json")
 
 
 @task(name="eval", cache_policy=NO_CACHE)
@@ -86,7 +87,7 @@ def eval_task(cfg: EvalConfig, model: str, tokenizer: str, root: str, parent_run
     with tracking.stage_run("eval", parent_run_id) as run_id:
         m = run_stage("eval", cfg, inputs,
                       lambda out: evaluate_model(cfg, Path(model), Path(tokenizer), data_dir, out), Path(root))
-        return _finish("eval", run_id, m, "results.md", "results.json", "results.png")
+        return _finish(run_id, m, "results.md", "results.json", "results.png")
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

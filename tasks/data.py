@@ -30,7 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.env import DATA_DIR, REPO_ROOT, runs_dir, setup_env
+from infra import env
+from infra.env import DATA_DIR, runs_dir, setup_env
 from tasks.data_report import funnel_chart, write_samples
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,8 @@ class DataConfig(BaseModel):
 
 
 def resolve_path(path: str) -> str:
-    """fsspec URLs and absolute paths as given; anything else relative to the repo root."""
-    if "://" in path or os.path.isabs(path):
-        return path
-    return str(REPO_ROOT / path)
+    """fsspec URLs as given; local paths as `infra.env.resolve_path` finds them (cwd, else the repo)."""
+    return path if "://" in path else str(env.resolve_path(path))
 
 
 def check_inputs(cfg: DataConfig) -> None:

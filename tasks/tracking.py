@@ -7,7 +7,6 @@ One parent run per pipeline run, one nested run per stage. Stage wrappers call `
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -159,16 +158,15 @@ def log_dataset_input(run_id: str, name: str, path: Path, sha256: str, profile: 
 
 
 class MetricLogger:
-    """Rank-0 metric logging to a given run id; `NullTracker` semantics when run_id is None."""
+    """Rank-0 metric logging to a given run id (other ranks use pretrain's `_NullTracker`, which avoids mlflow)."""
 
-    def __init__(self, run_id: str | None, tracking_uri: str | None = None):
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
         self.run_id = run_id
-        if run_id and tracking_uri:
+        if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.run_id:
-            log_metrics(self.run_id, metrics, step)
+        log_metrics(self.run_id, metrics, step)
 
 
 def tracking_uri() -> str:
@@ -210,10 +208,3 @@ def _version(pkg: str) -> str:
     from importlib.metadata import version
 
     return version(pkg).split("+")[0]
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
