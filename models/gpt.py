@@ -7,7 +7,9 @@
 
 Attention always goes through `F.scaled_dot_product_attention`: with `is_causal=True` on the plain training
 path, with an explicit boolean mask when documents are masked (`doc_mask`), when a batch is left-padded, or
-when a KV cache is fed more than one token at a time.
+when a KV cache is fed more than one token at a time. Document masking on GPU goes through FlexAttention
+instead (`flex_attention`): a block-sparse kernel that skips the tiles a packed window's document boundaries
+mask out, where SDPA with a dense mask falls back to a slower kernel that reads the whole (B, T, T) mask.
 
 Shapes: B batch, T time (new tokens), L keys (cached + new), C = n_embd, nh = n_head, nkv = n_kv_head,
 hd = head dim, V = vocab size.
@@ -24,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from models.generate import KVCache
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (SFT masks prompts this way)
@@ -58,6 +62,11 @@ class GPTConfig(BaseModel):
     doc_mask: bool = Field(False, description="Block attention across eot_id boundaries inside a packed window.")
     eot_id: int | None = Field(
         None, ge=0, description="End-of-text token id closing each document (required by doc_mask)."
+    )
+    flex_attention: bool = Field(
+        True,
+        description="With doc_mask on GPU (training and scoring, no KV cache, no dropout), attend through "
+        "FlexAttention's block-sparse kernel; off, or on CPU (no FlexAttention backward there), SDPA with a mask.",
     )
 
     @model_validator(mode="after")
@@ -130,6 +139,36 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
     return emb.cos(), emb.sin()
 
 
+def doc_block_mask(idx: torch.Tensor, eot_id: int) -> BlockMask:
+    """FlexAttention mask for packed windows: causal, and only keys of the query's own document (an eot token
+    closes the document before it), the same rule as `GPT._attention_mask` with doc_mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = idx.shape
+    is_eot = (idx == eot_id).int()
+    doc = torch.cumsum(is_eot, dim=1) - is_eot  # (B, T) document index of each position
+
+    def same_document_causal(b, h, q, k):  # noqa: ANN001, ANN202 (index tensors traced by FlexAttention)
+        return (q >= k) & (doc[b, q] == doc[b, k])
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=idx.device, _compile=idx.is_cuda)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled once (uncompiled it runs a slow reference path); inlined into a compiled model."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if not q.is_cuda:  # forward only on CPU (tests compare it with the SDPA mask)
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # first and second half of the head dim
     return torch.cat([-x2, x1], dim=-1)
@@ -157,7 +196,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         kv_cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -173,6 +212,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, L, hd) with L = past + T
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = flex_attention(q, k, v, mask, gqa=self.n_kv_head != self.n_head)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -227,7 +269,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         kv_cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -323,8 +365,9 @@ class GPT(nn.Module):
             pos = (pos - kv_cache.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
         return pos
 
-    def _attention_mask(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor | None:
-        """Boolean (B, 1, T, L) mask (True = may attend), or None when plain causal attention does.
+    def _attention_mask(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor | BlockMask | None:
+        """Boolean (B, 1, T, L) mask (True = may attend), a FlexAttention BlockMask (doc_mask on GPU, see
+        `GPTConfig.flex_attention`), or None when plain causal attention does.
 
         Rules: causal; never a left-pad key; with doc_mask, only keys of the same document, where an
         eot token closes (belongs to) the document before it. Each query may always see itself, so no
@@ -336,6 +379,9 @@ class GPT(nn.Module):
         padded = kv_cache is not None and kv_cache.padded
         if not (cfg.doc_mask or padded or (past > 0 and T > 1)):
             return None
+        if cfg.doc_mask and cfg.flex_attention and kv_cache is None and idx.is_cuda:
+            if not (self.training and cfg.dropout > 0):  # FlexAttention has no attention dropout
+                return self._doc_block_mask(idx)
         L = past + T
         q_pos = torch.arange(past, L, device=idx.device)  # (T,)
         k_pos = torch.arange(L, device=idx.device)  # (L,)
@@ -349,6 +395,10 @@ class GPT(nn.Module):
             mask = mask & (doc[:, past:].unsqueeze(2) == doc.unsqueeze(1))  # (B, T, 1) vs (B, 1, L)
         mask = mask | (k_pos.view(1, 1, L) == q_pos.view(1, T, 1))
         return mask.unsqueeze(1)  # (B, 1, T, L) broadcasts over heads
+
+    @torch.compiler.disable  # built eagerly (its own compiled kernels), outside a compiled model's graph
+    def _doc_block_mask(self, idx: torch.Tensor) -> BlockMask:
+        return doc_block_mask(idx, self.config.eot_id)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
 

@@ -230,3 +230,35 @@ def test_load_rejects_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
+def test_flex_doc_mask_equals_dense_mask(arch):
+    """The FlexAttention BlockMask (used on GPU) attends exactly where the dense SDPA mask does: run every
+    layer with each (forward only: FlexAttention has no CPU backward) and compare the logits."""
+    from models.gpt import doc_block_mask
+
+    eot = 0
+    model = build(tiny(**ARCHS[arch], doc_mask=True, eot_id=eot))
+    idx = torch.randint(1, 61, (2, 32))
+    idx[0, [5, 6, 20]] = eot  # an empty document between two eots, and windows that end mid-document
+    idx[1, 31] = eot
+    dense = model._attention_mask(idx, None)
+    assert isinstance(dense, torch.Tensor)
+    block = doc_block_mask(idx, eot)
+
+    def logits(mask):
+        x = model.wte(idx)
+        pos = torch.arange(32).unsqueeze(0)
+        rope = None
+        if model.wpe is not None:
+            x = x + model.wpe(pos)
+        else:
+            rope = (model.rope_cos[pos].unsqueeze(1), model.rope_sin[pos].unsqueeze(1))
+        for layer, blk in enumerate(model.blocks):
+            x = blk(x, rope, mask, None, layer)
+        return model.lm_head(model.ln_f(x))
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(block), logits(dense), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(dense), model(idx)[0])  # the helper above is the model's own forward
