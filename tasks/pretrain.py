@@ -16,7 +16,8 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,13 +127,53 @@ class _NullTracker:
         pass
 
 
-def _rank_mean(value: float, world: int) -> float:
-    """Mean of a scalar over the data-parallel ranks (gloo has no AVG, so SUM / world)."""
+def _rank_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean of a scalar tensor over the data-parallel ranks (gloo has no AVG, so SUM / world); no host sync."""
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / world
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / world
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               n_micro: int, grad_clip: float, device: torch.device, amp: Any, distributed: bool) -> tuple[float, float]:
+    """One optimizer step over `n_micro` micro-batches; returns (mean loss, gradient norm before clipping) as
+    tensors on the device, so the host does not wait for the GPU: it samples and queues the next step meanwhile.
+
+    Gradients are all-reduced on the last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`).
+    """
+    to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        sync = not distributed or micro == n_micro - 1
+        with _grad_sync(model, sync), amp:
+            loss = model(to_device(x), to_device(y))[1] / n_micro
+            loss.backward()
+        loss_sum += loss.detach()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor norm
+        gnorm = gnorm.full_tensor()
+    return loss_sum, gnorm
+
+
+def _grad_sync(model: torch.nn.Module, sync: bool) -> Any:
+    if sync:
+        return nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    model.set_requires_gradient_sync(False)  # FSDP2: reduce-scatter skipped until the next synced backward
+    return _restore_gradient_sync(model)
+
+
+@contextmanager
+def _restore_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -197,30 +238,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 x, y = val.sample(rng, cfg.batch_size)
                 losses.append(model(x.to(device), y.to(device))[1].item())
         model.train()
-        return _rank_mean(float(np.mean(losses)), world)
+        return _rank_mean(torch.tensor(float(np.mean(losses)), device=device), world).item()
 
     t_last, step_last = time.perf_counter(), start_step
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         rng = np.random.default_rng([cfg.seed, step, rank])  # data position = (seed, step, rank): exact on resume
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = train.sample(rng, cfg.batch_size)
-            sync = world == 1 or micro == cfg.grad_accum - 1  # all-reduce gradients on the last micro-batch only
-            with (nullcontext() if sync else model.no_sync()), amp:
-                loss = model(x.to(device), y.to(device))[1] / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum = _rank_mean(loss_sum, world)  # the loss of the whole global batch, not of rank 0's share
-        history["train"].append([step + 1, loss_sum])
+        batches = (train.sample(rng, cfg.batch_size) for _ in range(cfg.grad_accum))
+        loss_t, gnorm_t = train_step(model, opt, batches, cfg.grad_accum, cfg.grad_clip, device, amp, world > 1)
+        pending.append((step + 1, _rank_mean(loss_t, world)))  # the whole global batch's loss, not rank 0's share
         last = step + 1 == cfg.steps
         metrics: dict[str, float] = {}
+        if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0 or last:  # one host sync per log
+            history["train"] += [[s, v.item()] for s, v in pending]
+            pending.clear()
+            loss_sum = history["train"][-1][1]
         if (step + 1) % cfg.log_every == 0 or last:
+            gnorm = gnorm_t.item()
             dt = time.perf_counter() - t_last
             tps = tokens_per_step * (step + 1 - step_last) / dt
             if rank == 0:
