@@ -21,20 +21,24 @@ TIED_KEY = "lm_head.weight"  # shares storage with wte.weight when config.tie_em
 EMBED_KEY = "wte.weight"
 
 
-def state_dict_for_save(model: GPT) -> dict[str, torch.Tensor]:
+def _for_save(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, without the tied duplicate (safetensors refuses shared storage)."""
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop(TIED_KEY)
+    if config.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != TIED_KEY}
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def save_model(model: GPT, out_dir: Path) -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json; returns out_dir."""
+    return save_state_dict(model.state_dict(), model.config, out_dir)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, out_dir: Path) -> Path:
+    """`save_model` for a full state dict gathered from a sharded (FSDP) model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_for_save(model), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2) + "\n")
+    save_file(_for_save(sd, config), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
     return out_dir
 
 

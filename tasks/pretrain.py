@@ -1,4 +1,4 @@
-"""Pretraining stage: a GPT trained on the token shards with Ray Train (DDP over workers), resumable.
+"""Pretraining stage: a GPT trained on the token shards with Ray Train (DDP or FSDP over workers), resumable.
 
 In: `shards/` from the tokenizer stage. Out: `model/` (`model.safetensors`, `config.json`), the loss curve
 (`loss_curve.png`, `history.json`) and Ray Train checkpoints under `ray/`. A run that is killed resumes
@@ -48,6 +48,11 @@ class PretrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
     seed: int = Field(1337, description="Seeds the weights and the data windows: same seed, same run.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model and optimizer. fsdp: weights, gradients and AdamW "
+        "states sharded over the workers (PyTorch FSDP2, one unit per block), for models that do not fit one device.",
+    )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
     compile: bool = Field(False, description="torch.compile the model.")
@@ -176,11 +181,41 @@ def _restore_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
+def _distribute(raw: torch.nn.Module, fsdp: bool, world: int) -> torch.nn.Module:
+    """DDP (Ray's `prepare_model`) or FSDP2: each block, then the rest (embeddings, head), sharded over ranks."""
+    import ray.train.torch
+
+    if world == 1:
+        return raw
+    if not fsdp:
+        return ray.train.torch.prepare_model(raw)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in raw.blocks:
+        fully_shard(block)
+    fully_shard(raw)
+    return raw
+
+
+def _full_state(raw: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state dicts, on the CPU under FSDP; a collective call there."""
+    if not fsdp:
+        return raw.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw, options=full), get_optimizer_state_dict(raw, opt, options=full)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.checkpoint import load_model, save_model
+    from models.checkpoint import load_model, save_state_dict
     from models.gpt import GPT
     from tasks import train_state
 
@@ -193,24 +228,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw = GPT(cfg.model).to(device)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout: a different stream per rank
-    opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start_step, history = 0, {"train": [], "val": [], "resumes": []}
+    fsdp = cfg.strategy == "fsdp" and world > 1
 
     # Exact resume: weights, AdamW moments and step, each rank's torch RNG, and the step (which fixes the data).
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            d = Path(d)
-            meta = train_state.read_json(d / "train_state.json")
-            raw.load_state_dict(load_model(d, device).state_dict())
-            train_state.load_optimizer(opt, d / "optimizer.safetensors", meta["optimizer"])
-            train_state.load_rng(d / f"rng_rank{rank}.safetensors")
-            start_step, history = meta["step"], meta["history"]
-        history.setdefault("resumes", []).append(start_step)
-        if rank == 0:
-            log.info("[pretrain] resumed from checkpoint at step %d", start_step)
+    with ckpt.as_directory() if ckpt is not None else nullcontext() as d:
+        if d is not None:
+            raw.load_state_dict(load_model(Path(d), device).state_dict())  # whole weights, before any sharding
+        model = _distribute(raw, fsdp, world)
+        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
+        if d is not None:
+            meta = train_state.read_json(Path(d) / "train_state.json")
+            opt_state = train_state.load_optimizer_state(Path(d) / "optimizer.safetensors", meta["optimizer"])
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
+                set_optimizer_state_dict(raw, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(opt_state)
+            train_state.load_rng(Path(d) / f"rng_rank{rank}.safetensors")
+            start_step, history = meta["step"], meta["history"]
+            history.setdefault("resumes", []).append(start_step)
+            if rank == 0:
+                log.info("[pretrain] resumed from checkpoint at step %d", start_step)
+
     if cfg.compile:
         model = torch.compile(model)
     train = TokenWindows(Path(config["shards"]), "train", cfg.model.block_size)
@@ -281,10 +323,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 d = Path(tmp)
                 train_state.save_rng(d / f"rng_rank{rank}.safetensors")
+                model_sd, opt_sd = _full_state(raw, opt, fsdp)  # FSDP: gathered on every rank, kept by rank 0
                 if rank == 0:
-                    save_model(raw, d)
+                    save_state_dict(model_sd, cfg.model, d)
                     meta = {"step": step + 1, "history": history,
-                            "optimizer": train_state.save_optimizer(opt, d / "optimizer.safetensors")}
+                            "optimizer": train_state.save_optimizer_state(opt_sd, d / "optimizer.safetensors")}
                     train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step + 1:06d}")

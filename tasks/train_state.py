@@ -15,28 +15,41 @@ from safetensors.torch import load_file, save_file
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    sd = opt.state_dict()
+    return save_optimizer_state(opt.state_dict(), path)
+
+
+def save_optimizer_state(sd: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Tensors of an optimizer state dict to `path`; returns the rest (param groups, plain values) for the JSON.
+
+    State keys are parameter indices (`opt.state_dict()`) or names (FSDP's full optimizer state dict).
+    """
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
+    for key, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{key}.{name}"] = value.detach().cpu().contiguous()
             else:
-                plain.setdefault(str(idx), {})[name] = value
+                plain.setdefault(str(key), {})[name] = value
     save_file(tensors, str(path))
     return {"param_groups": sd["param_groups"], "plain_state": plain}
 
 
 def load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["plain_state"].items():
-        state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    opt.load_state_dict(load_optimizer_state(path, meta))
+
+
+def load_optimizer_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    def key(k: str) -> int | str:
+        return int(k) if k.isdigit() else k
+
+    state: dict[int | str, dict[str, Any]] = {}
+    for name, value in load_file(str(path)).items():
+        param, field = name.rsplit(".", 1)  # parameter names hold dots; AdamW's field names do not
+        state.setdefault(key(param), {})[field] = value
+    for param, values in meta["plain_state"].items():
+        state.setdefault(key(param), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_rng(path: Path) -> None:

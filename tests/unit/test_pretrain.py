@@ -1,8 +1,8 @@
 """Pretraining stage: data windows, learning-rate schedules, exact optimizer/RNG state, and real Ray Train runs.
 
-The Ray tests start a local Ray and run three 2-worker fits on CPU (an uninterrupted reference run, a run whose
-whole process tree is killed with SIGKILL after its second checkpoint, and the rerun that resumes it), so the
-file takes about 2-3 minutes on 2 cores; almost all of it is Ray's start and stop of each fit.
+The Ray tests start a local Ray and run, for DDP and again for FSDP, three 2-worker fits on CPU (an uninterrupted
+reference run, a run whose whole process tree is killed with SIGKILL after its second checkpoint, and the rerun
+that resumes it), so the file takes about 4-5 minutes on 2 cores; most of it is Ray's start and stop of each fit.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_pretrain.py -q`
 """
@@ -41,6 +41,7 @@ CFG = PretrainConfig(
     steps=30, batch_size=16, lr=3e-3, warmup_steps=3, num_workers=2,
     log_every=5, eval_every=15, eval_batches=2, ckpt_every=5, keep_checkpoints=2,
 )
+CFG_FSDP = CFG.model_copy(update={"strategy": "fsdp"})
 
 
 # ---------------------------------------------------------------- data windows (no Ray)
@@ -197,6 +198,13 @@ def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
     return out, pretrain_gpt(CFG, shards, out)
 
 
+@pytest.fixture(scope="module")
+def reference_fsdp(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
+    """The same run with the model and AdamW states sharded over the 2 workers (FSDP2)."""
+    out = tmp_path_factory.mktemp("reference_fsdp")
+    return out, pretrain_gpt(CFG_FSDP, shards, out)
+
+
 def test_two_worker_run_learns_and_exports_the_model(reference):
     from models.checkpoint import load_model
 
@@ -217,6 +225,23 @@ def test_two_worker_run_learns_and_exports_the_model(reference):
     assert Path(result["outputs"]["loss_curve"]).stat().st_size > 0
     model = load_model(result["outputs"]["model"])
     assert model.config == CFG.model
+
+
+def test_fsdp_run_follows_the_ddp_run(reference, reference_fsdp):
+    """Sharding changes where the state lives, not the arithmetic: the same loss curve as DDP (up to the order of
+    floating-point sums in the collectives), and a whole, unsharded model in the usual safetensors files."""
+    from models.checkpoint import load_model
+
+    ddp = json.loads((reference[0] / "history.json").read_text())
+    fsdp = json.loads((reference_fsdp[0] / "history.json").read_text())
+    for split in ("train", "val"):
+        assert [s for s, _ in fsdp[split]] == [s for s, _ in ddp[split]]
+        np.testing.assert_allclose([v for _, v in fsdp[split]], [v for _, v in ddp[split]], rtol=0, atol=1e-4)
+    a = load_model(reference[1]["outputs"]["model"]).state_dict()
+    b = load_model(reference_fsdp[1]["outputs"]["model"]).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 _DRIVER = """
@@ -255,19 +280,22 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
-def test_killed_run_resumes_to_the_same_loss_curve(shards, reference, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tmp_path):
+    cfg = CFG if strategy == "ddp" else CFG_FSDP
+    reference = request.getfixturevalue("reference" if strategy == "ddp" else "reference_fsdp")
     out = tmp_path / "stage"  # one stage folder for both attempts, as run_stage gives a rerun
     # The first attempt brings up its own Ray, in a short folder: Ray's socket paths must stay under 108 bytes.
     home = tempfile.mkdtemp(prefix="gptflow-killed-")
     env = {**os.environ, "GPTFLOW_HOME": home}
     log = tmp_path / "killed_run.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), str(shards), str(out)],
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, cfg.model_dump_json(), str(shards), str(out)],
                                 cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     run_dir = out / "ray" / "pretrain"
     deadline = time.monotonic() + 300
     try:
-        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
+        while _registered_step(run_dir) < 2 * cfg.ckpt_every:
             assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.02)
@@ -275,9 +303,9 @@ def test_killed_run_resumes_to_the_same_loss_curve(shards, reference, tmp_path):
         _kill_tree(proc)
         shutil.rmtree(home, ignore_errors=True)
     killed_at = _registered_step(run_dir)
-    assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+    assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
-    result = pretrain_gpt(CFG, shards, out)  # the rerun: same folder, same RunConfig(name, storage_path)
+    result = pretrain_gpt(cfg, shards, out)  # the rerun: same folder, same RunConfig(name, storage_path)
 
     history = json.loads((out / "history.json").read_text())
     assert history["resumes"] == [killed_at]
