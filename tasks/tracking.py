@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from infra.env import REPO_ROOT
+from infra.env import REPO_ROOT, workspace
 
 EXPERIMENT = "llm-pipeline"
 
@@ -42,6 +43,16 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _set_experiment() -> None:
+    """Select the experiment; on a local store, create it with its artifacts in the workspace.
+
+    A local sqlite store's default artifact root is `./mlruns` of whatever folder the process runs in, which
+    scattered model artifacts over the user's working folders; a tracking server decides for itself.
+    """
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None and not tracking_uri().startswith(("http:", "https:")):
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(workspace() / "mlartifacts").as_uri())
+        except MlflowException:  # created meanwhile by a concurrent stage
+            pass
     mlflow.set_experiment(EXPERIMENT)
 
 

@@ -27,8 +27,10 @@ def _children(client: MlflowClient, parent_id: str) -> dict:
     return {r.data.tags["stage"]: r for r in runs}
 
 
-def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run):
+def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, workspace):
     client = MlflowClient()
+    artifacts = client.get_experiment_by_name(EXPERIMENT).artifact_location
+    assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
     assert parent.info.status == "FINISHED"
     for stage in STAGES + ["register", "total"]:
