@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -215,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from infra.progress import report_progress
     from models.checkpoint import load_model, save_state_dict
     from models.gpt import GPT
     from tasks import train_state
@@ -284,6 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t_last, step_last = time.perf_counter(), start_step
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
+    progress_every = max(1, cfg.steps // 200)  # the driver's progress bar: ~200 updates in a run
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
@@ -294,10 +296,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pending.append((step + 1, _rank_mean(loss_t, world)))  # the whole global batch's loss, not rank 0's share
         last = step + 1 == cfg.steps
         metrics: dict[str, float] = {}
-        if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0 or last:  # one host sync per log
+        metrics_due = (step + 1) % cfg.log_every == 0 or last
+        if metrics_due or (step + 1) % cfg.ckpt_every == 0:  # one host sync per log step
             history["train"] += [[s, v.item()] for s, v in pending]
             pending.clear()
             loss_sum = history["train"][-1][1]
+        if rank == 0 and ((step + 1) % progress_every == 0 or metrics_due):
+            report_progress(config.get("progress"), step + 1, **({"loss": loss_sum} if metrics_due else {}))
         if (step + 1) % cfg.log_every == 0 or last:
             gnorm = gnorm_t.item()
             dt = time.perf_counter() - t_last
@@ -338,14 +343,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _fit(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None, tracking_uri: str | None):
+def _fit(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None, tracking_uri: str | None,
+         progress: Any = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards_dir).resolve()),
-                           "run_id": run_id, "tracking_uri": tracking_uri},
+                           "run_id": run_id, "tracking_uri": tracking_uri, "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         # Same name and storage path on every call: Ray V2 finds its checkpoint snapshot there and hands the
@@ -359,8 +365,12 @@ def _fit(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | Non
 
 
 def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve."""
+                 tracking_uri: str | None = None, progress_file: IO[str] | None = None) -> dict[str, Any]:
+    """Run the Ray Train job; copy the final model out of the last checkpoint; plot the loss curve.
+
+    A progress bar follows the steps in the terminal (`progress_file`: where to draw it instead of stderr).
+    """
+    from infra.progress import ray_progress
     from infra.ray_cluster import ray_session
 
     index = json.loads((Path(shards_dir) / "index.json").read_text())
@@ -369,8 +379,8 @@ def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: s
             f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {index['vocab_size']}"
         )
     start = time.perf_counter()
-    with ray_session():
-        result = _fit(cfg, shards_dir, out_dir, run_id, tracking_uri)
+    with ray_session(), ray_progress(cfg.steps, "pretrain", progress_file) as progress:
+        result = _fit(cfg, shards_dir, out_dir, run_id, tracking_uri, progress)
     seconds = time.perf_counter() - start
     if result.error:
         raise result.error

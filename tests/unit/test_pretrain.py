@@ -193,9 +193,10 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
-    """The uninterrupted run: 2 workers, 30 steps."""
+    """The uninterrupted run: 2 workers, 30 steps; its progress bar drawn into a file."""
     out = tmp_path_factory.mktemp("reference")
-    return out, pretrain_gpt(CFG, shards, out)
+    with open(out / "progress.txt", "w") as bar:
+        return out, pretrain_gpt(CFG, shards, out, progress_file=bar)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,8 @@ def test_two_worker_run_learns_and_exports_the_model(reference):
     assert Path(result["outputs"]["loss_curve"]).stat().st_size > 0
     model = load_model(result["outputs"]["model"])
     assert model.config == CFG.model
+    bar = (out / "progress.txt").read_text()  # the driver's bar, fed by rank 0 through a Ray queue
+    assert "pretrain: 100%" in bar and "30/30" in bar and "loss=" in bar, bar[-500:]
 
 
 def test_fsdp_run_follows_the_ddp_run(reference, reference_fsdp):

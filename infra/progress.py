@@ -1,0 +1,69 @@
+"""A progress bar in the driver's terminal for work that runs in Ray workers (which may be on other machines).
+
+The worker that reports (rank 0) puts `(step, {name: value})` into a Ray queue; a thread in the driver moves the
+bar. Ray forwards the workers' log lines to the driver too, so the bar shares the terminal with them; when the
+terminal is not a TTY (CI, a log file) tqdm stays quiet and the log lines carry the progress.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+
+@contextmanager
+def ray_progress(total: int, desc: str, file: IO[str] | None = None) -> Iterator[Any]:
+    """Yield a Ray queue for the workers; show its steps on a tqdm bar until the block ends.
+
+    Args:
+        total: the last step.
+        desc: the bar's label.
+        file: where the bar is drawn; None means stderr, and only when it is a terminal.
+    """
+    import ray
+    from ray.util.queue import Empty, Queue
+    from tqdm import tqdm
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    bar = tqdm(total=total, desc=desc, unit="step", file=file, disable=None if file is None else False,
+               mininterval=0.5, dynamic_ncols=True)
+    done = threading.Event()
+
+    def show(item: tuple[int, dict[str, float]]) -> None:
+        step, values = item
+        if values:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        bar.update(step - bar.n)
+
+    def pump() -> None:
+        while not done.is_set():
+            try:
+                show(queue.get(timeout=0.5))
+            except Empty:
+                pass
+
+    thread = threading.Thread(target=pump, name=f"{desc}-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join()
+        while not queue.empty():  # what arrived after the thread's last look
+            show(queue.get_nowait())
+        bar.close()
+        ray.kill(queue.actor)
+
+
+def report_progress(queue: Any, step: int, **values: float) -> None:
+    """From a worker: move the driver's bar to `step`; never blocks training (a full queue drops the update)."""
+    from ray.util.queue import Full
+
+    if queue is None:
+        return
+    try:
+        queue.put_nowait((step, values))
+    except Full:
+        pass
