@@ -122,6 +122,17 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: in
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity), by device name.
+DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def datasheet_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in DATASHEET_BF16.items() if key in name), None)
+
+
 # ---------------------------------------------------------------- the loop on each Ray worker
 
 
@@ -269,6 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # re-measured briefly at every log step and the best kept, so a busy moment at start-up does not inflate it.
     peak_dtype, peak_n = (torch.bfloat16, 4096) if device.type == "cuda" else (torch.float32, 1024)
     peak = matmul_flops(device, peak_dtype, peak_n) if rank == 0 else math.nan
+    datasheet = datasheet_flops(device)  # the GPU's bf16 peak, for MFU as papers report it (None on CPU)
     flops_per_token = raw.flops_per_token()
     tokens_per_step = world * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
 
@@ -311,6 +323,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 peak = max(peak, matmul_flops(device, peak_dtype, peak_n, seconds=0.1))
             metrics = {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": gnorm, "perf/tokens_per_s": tps,
                        "perf/mfu": tps / world * flops_per_token / peak}
+            if datasheet:
+                metrics["perf/mfu_datasheet"] = tps / world * flops_per_token / datasheet
         if (step + 1) % cfg.eval_every == 0 or last:
             vloss = evaluate()
             metrics.update({"val/loss": vloss, "val/bpb": vloss / math.log(2) * val.tokens_per_byte})
