@@ -19,7 +19,7 @@ from infra.env import resolve_path, runs_dir
 from tasks import tracking
 from tasks.align import AlignConfig, align_dpo
 from tasks.bpe import TokenizerConfig, build_tokenizer
-from tasks.data import DataConfig, build_corpus
+from tasks.data import DataConfig, build_corpus, input_locations
 from tasks.evaluate import EvalConfig, evaluate_model
 from tasks.pretrain import PretrainConfig, pretrain_gpt
 from tasks.sft import SFTConfig, finetune_sft
@@ -35,8 +35,7 @@ def _finish(run_id: str, manifest: dict, *files: str) -> dict:
 
 @task(name="data", cache_policy=NO_CACHE)
 def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> dict:
-    inputs = {f"input_{i}": resolve_path(p) for i, p in enumerate(cfg.inputs)}
-    inputs.update({f"text_{i}": resolve_path(p) for i, p in enumerate(cfg.text_sources)})
+    inputs = input_locations(cfg)  # listings expanded; URLs kept as URLs and hashed from their metadata
     with tracking.stage_run("data", parent_run_id) as run_id:
         m = run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, out), Path(root))
         return _finish(run_id, m, "funnel.png", "samples")

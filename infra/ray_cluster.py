@@ -17,8 +17,9 @@ def ray_init(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
-                                           "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY") if k in os.environ}
+    passed = ("HF_HOME", "HF_ASSETS_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
+              "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY")  # the seeded datatrove assets live under HF_*
+    env_vars = {k: os.environ[k] for k in passed if k in os.environ}
     env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     runtime_env = {"env_vars": env_vars}
     if os.environ.get("RAY_ADDRESS"):

@@ -1,14 +1,17 @@
 """Data stage: raw Common Crawl WARC/WET (plus clean JSONL text sources) in, clean English documents out.
 
-In:   `DataConfig.inputs` (WARC files: HTML extracted with Trafilatura; WET files: text used as is) and
+In:   `DataConfig.inputs` (WARC files: HTML extracted with Trafilatura; WET files: text used as is; local paths,
+      fsspec URLs or Common Crawl `*.paths.gz` listings, see `tasks/data_inputs.py`) and
       `DataConfig.text_sources` (JSONL files with a "text" field, mixed in with a sampling weight).
 Out:  `<out_dir>/documents/*.jsonl.gz` (JSONL: text, id, metadata {source, url, file_path, language,
       language_score}; datatrove's JsonlReader and `datasets.load_dataset("json", ...)` read it), `<out_dir>/removed/<step>/` (what each filter dropped, for audit), `<out_dir>/logs/<stage>/`
       (datatrove logs, per-task stats and completion markers) and `<out_dir>/summary.json` (the returned counts).
 Steps, all datatrove blocks: read -> Trafilatura (WARC only) -> [source sampling] -> fastText language ID ->
-      Gopher repetition -> Gopher quality -> C4 quality -> C4 bad words -> exact dedup -> MinHash dedup -> PII masking.
-      Each stage is its own `LocalPipelineExecutor` run (no `depends=`: a fastText model loaded in-process is not
-      picklable), and a rerun skips the tasks a previous run completed.
+      Gopher repetition -> Gopher quality -> C4 quality -> C4 bad words -> exact dedup -> MinHash dedup ->
+      C4 three-sentence span dedup -> PII masking.
+      Each stage is its own executor run (no `depends=`: a fastText model loaded in-process is not picklable):
+      `LocalPipelineExecutor`, or `RayPipelineExecutor` when `RAY_ADDRESS` is set (`DataConfig.executor`). A rerun
+      skips the tasks a previous run completed.
 Run alone: `.venv/bin/python -m tasks.data [OUT_DIR]`. Workers start through a forkserver, so a script that calls
 `build_corpus` needs the usual `if __name__ == "__main__":` guard (without it every worker re-runs the script).
 """
@@ -20,18 +23,26 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra import env
 from infra.env import DATA_DIR, runs_dir, setup_env
+from tasks.data_inputs import (
+    COMMON_CRAWL_BASE,
+    check_inputs,
+    deal_files,
+    expand_inputs,
+    is_wet,
+    resolve_path,
+    split_root,
+)
 from tasks.data_report import funnel_chart, write_samples
 
 log = logging.getLogger(__name__)
@@ -62,8 +73,22 @@ class DataConfig(BaseModel):
     inputs: list[str] = Field(
         default_factory=lambda: list(BUNDLED_CRAWL),
         description="Crawl files, WARC (HTML responses, extracted with Trafilatura) or WET (files named *.wet*, "
-        "plain text used as is); repo-relative paths, absolute paths or fsspec URLs. Default: the bundled "
+        "plain text used as is); repo-relative paths, absolute paths or fsspec URLs (https://, s3://, ...). An entry "
+        "ending in .paths.gz or .paths is a Common Crawl listing (one path per line, relative to paths_base), "
+        "expanded before anything else runs. WAT files (metadata only) are refused. Default: the bundled "
         "Common Crawl samples in data/crawl/ (the larger Internet Archive WARC there is left out for speed).",
+    )
+    paths_base: str = Field(
+        COMMON_CRAWL_BASE,
+        description="Where the relative paths of a .paths.gz listing live: Common Crawl's HTTPS endpoint by "
+        "default; s3://commoncrawl/ from AWS (needs the s3fs package, which our pinned install leaves out), or a "
+        "local mirror folder.",
+    )
+    max_files: int | None = Field(
+        None,
+        ge=1,
+        description="Use only the first N files of each listing, in listing order (a crawl listing names tens of "
+        "thousands of ~1 GB files); None uses them all. Plain file inputs are not limited.",
     )
     text_sources: dict[str, float] = Field(
         default_factory=lambda: {"data/text/c4_demo.jsonl.gz": 1.0},
@@ -125,9 +150,22 @@ class DataConfig(BaseModel):
         description="MinHash near-duplicate removal with FineWeb's settings: word 5-grams, 14 buckets x 8 hashes "
         "(pairs at 0.75 / 0.8 Jaccard similarity are caught with probability ~0.77 / ~0.92); datatrove's 4 stages.",
     )
+    sentence_dedup: bool = Field(
+        True,
+        description="C4's span dedup (Raffel et al. 2020, sec. 2.2): 'we discarded all but one of any three-sentence "
+        "span occurring more than once in the data set'. datatrove's 3 sentence-dedup stages (spaCy sentencizer, no "
+        "download), after exact/MinHash dedup and before PII masking; a document left with < 50 words or < 3 "
+        "sentences is dropped as too_short_after_span_dedup (datatrove's defaults).",
+    )
     seed: int = Field(0, description="Seed of the per-source sampling draw (a hash of seed and document id).")
     tasks: int = Field(2, ge=1, description="datatrove tasks (shards) per stage; files are sharded across tasks.")
     workers: int = Field(2, ge=1, description="Tasks run at once (processes); 2 for a 2-core machine.")
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="'local': datatrove's LocalPipelineExecutor (processes on this machine). 'ray': its "
+        "RayPipelineExecutor on the Ray cluster at RAY_ADDRESS, else on a local Ray started for the run (the output "
+        "folder must then be on storage every node shares). 'auto': ray when RAY_ADDRESS is set, else local.",
+    )
 
     @field_validator("text_sources")
     @classmethod
@@ -157,23 +195,7 @@ class DataConfig(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inputs and offline assets
-
-
-def resolve_path(path: str) -> str:
-    """fsspec URLs as given; local paths as `infra.env.resolve_path` finds them (cwd, else the repo)."""
-    return path if "://" in path else str(env.resolve_path(path))
-
-
-def check_inputs(cfg: DataConfig) -> None:
-    """Raise FileNotFoundError naming the first missing input, before any work starts."""
-    from fsspec.core import url_to_fs
-
-    for path in [*cfg.inputs, *cfg.text_sources]:
-        resolved = resolve_path(path)
-        fs, fs_path = url_to_fs(resolved)
-        if not fs.isfile(fs_path):
-            raise FileNotFoundError(f"data input not found: {path} (looked for {resolved})")
+# Offline assets
 
 
 def seed_offline_assets(assets_dir: Path = ASSETS_DIR) -> list[Path]:
@@ -228,31 +250,12 @@ class Stage:
     tasks: int
 
 
-def _is_wet(path: str) -> bool:
-    return ".wet" in posixpath.basename(path)
-
-
-def deal_files(paths: list[str], tasks: int) -> dict[str, int]:
-    """Assign input files to tasks by size, largest first to the least loaded task (files are not split)."""
-    from fsspec.core import url_to_fs
-
-    def size(path: str) -> int:
-        fs, fs_path = url_to_fs(resolve_path(path))
-        return fs.size(fs_path) or 0
-
-    sizes = {p: size(p) for p in paths}
-    load, ranks = [0] * tasks, {}
-    for path in sorted(paths, key=lambda p: (-sizes[p], p)):
-        ranks[path] = load.index(min(load))
-        load[ranks[path]] += sizes[path]
-    return ranks
-
-
 def _reader_steps(cfg: DataConfig, lists_dir: Path) -> list[tuple[str, Any]]:
     """WARC readers + Trafilatura first (the extractor must only see HTML), then WET and JSONL readers.
 
-    datatrove readers pass earlier documents through, so one pipeline holds them all. A reader reads one folder,
-    so files are grouped by folder and listed in a paths file; `deal_files` decides which task reads which file.
+    datatrove readers pass earlier documents through, so one pipeline holds them all. A reader reads one folder
+    (a local folder, or a URL's host or bucket), so files are grouped by it and listed in a paths file relative to
+    it; `deal_files` decides which task reads which file.
     """
     from datatrove.pipeline.extractors import Trafilatura
 
@@ -263,25 +266,25 @@ def _reader_steps(cfg: DataConfig, lists_dir: Path) -> list[tuple[str, Any]]:
     def reader(cls: type, key: str, paths: list[str], source: str) -> tuple[str, Any]:
         lists_dir.mkdir(parents=True, exist_ok=True)
         listing = lists_dir / f"{key}.txt"
-        names = [posixpath.basename(resolve_path(p)) for p in paths]
+        names = [split_root(p)[1] for p in paths]
         listing.write_text("".join(f"{n}\n" for n in names))
-        folder = posixpath.dirname(resolve_path(paths[0]))
+        folder = split_root(paths[0])[0]
         file_ranks = {n: ranks[p] for n, p in zip(names, paths, strict=True)}
         return key, cls(folder, str(listing), default_metadata={"source": source}, file_ranks=file_ranks)
 
     def by_folder(paths: list[str]) -> list[list[str]]:
         groups: dict[str, list[str]] = {}
         for p in paths:
-            groups.setdefault(posixpath.dirname(resolve_path(p)), []).append(p)
+            groups.setdefault(split_root(p)[0], []).append(p)
         return list(groups.values())
 
     steps: list[tuple[str, Any]] = []
-    warc = by_folder([p for p in cfg.inputs if not _is_wet(p)])
+    warc = by_folder([p for p in cfg.inputs if not is_wet(p)])
     for i, group in enumerate(warc):
         steps.append(reader(CrawlReader, "read_warc" + (f"_{i}" if i else ""), group, CRAWL_SOURCE))
     if warc:
         steps.append(("trafilatura", Trafilatura(favour_precision=True, timeout=cfg.extract_timeout_s)))
-    for i, group in enumerate(by_folder([p for p in cfg.inputs if _is_wet(p)])):
+    for i, group in enumerate(by_folder([p for p in cfg.inputs if is_wet(p)])):
         steps.append(reader(CrawlReader, "read_wet" + (f"_{i}" if i else ""), group, CRAWL_SOURCE))
     for i, source in enumerate(cfg.text_sources):
         steps.append(reader(TextReader, f"read_text_{i}", [source], source))
@@ -347,13 +350,15 @@ def plan_stages(cfg: DataConfig, out_dir: Path) -> list[Stage]:
         ExactFindDedups,
     )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.dedup.sentence_dedup import SentDedupConfig, SentenceDedupSignature, SentenceFindDedups
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from tasks.data_blocks import document_text, output_record
+    from tasks.data_blocks import SpanDedupFilter, document_text, output_record
 
     work, removed = out_dir / "work", out_dir / "removed"
     content = ["filter"] + ["exact_dedup"] * cfg.exact_dedup + ["minhash_dedup"] * cfg.minhash
+    content += ["sentence_dedup"] * cfg.sentence_dedup
     output = {name: work / name for name in content[:-1]} | {content[-1]: out_dir / "documents"}
 
     def finish(name: str) -> list[tuple[str, Any]]:
@@ -423,6 +428,36 @@ def plan_stages(cfg: DataConfig, out_dir: Path) -> list[Stage]:
                 cfg.tasks,
             ),
         ]
+        previous = "minhash_dedup"
+    if cfg.sentence_dedup:
+        # C4: spans of 3 sentences. Signatures and the filter number documents by their position in the task's
+        # input, so both stages read the same files with the same task count. The finder sees every signature
+        # (1 task) and keeps one occurrence of each span (in the lowest document index, then task); the others are
+        # cut. removed/sentence_dedup/ holds every document it changed, the cut spans marked >>> <<<.
+        sd = SentDedupConfig(n_sentences=3)
+        sigs, dups = work / "sentence_signatures", work / "sentence_duplicates"
+        stages += [
+            Stage(
+                "sentence_signatures",
+                [read(previous), ("signature", SentenceDedupSignature(str(sigs), config=sd))],
+                cfg.tasks,
+            ),
+            Stage("sentence_find", [("find", SentenceFindDedups(str(sigs), str(dups), config=sd))], 1),
+            Stage(
+                "sentence_dedup",
+                [
+                    read(previous),
+                    (
+                        "sentence_dedup",
+                        SpanDedupFilter(
+                            str(dups), config=sd, exclusion_writer=JsonlWriter(str(removed / "sentence_dedup"))
+                        ),
+                    ),
+                    *finish("sentence_dedup"),
+                ],
+                cfg.tasks,
+            ),
+        ]
     return stages
 
 
@@ -459,6 +494,36 @@ def execute_stage(stage: Stage, logging_dir: Path, workers: int) -> None:
         start_method="forkserver",
     )
     executor.run()
+
+
+def execute_stage_on_ray(stage: Stage, logging_dir: Path, workers: int) -> None:
+    """The same stage on datatrove's RayPipelineExecutor, in the Ray that `build_corpus` joined or started.
+
+    Each task runs in a Ray actor (1 CPU) that forks one process for it. Workers find the fastText and LDNOOBW
+    assets that `seed_offline_assets` put under HF_HOME (`infra.ray_cluster.ray_init` passes HF_HOME and the
+    offline switches to them), and write stats and completion markers into `logging_dir`, where `stage_counts`
+    reads them; on a multi-node cluster it must be on storage every node shares.
+    """
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    executor = RayPipelineExecutor(
+        pipeline=[step for _, step in stage.steps],
+        tasks=stage.tasks,
+        workers=min(workers, stage.tasks),
+        logging_dir=str(logging_dir),
+        skip_completed=True,
+        cpus_per_task=1,
+        mem_per_cpu_gb=1,  # a Ray resource reservation, not a limit; our tasks stay well under 1 GB
+    )
+    executor.run()
+    # datatrove's Ray executor logs a failed task and returns; fail here, as the local executor does.
+    failed = executor.get_incomplete_ranks(skip_completed=True)
+    if failed:
+        raise RuntimeError(f"data stage {stage.name}: tasks {failed} did not finish on Ray; see {logging_dir}/logs")
+
+
+def uses_ray(cfg: DataConfig) -> bool:
+    return cfg.executor == "ray" or (cfg.executor == "auto" and bool(os.environ.get("RAY_ADDRESS")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +577,7 @@ def step_counts(key: str, step: Any, stats: Any) -> dict[str, Any]:
     """in / kept / dropped (by reason) of one step, from its merged datatrove stats."""
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter
     from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
+    from datatrove.pipeline.dedup.sentence_dedup import SentenceDedupFilter
     from datatrove.pipeline.extractors.base import BaseExtractor
     from datatrove.pipeline.filters.base_filter import BaseFilter
     from datatrove.pipeline.formatters.base import BaseFormatter
@@ -530,12 +596,18 @@ def step_counts(key: str, step: Any, stats: Any) -> dict[str, Any]:
     elif isinstance(step, BaseExtractor):
         kind, n_in, kept = "extractor", _total(stats, "total"), _total(stats, "forwarded")
         reasons = {reason: _total(stats, k) for k, reason in _EXTRACTOR_DROPS.items() if _total(stats, k)}
-    elif isinstance(step, (BaseFilter, ExactDedupFilter, MinhashDedupFilter)):
+    elif isinstance(step, (BaseFilter, ExactDedupFilter, MinhashDedupFilter, SentenceDedupFilter)):
         kind, n_in, kept = "filter", _total(stats, "total"), _total(stats, "forwarded")
         reasons = {k.removeprefix("dropped_"): v for k, v in raw.items() if k.startswith("dropped_")}
         unnamed = _total(stats, "dropped") - sum(reasons.values())
         if unnamed:
             reasons[_DEFAULT_REASONS.get(key, "unspecified")] = unnamed
+        if isinstance(step, SentenceDedupFilter):  # what span dedup cut from the documents it kept or dropped
+            counts["removed"] = {
+                "spans": _total(stats, "duplicate_spans"),
+                "sentences": _total(stats, "removed_sentences"),
+                "chars": _total(stats, "removed_chars"),
+            }
     elif isinstance(step, (BaseFormatter, DiskWriter)):
         kind = "formatter" if isinstance(step, BaseFormatter) else "writer"
         n_in = kept = _total(stats, "total")
@@ -608,6 +680,43 @@ def _mix(cfg: DataConfig, documents: Path) -> dict[str, dict[str, float]]:
     return mix
 
 
+def input_locations(cfg: DataConfig) -> dict[str, str]:
+    """Named inputs for `tasks.stage.run_stage`, which hashes them into the stage key: listings expanded to the
+    files they name, local paths resolved, URLs kept as URLs (hashed from their size, ETag or Last-Modified)."""
+    files = expand_inputs(cfg.inputs, cfg.paths_base, cfg.max_files)
+    inputs = {f"input_{i}": resolve_path(p) for i, p in enumerate(files)}
+    return inputs | {f"text_{i}": resolve_path(p) for i, p in enumerate(cfg.text_sources)}
+
+
+def run_stages(
+    stages: list[Stage], out_dir: Path, workers: int, on_ray: bool = False
+) -> tuple[dict[str, dict[str, Any]], int | None, list[str]]:
+    """Run and count the stages in order. Returns the step counts, the documents the last content stage wrote and
+    the stages skipped because an earlier one left no documents."""
+    from infra.ray_cluster import ray_session
+
+    execute = execute_stage_on_ray if on_ray else execute_stage
+    steps: dict[str, dict[str, Any]] = {}
+    written, skipped = None, []
+    with ray_session(num_cpus=workers) if on_ray else nullcontext():  # a Ray started here is shut down after
+        for stage in stages:
+            if written == 0:  # every document was dropped: later stages would find no files to read
+                skipped.append(stage.name)
+                continue
+            logging_dir = out_dir / "logs" / stage.name
+            t = time.perf_counter()
+            execute(stage, logging_dir, workers)
+            steps |= {f"{stage.name}/{key}": c for key, c in stage_counts(stage, logging_dir).items()}
+            keys = [key for key, _ in stage.steps]
+            if keys[0] == "read" and steps[f"{stage.name}/read"]["kept"] != written:
+                read = steps[f"{stage.name}/read"]["kept"]
+                raise DataInvariantError(f"stage {stage.name} read {read} documents; the stage before wrote {written}")
+            if "write" in keys:
+                written = steps[f"{stage.name}/write"]["kept"]
+            log.info("data stage %s done in %.1fs", stage.name, time.perf_counter() - t)
+    return steps, written, skipped
+
+
 def build_corpus(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     """Run the data stage into `out_dir`; rerunning into the same folder resumes (finished tasks are skipped).
 
@@ -620,7 +729,8 @@ def build_corpus(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
         "mix": {source: {docs, chars, doc_share, char_share, weight}}, "corrupt_files": [...]},
         "outputs": {"documents", "removed", "logs", "summary"}}.
     """
-    check_inputs(cfg)
+    files = expand_inputs(cfg.inputs, cfg.paths_base, cfg.max_files)  # listings -> the files they name
+    check_inputs([*files, *cfg.text_sources])
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = out_dir / "config.json"
@@ -632,23 +742,8 @@ def build_corpus(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     seed_offline_assets()
 
     t0 = time.perf_counter()
-    steps: dict[str, dict[str, Any]] = {}
-    written, skipped = None, []  # documents written by the last content stage; stages left with nothing to do
-    for stage in plan_stages(cfg, out_dir):
-        if written == 0:  # every document was dropped: later stages would find no files to read
-            skipped.append(stage.name)
-            continue
-        logging_dir = out_dir / "logs" / stage.name
-        t = time.perf_counter()
-        execute_stage(stage, logging_dir, cfg.workers)
-        steps |= {f"{stage.name}/{key}": c for key, c in stage_counts(stage, logging_dir).items()}
-        keys = [key for key, _ in stage.steps]
-        if keys[0] == "read" and steps[f"{stage.name}/read"]["kept"] != written:
-            read = steps[f"{stage.name}/read"]["kept"]
-            raise DataInvariantError(f"stage {stage.name} read {read} documents but the stage before wrote {written}")
-        if "write" in keys:
-            written = steps[f"{stage.name}/write"]["kept"]
-        log.info("data stage %s done in %.1fs", stage.name, time.perf_counter() - t)
+    expanded = cfg.model_copy(update={"inputs": files})  # what the readers see; config.json keeps the listings
+    steps, written, skipped = run_stages(plan_stages(expanded, out_dir), out_dir, cfg.workers, uses_ray(cfg))
 
     documents = out_dir / "documents"
     documents.mkdir(exist_ok=True)

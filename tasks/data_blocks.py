@@ -4,6 +4,7 @@
   or truncated file (the other files' documents are kept; the skip is counted with the file name).
 - `TextReader`: the same for JSONL text sources (datatrove's `JsonlReader` stops the task on a truncated gzip).
 - `SourceSampler`: keeps a deterministic fraction of each source's documents (the mixing weights).
+- `SpanDedupFilter`: datatrove's C4 sentence-span dedup filter, counting the documents it drops and what it cuts.
 - `PhoneNumberFormatter`: masks phone numbers; datatrove's `PIIFormatter` only does emails and IPs.
 - `document_text`: the content getter of the exact-dedup hash (module level, so workers can unpickle it).
 
@@ -18,6 +19,7 @@ import zlib
 
 import xxhash
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.dedup.sentence_dedup import SentenceDedupFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers.jsonl import JsonlReader
@@ -56,12 +58,32 @@ class _AssignedFiles:
         return super().read_files_shard(mine)
 
 
+class _ReadErrorMemo:
+    """A file that remembers the damage error a read raised, for when the caller (warcio) swallows it."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def read(self, *args):
+        try:
+            return self._f.read(*args)
+        except CORRUPT_FILE_ERRORS as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 class CrawlReader(_AssignedFiles, WarcReader):
     """WarcReader for WARC (HTML `response`) and WET (plain-text `conversion`) records.
 
     Requests, metadata and warcinfo records are not pages and are not counted. A page record becomes a document
     or is dropped as `non_html_or_undecodable` (images, PDFs, robots.txt, undecodable bytes: datatrove's own
-    `process_record` rules) or `empty`. A damaged file is logged and skipped from the point of damage on.
+    `process_record` rules) or `empty`. A WAT record (JSON metadata about a page, in a WAT file named like a WARC;
+    `tasks/data_inputs.py` refuses files named *.wat*) is counted and dropped as `wat_metadata_only`, so such a file
+    shows up in the counts instead of silently giving nothing. A damaged file is logged and skipped from the point
+    of damage on.
     """
 
     name = "🕷 Crawl (WARC/WET)"
@@ -74,8 +96,13 @@ class CrawlReader(_AssignedFiles, WarcReader):
         from warcio.archiveiterator import ArchiveIterator
 
         try:
-            with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            with self.data_folder.open(filepath, "rb", compression=self.compression) as raw:
+                f = _ReadErrorMemo(raw)
                 for ri, record in enumerate(ArchiveIterator(f)):
+                    if is_wat_record(record):
+                        self.stat_update("records")
+                        self.stat_update("dropped", "dropped_wat_metadata_only")
+                        continue
                     if record.rec_type not in ("response", "conversion"):
                         continue
                     self.stat_update("records")
@@ -86,13 +113,20 @@ class CrawlReader(_AssignedFiles, WarcReader):
                         self.stat_update("dropped", "dropped_empty" if data else "dropped_non_html_or_undecodable")
                         continue
                     yield document
-                # warcio takes an EOFError between records for the end of the file, so a file cut short can end
-                # "cleanly"; reading past warcio's stop raises the gzip error again (or finds unread bytes).
+                # warcio takes an EOFError for the end of the file, so a file cut short can end "cleanly": raise
+                # the error it swallowed, or the one reading past its stop gives (or complain of unread bytes).
+                if f.error is not None:
+                    raise f.error
                 if f.read(1):
                     raise EOFError("data left after the last record warcio could parse")
         except _corrupt_errors() as e:
             self.stat_update("corrupt_files", corrupt_file_stat(filepath))
             logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+
+
+def is_wat_record(record) -> bool:
+    """WAT files hold `metadata` records whose body is JSON; WARC metadata records are WARC fields, not JSON."""
+    return record.rec_type == "metadata" and (record.content_type or "").startswith("application/json")
 
 
 class TextReader(_AssignedFiles, JsonlReader):
@@ -149,6 +183,40 @@ class SourceSampler(BaseFilter):
             return True
         draw = xxhash.xxh64_intdigest(f"{self.seed}/{doc.id}") / 2**64
         return draw < rate or (False, "sampled_out")
+
+
+class SpanDedupFilter(SentenceDedupFilter):
+    """C4 span dedup (datatrove's `SentenceDedupFilter`) with counts that add up.
+
+    datatrove drops a document left too short once its duplicate spans are cut (fewer than `min_doc_words` words
+    or `min_num_sentences` sentences) without counting it. We count `forwarded`, `dropped` and
+    `dropped_too_short_after_span_dedup`, plus `duplicate_spans` (spans cut) and `removed_chars` (characters cut,
+    also from documents then dropped); datatrove itself counts `removed_sentences`.
+    """
+
+    name = "💥 C4 span dedup"
+
+    def remove_dup_sentences(self, doc: Document, du_lines) -> tuple[str, str]:
+        text, marked = super().remove_dup_sentences(doc, du_lines)
+        self.stat_update("duplicate_spans", value=len(du_lines))
+        self.stat_update("removed_chars", value=len(doc.text) - len(text))
+        return text, marked
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        n_in = n_out = 0
+
+        def counted(docs: DocumentsPipeline) -> DocumentsPipeline:
+            nonlocal n_in
+            for doc in docs:
+                n_in += 1
+                yield doc
+
+        for doc in super().run(counted(data), rank, world_size):
+            n_out += 1
+            self.stat_update("forwarded")
+            yield doc
+        if n_in > n_out:
+            self.stat_update("dropped", "dropped_too_short_after_span_dedup", value=n_in - n_out)
 
 
 # A phone number: an optional "+country" prefix, then either a bracketed area code or NANP-style groups with a

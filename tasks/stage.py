@@ -4,6 +4,8 @@ A stage writes into `<runs>/<stage>/<key>/`, where `key` hashes the stage name, 
 of its inputs. `manifest.json` (inputs with hashes, parameters, counts, outputs) is written last, then
 `_SUCCESS`; a folder with `_SUCCESS` is reused as it is, so a rerun with the same inputs and parameters does
 not recompute it. A folder without it is the stage's own scratch: stages that checkpoint resume from it.
+An input may also be an fsspec URL (`https://`, `s3://`): it is hashed from what its server says about it
+(`url_sha256`), not downloaded.
 """
 
 from __future__ import annotations
@@ -33,8 +35,47 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def path_sha256(path: Path) -> str:
-    """Hash a file, or a folder as the hash of its files' relative names and hashes."""
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+# What fsspec's info() reports about a remote file's version: HTTP headers (http), S3 and GCS object metadata.
+_VERSION_KEYS = ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "LastModified", "VersionId",
+                 "md5Hash", "crc32c", "generation", "updated", "mtime", "checksum")
+
+
+def url_sha256(url: str) -> str:
+    """Hash a remote file by its URL, size and version metadata (ETag, Last-Modified, checksums) without
+    downloading it: a Common Crawl WARC is about 1 GB. Only when the server reports no version at all (a size
+    alone would miss an edit) is the content streamed and hashed."""
+    from fsspec.core import url_to_fs
+
+    fs, fs_path = url_to_fs(url)
+    info = fs.info(fs_path)
+    version = {k: str(info[k]) for k in _VERSION_KEYS if info.get(k)}
+    if not version:
+        h = hashlib.sha256()
+        with fs.open(fs_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        version = {"content_sha256": h.hexdigest()}
+    blob = json.dumps({"url": url, "size": info.get("size"), **version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def input_exists(path: str | Path) -> bool:
+    if is_url(path):
+        from fsspec.core import url_to_fs
+
+        fs, fs_path = url_to_fs(str(path))
+        return fs.exists(fs_path)
+    return Path(path).exists()
+
+
+def path_sha256(path: str | Path) -> str:
+    """Hash a file, or a folder as the hash of its files' relative names and hashes; a URL with `url_sha256`."""
+    if is_url(path):
+        return url_sha256(str(path))
     path = Path(path)
     if not path.exists():
         raise GptflowError(f"input path does not exist: {path}")
@@ -60,7 +101,7 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
 def run_stage(
     stage: str,
     cfg: BaseModel,
-    inputs: Mapping[str, Path],
+    inputs: Mapping[str, Path | str],
     core: Callable[[Path], dict[str, Any]],
     root: Path,
 ) -> dict[str, Any]:
@@ -70,9 +111,9 @@ def run_stage(
     the manifest so that the next stage's key changes exactly when this stage's output changes.
     """
     for name, p in inputs.items():
-        if not Path(p).exists():
+        if not input_exists(p):
             raise GptflowError(f"{stage}: input '{name}' does not exist: {p}")
-    hashes = {name: path_sha256(Path(p)) for name, p in inputs.items()}
+    hashes = {name: path_sha256(p) for name, p in inputs.items()}
     params = cfg.model_dump(mode="json")
     key = stage_key(stage, params, hashes)
     out_dir = Path(root) / stage / key

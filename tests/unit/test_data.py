@@ -231,14 +231,15 @@ def test_bundled_counts_add_up_at_every_step(bundled):
     cfg, out, result = bundled
     assert_invariants(result)
     steps = result["counts"]["steps"]
-    assert {k.split("/")[0] for k in steps} >= {"filter", "exact_dedup", "minhash_dedup"}
+    assert {k.split("/")[0] for k in steps} >= {"filter", "exact_dedup", "minhash_dedup", "sentence_dedup"}
     assert steps["filter/read_warc"]["in"] == 17  # 16 + 1 HTML responses; requests/metadata are not pages
     assert steps["filter/read_wet"]["in"] == 69
     assert steps["filter/language"]["dropped"] > 50  # the sample crawl is mostly zh/ru/vi/...
     sampled = steps["filter/sample"]["dropped_by_reason"]["sampled_out"]
     assert 200 < sampled < 280  # 4 in 5 of the 300 C4 documents
     totals = result["counts"]["totals"]
-    assert totals["docs_out"] == steps["minhash_dedup/write"]["kept"] > 40
+    assert totals["docs_out"] == steps["sentence_dedup/write"]["kept"] > 40
+    assert steps["sentence_dedup/sentence_dedup"]["in"] == steps["minhash_dedup/write"]["kept"]
     assert result["counts"]["corrupt_files"] == []
 
 
@@ -299,6 +300,7 @@ def test_truncated_gzip_among_good_files_keeps_the_good_documents(tmp_path):
         text_sources={},
         exact_dedup=False,
         minhash=False,
+        sentence_dedup=False,
         extract_timeout_s=SLOW_MACHINE_TIMEOUT_S,
     )
     result = build_corpus(cfg, tmp_path / "out")
@@ -333,6 +335,8 @@ def test_crawl_with_no_english_gives_an_empty_corpus_not_an_error(tmp_path):
         ({"inputs": [BUNDLED_CRAWL[0], BUNDLED_CRAWL[0]]}, "listed twice"),
         ({"language_threshold": 1.5}, "less than or equal"),
         ({"min_words": 3}, "Extra inputs are not permitted"),
+        ({"max_files": 0}, "greater than or equal to 1"),
+        ({"executor": "slurm"}, "Input should be 'auto', 'local' or 'ray'"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -346,3 +350,12 @@ def test_config_is_frozen_and_documented():
         cfg.tasks = 3
     assert all(f.description for f in DataConfig.model_fields.values())
     assert DataConfig(languages=["en", "de"], c4_badwords=False).fingerprint() != cfg.fingerprint()
+
+
+def test_executor_auto_follows_ray_address(monkeypatch):
+    from tasks.data import uses_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not uses_ray(DataConfig()) and uses_ray(DataConfig(executor="ray"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert uses_ray(DataConfig()) and not uses_ray(DataConfig(executor="local"))
