@@ -155,6 +155,16 @@ def doc_block_mask(idx: torch.Tensor, eot_id: int) -> BlockMask:
 
 
 _compiled_flex = None
+_eager_block_mask = None
+
+
+def _eager_doc_block_mask():  # noqa: ANN202
+    """`doc_block_mask` run eagerly (it compiles its own kernels), outside a compiled model's graph. Wrapped on
+    first use: `torch.compiler.disable` imports torch._dynamo, ~2 s that every CLI start would pay otherwise."""
+    global _eager_block_mask
+    if _eager_block_mask is None:
+        _eager_block_mask = torch.compiler.disable(doc_block_mask)
+    return _eager_block_mask
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
@@ -306,6 +316,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.doc_mask and cfg.flex_attention:
+            _eager_doc_block_mask()  # wrapped now, eagerly, so that torch.compile's tracing finds it ready
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -396,9 +408,8 @@ class GPT(nn.Module):
         mask = mask | (k_pos.view(1, 1, L) == q_pos.view(1, T, 1))
         return mask.unsqueeze(1)  # (B, 1, T, L) broadcasts over heads
 
-    @torch.compiler.disable  # built eagerly (its own compiled kernels), outside a compiled model's graph
     def _doc_block_mask(self, idx: torch.Tensor) -> BlockMask:
-        return doc_block_mask(idx, self.config.eot_id)
+        return _eager_doc_block_mask()(idx, self.config.eot_id)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
 
