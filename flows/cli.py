@@ -87,7 +87,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from(args: argparse.Namespace, model: type | None = None) -> dict[str, Any]:
+    """--config FILE (keys of `model`: the stage's config, or the whole pipeline's) and then --set KEY=VALUE."""
     from flows.config import parse_sets, read_config_file
 
     out: dict[str, Any] = {}
@@ -96,7 +97,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
             from tasks.stage import GptflowError
 
             raise GptflowError(f"config file does not exist: {args.config}")
-        out = read_config_file(resolve_path(args.config))
+        out = read_config_file(resolve_path(args.config), model)
     out.update(parse_sets(args.sets))
     return out
 
@@ -108,8 +109,8 @@ def stage_config(args: argparse.Namespace, stage: str):
 
     base = resolve(args.preset)
     section = getattr(base, stage).model_dump(mode="json")
-    section = apply_overrides(section, overrides_from(args), where=f"{stage} config")
     field = PipelineConfig.model_fields[stage].annotation
+    section = apply_overrides(section, overrides_from(args, field), where=f"{stage} config")
     return validate(field, section, f"{stage} config")
 
 
@@ -123,9 +124,10 @@ def require(path: str, what: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import PipelineConfig
     from flows.presets import resolve
 
-    overrides = overrides_from(args)
+    overrides = overrides_from(args, PipelineConfig)
     cfg = resolve(args.preset, overrides)  # validate before Prefect starts: errors stay one line
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -56,18 +56,32 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def flatten_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(d: dict[str, Any], prefix: str = "", model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Nested sections to dotted keys. With `model`, only config sections (pydantic models) are opened: a
+    mapping value such as `data.text_sources` ({path: weight}, paths with dots) stays one value."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten_keys(v, f"{prefix}{k}."))
+        section = _section(model, k) if model is not None else None
+        if isinstance(v, dict) and v and (model is None or section is not None):
+            out.update(flatten_keys(v, f"{prefix}{k}.", section))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file of (nested or dotted) keys, flattened into dotted overrides."""
+def _section(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The config class at a (possibly dotted) key of `model`, or None when the key names a plain field."""
+    for part in key.split("."):
+        field = model.model_fields.get(part)
+        kind = field.annotation if field is not None else None
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return None
+        model = kind
+    return model
+
+
+def read_config_file(path: str | Path, model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """A YAML or JSON file of (nested or dotted) keys, flattened into dotted overrides (of `model`'s fields)."""
     path = Path(path)
     if not path.is_file():
         raise GptflowError(f"config file does not exist: {path}")
@@ -79,7 +93,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise GptflowError(f"config file {path} must hold a mapping of keys to values")
-    return flatten_keys(data)
+    return flatten_keys(data, model=model)
 
 
 def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> dict[str, Any]:

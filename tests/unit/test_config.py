@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from flows.cli import main
-from flows.config import apply_overrides, parse_sets, read_config_file
+from flows.config import PipelineConfig, apply_overrides, parse_sets, read_config_file
 from flows.presets import PRESETS, resolve
+from tasks.data import DataConfig
 from tasks.stage import GptflowError
 
 
@@ -60,6 +61,19 @@ def test_config_file_nested_and_dotted(tmp_path):
     assert over == {"pretrain.lr": 0.002, "pretrain.model.n_layer": 3, "sft.steps": 7}
     cfg = resolve("tiny", over)
     assert (cfg.pretrain.lr, cfg.pretrain.model.n_layer, cfg.sft.steps) == (0.002, 3, 7)
+
+
+def test_config_file_keeps_mapping_values_whole(tmp_path):
+    """data.text_sources maps file paths (with dots) to weights: one value, not more sections to open."""
+    f = tmp_path / "c.yaml"
+    f.write_text('data:\n  text_sources: {"data/text/c4_demo.jsonl.gz": 0.5}\npretrain:\n  model:\n    n_layer: 3\n')
+    over = read_config_file(f, PipelineConfig)
+    assert over == {"data.text_sources": {"data/text/c4_demo.jsonl.gz": 0.5}, "pretrain.model.n_layer": 3}
+    cfg = resolve("tiny", over)
+    assert cfg.data.text_sources == {"data/text/c4_demo.jsonl.gz": 0.5} and cfg.pretrain.model.n_layer == 3
+    stage = tmp_path / "data.yaml"  # a stage command's file: keys of that stage's config
+    stage.write_text('text_sources: {"data/text/c4_demo.jsonl.gz": 0.25}\n')
+    assert read_config_file(stage, DataConfig) == {"text_sources": {"data/text/c4_demo.jsonl.gz": 0.25}}
 
 
 def test_apply_overrides_does_not_touch_the_base():
