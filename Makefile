@@ -29,6 +29,9 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.tokenizer
 	$(BIN)/python -m bench.pretrain
+	$(BIN)/python -m bench.data
+	$(BIN)/python -m bench.extraction
+	$(BIN)/python -m bench.data_counts
 
 clean:
 	rm -rf .gptflow
