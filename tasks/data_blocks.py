@@ -47,7 +47,9 @@ class _AssignedFiles:
     (and several readers in one pipeline) task 0 gets most of the work. `file_ranks` (name as listed in the paths
     file -> task) lets `tasks/data.py` deal the files itself: largest first, to the least loaded task."""
 
-    file_ranks: dict[str, int] = {}
+    def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_ranks = dict(file_ranks or {})
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         self._task, self._n_tasks = rank, world_size
@@ -87,10 +89,6 @@ class CrawlReader(_AssignedFiles, WarcReader):
     """
 
     name = "🕷 Crawl (WARC/WET)"
-
-    def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.file_ranks = dict(file_ranks or {})
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         from warcio.archiveiterator import ArchiveIterator
@@ -133,10 +131,6 @@ class TextReader(_AssignedFiles, JsonlReader):
     """JsonlReader that counts lines and skips bad lines and damaged files instead of failing the task."""
 
     name = "🐿 Text (JSONL)"
-
-    def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.file_ranks = dict(file_ranks or {})
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         import orjson
