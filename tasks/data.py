@@ -652,11 +652,12 @@ def stage_counts(stage: Stage, logging_dir: Path) -> dict[str, dict[str, Any]]:
 
 def iter_documents(out_dir: Path) -> Iterator[str]:
     """Yield the kept texts of a finished `build_corpus` run (the tokenizer stage consumes this)."""
-    for record in _iter_records(Path(out_dir) / "documents"):
+    for record in iter_records(Path(out_dir) / "documents"):
         yield record["text"]
 
 
-def _iter_records(folder: Path) -> Iterator[dict]:
+def iter_records(folder: Path) -> Iterator[dict]:
+    """The JSON records of a folder of `*.jsonl.gz` shards (kept documents, or one filter's removals), in file order."""
     for path in sorted(folder.glob("*.jsonl.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
@@ -667,7 +668,7 @@ def _mix(cfg: DataConfig, documents: Path) -> dict[str, dict[str, float]]:
     """Realised proportions of the output per source, in documents and characters."""
     weights = {CRAWL_SOURCE: 1.0} | dict(cfg.text_sources)
     mix = {source: {"weight": w, "docs": 0, "chars": 0} for source, w in weights.items()}
-    for record in _iter_records(documents):
+    for record in iter_records(documents):
         source = record.get("metadata", {}).get("source", "unknown")
         entry = mix.setdefault(source, {"weight": 0.0, "docs": 0, "chars": 0})
         entry["docs"] += 1

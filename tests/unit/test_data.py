@@ -4,9 +4,7 @@ Run: `.venv/bin/python -m pytest tests/unit/test_data.py -q` (about a minute on 
 starts datatrove's forkserver, which imports spaCy once for all the runs after it).
 """
 
-import gzip
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from infra.env import setup_env
 
 setup_env()  # offline switches and caches in the workspace, before datatrove/huggingface_hub are imported
 
-from tasks.data import BUNDLED_CRAWL, DataConfig, build_corpus, iter_documents  # noqa: E402
+from tasks.data import BUNDLED_CRAWL, DataConfig, build_corpus, iter_documents, iter_records  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hand-made pages. Each good article has one distinctive sentence we look for in the output.
@@ -146,14 +144,6 @@ def write_warc(path: Path, pages: list[tuple[str, str]]) -> Path:
     return path
 
 
-def read_jsonl_gz(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            rows += [json.loads(line) for line in f]
-    return rows
-
-
 def assert_invariants(result: dict) -> None:
     for key, c in result["counts"]["steps"].items():
         if "in" in c:
@@ -197,12 +187,12 @@ def test_handmade_keeps_each_good_article_once_and_drops_the_junk(handmade):
 
 def test_handmade_removed_pages_are_written_with_their_filter(handmade):
     result, out = handmade
-    language = {r["metadata"]["url"]: r["metadata"]["language"] for r in read_jsonl_gz(out / "removed" / "language")}
+    language = {r["metadata"]["url"]: r["metadata"]["language"] for r in iter_records(out / "removed" / "language")}
     assert language["https://example.de/eisenbahn"] == "de"
     junk = {"https://shop.example.com/", "https://new.example.com/", "https://example.de/eisenbahn"}
-    kept_urls = {r["metadata"]["url"] for r in read_jsonl_gz(out / "documents")}
+    kept_urls = {r["metadata"]["url"] for r in iter_records(out / "documents")}
     assert not kept_urls & junk
-    removed = {r["metadata"]["url"] for f in (out / "removed").iterdir() for r in read_jsonl_gz(f)}
+    removed = {r["metadata"]["url"] for f in (out / "removed").iterdir() for r in iter_records(f)}
     assert junk <= removed  # the nav-only and lorem ipsum pages score as "not English enough" before C4 sees them
     assert {"https://mirror-one.example.net/bread", "https://mirror-two.example.net/bread"} <= removed
 
@@ -247,7 +237,7 @@ def test_bundled_output_is_english_and_readable_by_datasets(bundled, tmp_path):
     import datasets
 
     _, out, result = bundled
-    rows = read_jsonl_gz(out / "documents")
+    rows = list(iter_records(out / "documents"))
     assert {r["metadata"]["language"] for r in rows} == {"en"}
     ds = datasets.load_dataset(
         "json", data_files=str(out / "documents" / "*.jsonl.gz"), split="train", cache_dir=str(tmp_path)
@@ -307,7 +297,7 @@ def test_truncated_gzip_among_good_files_keeps_the_good_documents(tmp_path):
     assert_invariants(result)
     assert result["counts"]["corrupt_files"] == ["bad.warc.gz"]
     assert result["counts"]["steps"]["filter/read_warc"]["corrupt_files"] == ["bad.warc.gz"]
-    urls = [r["metadata"]["url"] for r in read_jsonl_gz(tmp_path / "out" / "documents")]
+    urls = [r["metadata"]["url"] for r in iter_records(tmp_path / "out" / "documents")]
     assert {"https://good.example/bees", "https://good.example/tides"} <= set(urls)
 
 

@@ -22,7 +22,7 @@ from infra.env import DATA_DIR, setup_env
 
 setup_env()
 
-from tasks.data import DataConfig, build_corpus, input_locations  # noqa: E402
+from tasks.data import DataConfig, build_corpus, input_locations, iter_records  # noqa: E402
 from tasks.data_blocks import CrawlReader  # noqa: E402
 from tasks.data_inputs import check_inputs, expand_inputs, is_wat, is_wet, read_listing, split_root  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
@@ -94,19 +94,11 @@ def filter_only(**kwargs) -> DataConfig:
     )
 
 
-def read_jsonl_gz(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            rows += [json.loads(line) for line in f]
-    return rows
-
-
 def outcome(out: Path, result: dict) -> dict:
     """What a run kept and removed (by step), and its counts, without the file paths that name where it read."""
 
     def docs(folder: Path) -> list[tuple]:
-        return sorted((r["id"], r["metadata"]["url"], r["text"]) for r in read_jsonl_gz(folder))
+        return sorted((r["id"], r["metadata"]["url"], r["text"]) for r in iter_records(folder))
 
     removed = {d.name: docs(d) for d in sorted((out / "removed").iterdir())}
     counts = {k: (c.get("in"), c.get("kept"), c.get("dropped_by_reason")) for k, c in result["counts"]["steps"].items()}
@@ -181,8 +173,8 @@ def test_remote_urls_give_the_same_documents_and_counts_as_local_files(local_and
     (local_dir, local), (remote_dir, remote) = local_and_remote
     assert outcome(remote_dir, remote) == outcome(local_dir, local)
     assert remote["counts"]["steps"]["filter/read_wet"]["in"] == 68
-    assert len(read_jsonl_gz(remote_dir / "documents")) >= 3  # English pages of the WET sample
-    paths = {r["metadata"]["file_path"] for r in read_jsonl_gz(remote_dir / "removed" / "language")}
+    assert len(list(iter_records(remote_dir / "documents"))) >= 3  # English pages of the WET sample
+    paths = {r["metadata"]["file_path"] for r in iter_records(remote_dir / "removed" / "language")}
     assert paths == {f"{server[0]}/{WARC}", f"{server[0]}/{WET}"}  # read over HTTP, not from data/crawl
     assert json.loads((remote_dir / "config.json").read_text())["inputs"][1].endswith("wet.paths.gz")
 
