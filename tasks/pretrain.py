@@ -175,21 +175,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iter
     return loss_sum, gnorm
 
 
-def _grad_sync(model: torch.nn.Module, sync: bool) -> Any:
-    if sync:
-        return nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    model.set_requires_gradient_sync(False)  # FSDP2: reduce-scatter skipped until the next synced backward
-    return _restore_gradient_sync(model)
-
-
 @contextmanager
-def _restore_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
-    try:
+def _grad_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Gradients all-reduced in this backward (sync) or kept local for accumulation: DDP `no_sync`, FSDP2
+    `set_requires_gradient_sync(False)` (its reduce-scatter waits for the next synced backward)."""
+    if sync:
         yield
-    finally:
-        model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 def _distribute(raw: torch.nn.Module, fsdp: bool, world: int) -> torch.nn.Module:
