@@ -194,7 +194,8 @@ def part_gpt2(shards: Path, matmul: float, quick: bool, batches: list[int], mode
 def part_doc_mask(shards: Path, quick: bool) -> list[dict]:
     """Packed windows with ~8 documents each: every ~128th token is the eot."""
     eot = 3
-    folder = Path(tempfile.mkdtemp())
+    folder = shards / "doc_mask"  # inside the caller's temporary folder, removed with it
+    folder.mkdir()
     data = np.memmap(shards / "train_000.bin", dtype=np.uint16, mode="r")
     docs = np.array(data[:20_000_000])
     docs[np.random.default_rng(1).random(len(docs)) < 1 / 128] = eot
