@@ -5,7 +5,7 @@ Presets: the pipeline presets' models, plus `gpt3-175b` and `llama2-7b` for plan
 
 from __future__ import annotations
 
-from models.gpt import GPTConfig
+from models.config import GPTConfig
 from models.plan import matrix_weights, plan
 
 GPUS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12}  # dense bf16 peak FLOP/s

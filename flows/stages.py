@@ -3,11 +3,13 @@
 Each task: open the stage's nested MLflow run, call the core through `run_stage` (which skips a stage whose
 inputs and parameters have not changed), log the manifest's params, counts and metrics and its small files.
 The wrappers live here rather than in `tasks/` so that Ray workers, which import the cores, never import
-Prefect.
+Prefect. The cores that need torch (pretrain, SFT, align) are imported in their task, so that `gptflow data`
+and the other torch-free stages start without it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,11 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
-from tasks.align import AlignConfig, align_dpo
 from tasks.bpe import TokenizerConfig, build_tokenizer
+from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.data import DataConfig, build_corpus, input_locations
 from tasks.evaluate import EvalConfig, evaluate_model
-from tasks.pretrain import PretrainConfig, pretrain_gpt
-from tasks.sft import SFTConfig, finetune_sft
 from tasks.stage import run_stage
-from tasks.train_state import read_json
 
 
 def _finish(run_id: str, manifest: dict, *files: str) -> dict:
@@ -51,11 +50,13 @@ def tokenizer_task(cfg: TokenizerConfig, corpus: str, root: str, parent_run_id: 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
 def pretrain_task(cfg: PretrainConfig, shards: str, root: str, parent_run_id: str | None = None) -> dict:
+    from tasks.pretrain import pretrain_gpt
+
     with tracking.stage_run("pretrain", parent_run_id) as run_id:
         uri = tracking.tracking_uri()
         m = run_stage("pretrain", cfg, {"shards": Path(shards)},
                       lambda out: pretrain_gpt(cfg, Path(shards), out, run_id=run_id, tracking_uri=uri), Path(root))
-        index = read_json(Path(shards) / "index.json")
+        index = json.loads((Path(shards) / "index.json").read_text())
         profile = {f"{s}_tokens": v["tokens"] for s, v in index["splits"].items()}
         tracking.log_dataset_input(run_id, "token-shards", Path(shards), m["inputs"]["shards"]["sha256"], profile, "training")
         return _finish(run_id, m, "loss_curve.png", "history.json", "model/config.json")
@@ -63,6 +64,8 @@ def pretrain_task(cfg: PretrainConfig, shards: str, root: str, parent_run_id: st
 
 @task(name="sft", cache_policy=NO_CACHE)
 def sft_task(cfg: SFTConfig, model: str, tokenizer: str, root: str, parent_run_id: str | None = None) -> dict:
+    from tasks.sft import finetune_sft
+
     data = resolve_path(cfg.data)
     inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
     with tracking.stage_run("sft", parent_run_id) as run_id:
@@ -72,6 +75,8 @@ def sft_task(cfg: SFTConfig, model: str, tokenizer: str, root: str, parent_run_i
 
 @task(name="align", cache_policy=NO_CACHE)
 def align_task(cfg: AlignConfig, model: str, tokenizer: str, root: str, parent_run_id: str | None = None) -> dict:
+    from tasks.align import align_dpo
+
     data = resolve_path(cfg.data)
     inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
     with tracking.stage_run("align", parent_run_id) as run_id:

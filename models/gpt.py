@@ -18,12 +18,13 @@ hd = head dim, V = vocab size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn import functional as F
+
+from models.config import GPTConfig
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -31,79 +32,6 @@ if TYPE_CHECKING:
     from models.generate import KVCache
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (SFT masks prompts this way)
-
-
-class GPTConfig(BaseModel):
-    """Everything needed to build a `GPT`; `None` fields resolve to the architecture's default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    arch: Literal["gpt2", "llama"] = Field("llama", description="Architecture family: 'gpt2' or 'llama'.")
-    vocab_size: int = Field(gt=0, description="Number of token ids (embedding rows).")
-    block_size: int = Field(gt=0, description="Maximum context length in tokens.")
-    n_layer: int = Field(gt=0, description="Number of transformer blocks.")
-    n_head: int = Field(gt=0, description="Number of attention (query) heads.")
-    n_embd: int = Field(gt=0, description="Width of the residual stream (d_model).")
-    n_kv_head: int | None = Field(
-        None, gt=0, description="Key/value heads for grouped-query attention; None means n_head."
-    )
-    ffn_hidden: int | None = Field(
-        None,
-        gt=0,
-        description="MLP hidden width; None means 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama).",
-    )
-    bias: bool | None = Field(
-        None, description="Biases in linear layers and LayerNorm; None means True (gpt2) or False (llama)."
-    )
-    tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
-    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency (llama only).")
-    norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of LayerNorm / RMSNorm.")
-    doc_mask: bool = Field(False, description="Block attention across eot_id boundaries inside a packed window.")
-    eot_id: int | None = Field(
-        None, ge=0, description="End-of-text token id closing each document (required by doc_mask)."
-    )
-    flex_attention: bool = Field(
-        True,
-        description="With doc_mask on GPU (training and scoring, no KV cache, no dropout), attend through "
-        "FlexAttention's block-sparse kernel; off, or on CPU (no FlexAttention backward there), SDPA with a mask.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> GPTConfig:
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.kv_heads != 0:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
-        if self.arch == "gpt2" and self.kv_heads != self.n_head:
-            raise ValueError("grouped-query attention (n_kv_head != n_head) needs arch='llama'")
-        if self.arch == "llama" and self.head_dim % 2 != 0:
-            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
-        if self.doc_mask and self.eot_id is None:
-            raise ValueError("doc_mask=True requires eot_id")
-        if self.eot_id is not None and self.eot_id >= self.vocab_size:
-            raise ValueError(f"eot_id ({self.eot_id}) must be < vocab_size ({self.vocab_size})")
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head if self.n_kv_head is not None else self.n_head
-
-    @property
-    def ffn_dim(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        if self.arch == "gpt2":
-            return 4 * self.n_embd
-        return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU keeps ~8 d^2 weights with 3 matrices
-
-    @property
-    def use_bias(self) -> bool:
-        return self.bias if self.bias is not None else self.arch == "gpt2"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Pure arithmetic (no torch). Conventions:
 
 from __future__ import annotations
 
-from models.gpt import GPTConfig
+from models.config import GPTConfig
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense BF16 tensor-core peak
 

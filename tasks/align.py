@@ -12,35 +12,20 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from models.checkpoint import load_model, save_model
 from tasks.bpe import load_tokenizer
 from tasks.chat import IGNORE, read_preferences, render
+from tasks.configs import AlignConfig
 from tasks.pretrain import plot_loss
 from tasks.sft import pad_batch
 from tasks.stage import GptflowError
 
 log = logging.getLogger(__name__)
-
-
-class AlignConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["dpo"] = Field("dpo", description="Alignment method.")
-    data: str = Field("data/preference/dpo_en_demo.json.gz", description="Preference pairs: HH-RLHF JSONL or ShareGPT chosen/rejected JSON.")
-    max_pairs: int = Field(300, ge=2, description="Use at most this many pairs (after a seeded shuffle).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Pairs held out to measure preference accuracy.")
-    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (paper: 0.1).")
-    steps: int = Field(50, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Pairs per step.")
-    lr: float = Field(1e-4, gt=0, description="Learning rate (small models tolerate more than the paper's 5e-7).")
-    seed: int = Field(1337, description="Shuffles and samples the pairs.")
-    log_every: int = Field(10, ge=1, description="Print and record the loss every N steps.")
 
 
 def seq_logprob(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,29 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from models.checkpoint import load_model, save_model
 from tasks.bpe import load_tokenizer
 from tasks.chat import IGNORE, read_sft, render
+from tasks.configs import SFTConfig
 from tasks.pretrain import plot_loss
 from tasks.stage import GptflowError
 
 log = logging.getLogger(__name__)
-
-
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    data: str = Field("data/sft/alpaca_en_demo.json.gz", description="Chat data: Alpaca JSON, OpenAssistant trees or 'messages' JSONL (repo-relative or absolute).")
-    max_examples: int = Field(1000, ge=1, description="Use at most this many conversations (after a seeded shuffle).")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Conversations held out to measure validation loss.")
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Conversations per step.")
-    lr: float = Field(3e-4, gt=0, description="Learning rate (constant after a 10% warmup).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for fine-tuning).")
-    seed: int = Field(1337, description="Shuffles and samples the data.")
-    log_every: int = Field(10, ge=1, description="Print and record the loss every N steps.")
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig
 from models.checkpoint import save_model
 from models.export import export_hf
 from models.generate import generate

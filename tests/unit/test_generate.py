@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig
 from models.generate import KVCache, filter_logits, generate
 
 

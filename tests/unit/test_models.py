@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig
 from models.checkpoint import load_model, save_model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig
 from models.plan import flops_per_token, matrix_weights, param_count, plan, training_memory_bytes
 
 GPT3 = GPTConfig(arch="gpt2", vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288)
