@@ -2,7 +2,8 @@
 
 The Ray tests start a local Ray and run, for DDP and again for FSDP, three 2-worker fits on CPU (an uninterrupted
 reference run, a run whose whole process tree is killed with SIGKILL after its second checkpoint, and the rerun
-that resumes it), so the file takes about 4-5 minutes on 2 cores; most of it is Ray's start and stop of each fit.
+that resumes it), plus a short fit with gradient accumulation checked against a one-process replica, so the file
+takes about 5-6 minutes on 2 cores; most of it is Ray's start and stop of each fit.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_pretrain.py -q`
 """
@@ -245,6 +246,51 @@ def test_fsdp_run_follows_the_ddp_run(reference, reference_fsdp):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """What `cfg`'s run must compute, in one process: every rank's micro-batches, each loss divided by the number
+    of micro-batches in the global batch, summed into one gradient, then one AdamW step."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    windows = TokenWindows(shards, "train", cfg.model.block_size)
+    n_micro, losses = cfg.num_workers * cfg.grad_accum, []
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = 0.0
+        for rank in range(cfg.num_workers):
+            rng = np.random.default_rng([cfg.seed, step, rank])  # the windows the worker of this rank draws
+            for _ in range(cfg.grad_accum):
+                loss = model(*windows.sample(rng, cfg.batch_size))[1] / n_micro
+                loss.backward()
+                total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, shards, ray_session, tmp_path):
+    """2 workers x 2 micro-batches: the all-reduce (DDP) or reduce-scatter (FSDP) is skipped on the first
+    micro-batch and must still carry its gradient; the run equals one process that sees all four micro-batches."""
+    from models.checkpoint import load_model
+
+    cfg = CFG.model_copy(update={
+        "model": CFG.model.model_copy(update={"dropout": 0.0}), "strategy": strategy, "steps": 4, "batch_size": 4,
+        "grad_accum": 2, "warmup_steps": 1, "log_every": 2, "eval_every": 100, "ckpt_every": 100})
+    result = pretrain_gpt(cfg, shards, tmp_path)
+    assert result["counts"]["tokens"] == 4 * 2 * 2 * 4 * 64
+    want_losses, want_weights = _one_process_replica(cfg, shards)
+    got = json.loads((tmp_path / "history.json").read_text())["train"]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], want_losses, rtol=0, atol=1e-5)
+    weights = load_model(result["outputs"]["model"]).state_dict()
+    for name, want in want_weights.items():
+        torch.testing.assert_close(weights[name], want, atol=1e-4, rtol=1e-3, msg=name)
 
 
 _DRIVER = """
