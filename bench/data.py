@@ -3,9 +3,10 @@
     python -m bench.data [--inputs PATH ...] [--rounds 3] [--prefect-server] [--json FILE] [--keep]
 
 Two ways to run the same pipeline, each in its own Python process, timed from launch to exit:
-- ours: `gptflow data` (flows.cli) as a user runs it: Prefect flow and task (ephemeral Prefect server), the
-  stage's MLflow run, `run_stage` input/output hashing, `build_corpus` with its per-step counts and invariant
-  checks, the funnel chart, samples and the manifest logged to MLflow;
+- ours: `gptflow data` (flows.cli) as a user runs it: Prefect flow and task (on the local Prefect server that
+  the CLI starts first thing, `infra/prefect_server.py`), the stage's MLflow run, `run_stage` input/output
+  hashing, `build_corpus` with its per-step counts and invariant checks, the funnel chart, samples and the
+  manifest logged to MLflow;
 - bare: the steps of `plan_stages(cfg, ...)` handed straight to datatrove's `LocalPipelineExecutor`, one stage
   after the other: no Prefect, no MLflow, no counting, no chart or samples. It uses the executor settings of
   `tasks.data.execute_stage` (tasks, workers, forkserver with the same preloaded imports), so the two differ
@@ -100,8 +101,14 @@ def cli_sets(cfg_file: Path) -> list[str]:
 
 def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
     """`gptflow data [--set ...] --workdir DIR`, with timers around the pieces we add to datatrove."""
-    from flows import cli, stages  # what `gptflow data` imports (prefect, mlflow, the stage cores)
-    from tasks import data, stage, tracking
+    from flows import cli, presets  # noqa: F401  what `gptflow data` imports to check its config; and then
+    from tasks import data, stage
+    if not os.environ.get("PREFECT_API_URL"):  # it starts its Prefect server, which comes up while it imports
+        from infra.prefect_server import local_server
+
+        local_server()
+    from flows import stages  # prefect, mlflow and the stage wrappers
+    from tasks import tracking
 
     marks.mark("imported")
     for module, name in [
@@ -109,6 +116,7 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
         (data, "stage_counts"),
         (data, "check_inputs"),
         (data, "seed_offline_assets"),
+        (data, "warm_up"),
         (data, "plan_stages"),
         (data, "_mix"),
         (data, "funnel_chart"),
@@ -189,7 +197,7 @@ def child(kind: str, cfg_file: Path, out: Path, marks_file: Path) -> None:
 def child_env(home: Path) -> dict[str, str]:
     """The workspace defaults of a fresh GPTFLOW_HOME, forced over whatever this shell points at."""
     env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "RAY_ADDRESS"):  # the default local set-up: ephemeral Prefect, local executor
+    for key in ("PREFECT_API_URL", "RAY_ADDRESS"):  # the default local set-up: our local Prefect server, local executor
         env.pop(key, None)
     env.update(defaults(home))
     env["GPTFLOW_HOME"] = str(home)
@@ -247,11 +255,11 @@ def docs_out(folder: Path) -> int:
     return n
 
 
-# Phases both runs have; the rest are ours only. "exit" (interpreter shut-down) of ours includes stopping Prefect's
-# ephemeral server and flushing Prefect's logs and events.
+# Phases both runs have; the rest are ours only. "exit" (interpreter shut-down) of ours includes stopping our
+# local Prefect server and flushing Prefect's logs and events to it.
 COMMON = ["python start", "imports", "plan stages + seed assets", "datatrove stages", "exit"]
-START_STOP = ["python start", "imports", "flow start (Prefect server)", "task start", "MLflow run open",
-              "MLflow run close + flow end", "exit"]
+START_STOP = ["python start", "imports", "stage warm-up (while the server starts)", "flow start (Prefect server)",
+              "task start", "MLflow run open", "MLflow run close + flow end", "exit"]
 
 
 def phases(run: dict[str, Any]) -> dict[str, float]:
@@ -263,14 +271,19 @@ def phases(run: dict[str, Any]) -> dict[str, float]:
                 "datatrove stages": p["stages_done"] - p["planned"], "exit": total - p["stages_done"]}
     corpus_start, corpus_end = next((a, b) for name, a, b in run["calls"] if name == "build_corpus")
     hashing = [(a, b) for name, a, b in run["calls"] if name == "path_sha256"]
+
+    def in_corpus(*names: str) -> float:  # time in these functions called by build_corpus (not by warm_up)
+        return sum(b - a for n, a, b in run["calls"] if n in names and a >= corpus_start and b <= corpus_end)
+
     out = {
         "python start": p["main"],
         "imports": p["imported"] - p["main"],
-        "flow start (Prefect server)": p["flow_body"] - p["imported"],
+        "stage warm-up (while the server starts)": s.get("warm_up", 0.0),
+        "flow start (Prefect server)": p["flow_body"] - p["imported"] - s.get("warm_up", 0.0),
         "task start": p["task_body"] - p["flow_body"],
         "MLflow run open": p["mlflow_run_open"] - p["task_body"],
         "input hashing": sum(b - a for a, b in hashing if b <= corpus_start),
-        "plan stages + seed assets": sum(s.get(k, 0.0) for k in ("check_inputs", "seed_offline_assets", "plan_stages")),
+        "plan stages + seed assets": in_corpus("check_inputs", "seed_offline_assets", "plan_stages"),
         "datatrove stages": s.get("execute_stage", 0.0),
         "counting (stage_counts)": s.get("stage_counts", 0.0),
         "mix (re-reads the output)": s.get("_mix", 0.0),

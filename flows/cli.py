@@ -14,9 +14,12 @@ without a traceback, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +135,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    start_prefect(args)
     from flows.pipeline import llm_pipeline_flow
 
-    result = llm_pipeline_flow(preset=args.preset, overrides=overrides, workdir=args.workdir)
+    result = run_flow(args, llm_pipeline_flow, preset=args.preset, overrides=overrides, workdir=args.workdir)
     print_summary(result)
     return 0
 
@@ -152,34 +156,65 @@ def print_summary(r: dict[str, Any]) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from flows import stages
-
     cfg = stage_config(args, args.command if args.command != "export" else "registry")
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    if args.command == "data":
-        if args.input:
-            cfg = cfg.model_copy(update={"inputs": [require(p, "input path") for p in args.input]})
-        result = stages.data_flow(config=cfg, workdir=args.workdir)
-    elif args.command == "tokenizer":
-        result = stages.tokenizer_flow(corpus=require(args.input, "corpus"), config=cfg, workdir=args.workdir)
-    elif args.command == "pretrain":
-        result = stages.pretrain_flow(shards=require(args.input, "shards folder"), config=cfg, workdir=args.workdir)
-    elif args.command == "export":
+    if args.command == "export":
         from models.export import export_hf
 
         out = export_hf(Path(require(args.model, "model folder")), Path(require(args.tokenizer, "tokenizer folder")) / "tokenizer.json",
                         Path(args.out))
         print(f"exported a Hugging Face model to {out}")
         return 0
-    else:
-        flow = {"sft": stages.sft_flow, "align": stages.align_flow, "eval": stages.eval_flow}[args.command]
-        result = flow(model=require(args.model, "model folder"), tokenizer=require(args.tokenizer, "tokenizer folder"),
-                      config=cfg, workdir=args.workdir)
+    params: dict[str, Any] = {}
+    if args.command == "data" and args.input:
+        cfg = cfg.model_copy(update={"inputs": [require(p, "input path") for p in args.input]})
+    elif args.command == "tokenizer":
+        params["corpus"] = require(args.input, "corpus")
+    elif args.command == "pretrain":
+        params["shards"] = require(args.input, "shards folder")
+    elif args.command in ("sft", "align", "eval"):
+        params.update(model=require(args.model, "model folder"), tokenizer=require(args.tokenizer, "tokenizer folder"))
+    warm = None
+    if args.command == "data":  # the workers' forkserver and the stage's imports, while Prefect's server starts
+        from tasks.data import warm_up
+
+        warm = functools.partial(warm_up, cfg)
+    start_prefect(args)
+    from flows import stages  # prefect and mlflow: seconds of imports, while the server starts
+
+    result = run_flow(args, getattr(stages, f"{args.command}_flow"), warm, config=cfg, workdir=args.workdir, **params)
     print(json.dumps({k: result[k] for k in ("stage", "dir", "counts", "metrics", "outputs", "cached") if k in result},
                      indent=2, default=str))
     return 0
+
+
+def start_prefect(args: argparse.Namespace) -> None:
+    """With no Prefect server configured, start this run's own now, before the heavy imports, so that it comes up
+    while they run (`infra/prefect_server.py`). Called once the config and inputs are checked."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from infra.prefect_server import local_server
+
+        args.prefect = local_server()
+
+
+def run_flow(args: argparse.Namespace, flow: Callable[..., Any], warm: Callable[[], None] | None = None,
+             **params: Any) -> Any:
+    """Call `flow` against this run's Prefect server (if `start_prefect` started one). While the server finishes
+    starting, MLflow's store is opened and `warm` (a stage's own start-up, such as its worker pool) runs."""
+    from tasks import tracking
+
+    if warm is not None:
+        warm()
+    tracking.set_experiment()
+    server = getattr(args, "prefect", None)
+    if server is None:
+        return flow(**params)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.api_url()}):
+        return flow(**params)
 
 
 def quiet_logs() -> None:

@@ -478,12 +478,42 @@ FORKSERVER_PRELOAD = [
 ]
 
 
-def execute_stage(stage: Stage, logging_dir: Path, workers: int) -> None:
+def start_forkserver() -> None:
+    """Start the forkserver that local workers fork from, which imports `FORKSERVER_PRELOAD` once; idempotent.
+
+    `execute_stage` calls it; the CLI calls it earlier, so that the preload runs while Prefect's server starts.
+    """
     import multiprocess
-    from datatrove.executor import LocalPipelineExecutor
+    from multiprocess import forkserver
 
     # Only takes effect before this process's forkserver starts; a later call reuses the running server.
     multiprocess.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    forkserver.ensure_running()
+
+
+def warm_up(cfg: DataConfig) -> None:
+    """The stage's start-up that needs neither Prefect nor MLflow, for the CLI to do while its Prefect server
+    starts: the local workers' forkserver (which imports their modules once), the offline assets, the funnel
+    chart's matplotlib, and a dry run of `plan_stages` into a throwaway folder, which imports the blocks and fills
+    datatrove's caches (its dependency checks read every installed package's metadata: ~1.6 s here)."""
+    import tempfile
+
+    import matplotlib
+
+    if not uses_ray(cfg):
+        start_forkserver()
+    seed_offline_assets()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+    with tempfile.TemporaryDirectory(prefix="gptflow-plan-") as tmp:
+        plan_stages(cfg, Path(tmp))
+
+
+def execute_stage(stage: Stage, logging_dir: Path, workers: int) -> None:
+    from datatrove.executor import LocalPipelineExecutor
+
+    start_forkserver()
 
     executor = LocalPipelineExecutor(
         pipeline=[step for _, step in stage.steps],

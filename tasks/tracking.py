@@ -42,7 +42,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _set_experiment() -> None:
+def set_experiment() -> None:
     """Select the experiment; on a local store, create it with its artifacts in the workspace.
 
     A local sqlite store's default artifact root is `./mlruns` of whatever folder the process runs in, which
@@ -68,7 +68,7 @@ def pipeline_run(name: str, config: Mapping[str, Any], tags: Mapping[str, str]) 
 @contextmanager
 def _run(name: str, tags: Mapping[str, str]) -> Iterator[str]:
     """A run created and ended through the client, so no thread-local "active run" leaks between tasks."""
-    _set_experiment()
+    set_experiment()
     client = MlflowClient()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     tags = dict(tags)

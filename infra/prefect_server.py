@@ -1,0 +1,88 @@
+"""A Prefect API server for one CLI run, started before the CLI imports anything heavy.
+
+Without `PREFECT_API_URL`, Prefect runs a flow against an ephemeral server: a uvicorn subprocess that it starts
+when the flow begins and stops at exit. On 2 cores that costs ~7 s of start-up during which nothing else
+happens, plus ~3 s to import the server's code into the client process. `LocalServer` launches the same server
+(Prefect's own app factory in ephemeral mode: no UI, no background services, the workspace's database,
+127.0.0.1 only) as the CLI's first act, so it comes up while the CLI imports the stages and opens MLflow;
+`api_url()` waits for its health check. It stops when the process exits, after Prefect's own exit handlers
+have flushed logs and events to it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+PORT_TAKEN = 3  # uvicorn's exit status when its port was taken between our check and its bind
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._launch()
+        # Registered before Prefect is imported: exit handlers run last-in first-out, so this one runs after
+        # Prefect's, which send the run's last logs and events to this server.
+        atexit.register(self.stop)
+
+    def _launch(self) -> None:
+        self.port = free_port()
+        env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+    def api_url(self, timeout: float | None = None) -> str:
+        """The server's API URL once `/health` answers; RuntimeError if it exits or stays silent past `timeout`."""
+        timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code == PORT_TAKEN:
+                self._launch()
+            elif code is not None:
+                raise RuntimeError(f"the local Prefect server exited with status {code} before it answered")
+            url = f"http://127.0.0.1:{self.port}/api"
+            try:
+                with opener.open(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return url
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local Prefect server on port {self.port} did not answer within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_running: LocalServer | None = None
+
+
+def local_server() -> LocalServer:
+    """This process's server: started on the first call and reused after it, as Prefect reuses its own."""
+    global _running
+    if _running is None or _running.proc is None or _running.proc.poll() is not None:
+        _running = LocalServer()
+    return _running
