@@ -213,7 +213,13 @@ def run_flow(args: argparse.Namespace, flow: Callable[..., Any], warm: Callable[
         return flow(**params)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: server.api_url()}):
+    from tasks.stage import GptflowError
+
+    try:
+        url = server.api_url()
+    except RuntimeError as e:
+        raise GptflowError(f"{e} (its errors are above); or point PREFECT_API_URL at a running server") from e
+    with temporary_settings({PREFECT_API_URL: url}):
         return flow(**params)
 
 

@@ -4,9 +4,9 @@ Without `PREFECT_API_URL`, Prefect runs a flow against an ephemeral server: a uv
 when the flow begins and stops at exit. On 2 cores that costs ~7 s of start-up during which nothing else
 happens, plus ~3 s to import the server's code into the client process. `LocalServer` launches the same server
 (Prefect's own app factory in ephemeral mode: no UI, no background services, the workspace's database,
-127.0.0.1 only) as the CLI's first act, so it comes up while the CLI imports the stages and opens MLflow;
-`api_url()` waits for its health check. It stops when the process exits, after Prefect's own exit handlers
-have flushed logs and events to it.
+127.0.0.1 only) as soon as the CLI has checked its config, so it comes up while the CLI imports the stages,
+opens MLflow and warms the stage up; `api_url()` waits for its health check. It stops when the process exits,
+after Prefect's own exit handlers have flushed logs and events to it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,22 @@ import sys
 import time
 import urllib.request
 
-PORT_TAKEN = 3  # uvicorn's exit status when its port was taken between our check and its bind
+STARTUP_FAILED = 3  # uvicorn's exit status when it cannot start: its port was taken since we chose it, or else
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 class LocalServer:
@@ -51,7 +60,7 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
-            if code == PORT_TAKEN:
+            if code == STARTUP_FAILED and port_taken(self.port):
                 self._launch()
             elif code is not None:
                 raise RuntimeError(f"the local Prefect server exited with status {code} before it answered")

@@ -39,11 +39,13 @@ from tasks.data_inputs import (
     check_inputs,
     deal_files,
     expand_inputs,
+    is_listing,
     is_wet,
     resolve_path,
     split_root,
 )
 from tasks.data_report import funnel_chart, write_samples
+from tasks.stage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +497,9 @@ def warm_up(cfg: DataConfig) -> None:
     """The stage's start-up that needs neither Prefect nor MLflow, for the CLI to do while its Prefect server
     starts: the local workers' forkserver (which imports their modules once), the offline assets, the funnel
     chart's matplotlib, and a dry run of `plan_stages` into a throwaway folder, which imports the blocks and fills
-    datatrove's caches (its dependency checks read every installed package's metadata: ~1.6 s here)."""
+    datatrove's caches (its dependency checks read every installed package's metadata: ~1.6 s here). The dry run
+    is skipped unless every input is a local file: planning sizes the inputs, and remote ones cost requests;
+    problems with inputs are `build_corpus`'s to report."""
     import tempfile
 
     import matplotlib
@@ -506,8 +510,10 @@ def warm_up(cfg: DataConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
 
-    with tempfile.TemporaryDirectory(prefix="gptflow-plan-") as tmp:
-        plan_stages(cfg, Path(tmp))
+    paths = [*cfg.inputs, *cfg.text_sources]
+    if all(not is_url(p) and not is_listing(p) and Path(resolve_path(p)).is_file() for p in paths):
+        with tempfile.TemporaryDirectory(prefix="gptflow-plan-") as tmp:
+            plan_stages(cfg, Path(tmp))
 
 
 def execute_stage(stage: Stage, logging_dir: Path, workers: int) -> None:

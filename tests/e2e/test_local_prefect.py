@@ -69,3 +69,14 @@ def test_a_port_taken_before_the_server_binds_it_gets_another(monkeypatch):
     assert server.proc.poll() is not None
     server.stop()  # a second stop is a no-op
 
+
+
+def test_a_server_that_cannot_start_is_an_error_not_a_retry(monkeypatch, tmp_path):
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/not_a_folder/prefect.db")
+    server = prefect_server.LocalServer()
+    try:
+        with pytest.raises(RuntimeError, match="exited with status"):
+            server.api_url(timeout=120)
+    finally:
+        server.stop()
