@@ -1,6 +1,6 @@
 """Data stage overhead: our Prefect + MLflow data stage against bare datatrove on the same blocks and inputs.
 
-    python -m bench.data [--inputs PATH ...] [--rounds 3] [--prefect-server] [--json FILE] [--keep]
+    python -m bench.data [--inputs PATH ...] [--copies N] [--rounds 3] [--prefect-server] [--json FILE] [--keep]
 
 Two ways to run the same pipeline, each in its own Python process, timed from launch to exit:
 - ours: `gptflow data` (flows.cli) as a user runs it: Prefect flow and task (on the local Prefect server that
@@ -24,7 +24,7 @@ bare time - 1; target at most 10%), where the time goes (phases timed inside eac
 functions `gptflow data` calls), and the load average.
 Asserts nothing about speed; it does check that both runs read and keep the same number of documents.
 Input: the default data config (the bundled crawl, `tasks.data.BUNDLED_CRAWL`, plus the C4 demo text source);
-`--inputs` replaces the crawl files as `gptflow data --input` does.
+`--inputs` replaces the crawl files as `gptflow data --input` does; `--copies N` reads each crawl file N times.
 """
 
 from __future__ import annotations
@@ -340,6 +340,9 @@ VARIANTS = {"bare": "bare datatrove", "ours": "ours (gptflow data)", "ours_serve
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", nargs="+", metavar="PATH", help="WARC/WET files (replace the bundled crawl)")
+    ap.add_argument("--copies", type=int, default=1, metavar="N",
+                    help="read every crawl file N times (N copies under other names): more records than the "
+                         "samples hold; each copy is extracted and filtered again, then dropped by exact dedup")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, each one run of every variant (default 3)")
     ap.add_argument("--prefect-server", action="store_true",
                     help="also time ours against a running Prefect server (PREFECT_API_URL), as infra/services.sh sets up")
@@ -358,17 +361,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tasks.data import DataConfig
 
     cfg = DataConfig()
-    if args.inputs:
-        cfg = DataConfig.model_validate(cfg.model_dump() | {"inputs": [str(resolve_path(p)) for p in args.inputs]})
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     home, logs = tmp / "home", tmp / "logs"
     logs.mkdir(parents=True)
+    if args.inputs or args.copies > 1:
+        inputs = [resolve_path(p) for p in (args.inputs or cfg.inputs)]
+        if args.copies > 1:
+            (tmp / "copies").mkdir()
+            copies = []
+            for i in range(1, args.copies + 1):
+                for path in inputs:
+                    copies.append(tmp / "copies" / f"copy{i}_{path.name}")
+                    shutil.copyfile(path, copies[-1])  # not a symlink: input paths are resolved, merging links
+            inputs = copies
+        cfg = DataConfig.model_validate(cfg.model_dump() | {"inputs": [str(p) for p in inputs]})
     cfg_file = tmp / "data_config.json"
     cfg_file.write_text(cfg.model_dump_json(indent=2))
     env = child_env(home)
     for key in ("PREFECT_HOME", "HF_HOME", "XDG_CACHE_HOME"):  # Prefect warns at import when its home is missing
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    print(f"inputs: {', '.join(Path(p).name for p in [*cfg.inputs, *cfg.text_sources])}")
+    names = [Path(p).name for p in [*cfg.inputs, *cfg.text_sources]]
+    shown = names if len(names) <= 8 else [*names[:4], f"... {len(names) - 5} more", names[-1]]
+    print(f"inputs ({len(names)} files): {', '.join(shown)}")
     print(f"tasks {cfg.tasks}, workers {cfg.workers}; {load_line()}; workspace {tmp}", flush=True)
 
     variants = ["bare", "ours"] + ["ours_server"] * args.prefect_server

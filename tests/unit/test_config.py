@@ -132,3 +132,13 @@ def test_plan_of_a_pipeline_preset_and_bad_preset(capsys):
     assert "plan for tiny: llama" in capsys.readouterr().out
     assert main(["plan", "--preset", "gpt5"]) == 2
     assert "unknown preset 'gpt5'" in capsys.readouterr().err
+
+
+def test_the_data_cli_and_the_stage_flows_import_no_torch():
+    """`gptflow data` (configs, presets, the flows and the data core) starts without torch's seconds of import;
+    the training cores import it inside their tasks."""
+    code = ("import sys; from flows import cli, stages; from flows.presets import resolve; from tasks import data; "
+            "resolve('gpt2-124m'); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
