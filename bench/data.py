@@ -146,7 +146,7 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
         marks.mark("mlflow_run_closed")
 
     tracking.stage_run = timed_stage_run
-    rc = cli.main(["data", *cli_sets(cfg_file), "--workdir", str(workdir)])
+    rc = cli.run_cli(["data", *cli_sets(cfg_file), "--workdir", str(workdir)])
     marks.mark("cli_done")
     if rc:
         raise SystemExit(rc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import logging
 import os
@@ -256,5 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run_cli(argv: list[str] | None = None) -> int:
+    """The `gptflow` command: `main`, then a quick exit. At shut-down the interpreter's garbage collector walks the
+    whole heap (Prefect, MLflow, datatrove: ~0.6-1 s here); frozen objects are skipped. Exit handlers still run."""
+    rc = main(argv)
+    gc.freeze()
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli())
