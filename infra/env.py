@@ -48,6 +48,9 @@ def defaults(home: Path) -> dict[str, str]:
         "XDG_CACHE_HOME": str(home / "cache"),
         "MPLCONFIGDIR": str(home / "cache" / "matplotlib"),
         "TQDM_MININTERVAL": "2",
+        # lm-eval: bootstrap stderrs in this process. Its default forks a pool of the whole process, Ray's and
+        # Prefect's threads included, for what is one chunk of 1,000 draws here; one such pool hung at teardown.
+        "DISABLE_MULTIPROC": "1",
     }
 
 
