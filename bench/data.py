@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.env import REPO_ROOT, defaults
+from infra.prefect_server import free_port
 
 # ---------------------------------------------------------------------------------------------------------------
 # Children: what runs inside the timed processes. Each writes a JSON of wall-clock marks (time.time()).
@@ -307,9 +307,7 @@ def load_line() -> str:
 @contextmanager
 def prefect_server(env: dict[str, str], logs: Path) -> Iterator[str]:
     """A `prefect server start` on a free local port in the benchmark's workspace; yields its API URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     with open(logs / "prefect_server.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
