@@ -64,6 +64,7 @@ def test_a_port_taken_before_the_server_binds_it_gets_another(monkeypatch):
         try:
             url = server.api_url(timeout=120)
             assert server.port != port and url == f"http://127.0.0.1:{server.port}/api"
+            assert server.warmed.is_set()  # the route tables were built before the URL was handed out
         finally:
             server.stop()
     assert server.proc.poll() is not None
