@@ -259,8 +259,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """The `gptflow` command: `main`, then a quick exit. At shut-down the interpreter's garbage collector walks the
-    whole heap (Prefect, MLflow, datatrove: ~0.6-1 s here); frozen objects are skipped. Exit handlers still run."""
-    rc = main(argv)
+    whole heap (Prefect, MLflow, datatrove: ~0.6-1 s here); frozen objects are skipped. Exit handlers still run.
+
+    If whatever reads our output goes away (`gptflow plan ... | head`), stop quietly as `cat` does: no traceback,
+    exit status 141 (128 + SIGPIPE). A stage's finished work is kept, as after an interrupt."""
+    try:
+        rc = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null, or the interpreter's own flush at exit raises again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 141
     gc.freeze()
     return rc
 

@@ -105,6 +105,16 @@ def test_cli_error_in_a_real_process_has_no_traceback():
     assert "Traceback" not in out.stderr
 
 
+def test_cli_output_into_a_closed_pipe_stops_quietly():
+    """`gptflow plan ... | head -0`: the reader is gone before the plan is printed; no traceback, status 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "plan", "--preset", "gpt3-175b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the CLI has even parsed its arguments
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
 def test_print_config_shows_the_resolved_config(capsys):
     assert main(["run", "--set", "pretrain.steps=5", "--print-config"]) == 0
     assert '"steps": 5' in capsys.readouterr().out
