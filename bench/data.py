@@ -121,7 +121,7 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
         (data, "_mix"),
         (data, "funnel_chart"),
         (data, "write_samples"),
-        (stages, "build_corpus"),
+        (data, "build_corpus"),
         (stage, "path_sha256"),
         (tracking, "log_manifest"),
     ]:

@@ -21,7 +21,7 @@ from infra.env import resolve_path, runs_dir
 from tasks import tracking
 from tasks.bpe import TokenizerConfig, build_tokenizer
 from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
-from tasks.data import DataConfig, build_corpus, input_locations
+from tasks.data import DataConfig, data_stage
 from tasks.evaluate import EvalConfig, evaluate_model
 from tasks.stage import run_stage
 
@@ -34,10 +34,8 @@ def _finish(run_id: str, manifest: dict, *files: str) -> dict:
 
 @task(name="data", cache_policy=NO_CACHE)
 def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> dict:
-    inputs = input_locations(cfg)  # listings expanded; URLs kept as URLs and hashed from their metadata
     with tracking.stage_run("data", parent_run_id) as run_id:
-        m = run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, out), Path(root))
-        return _finish(run_id, m, "funnel.png", "samples")
+        return _finish(run_id, data_stage(cfg, Path(root)), "funnel.png", "samples")
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)

@@ -45,7 +45,7 @@ from tasks.data_inputs import (
     split_root,
 )
 from tasks.data_report import funnel_chart, write_samples
-from tasks.stage import is_url
+from tasks.stage import is_url, prefetch_info, remote_lookups, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -755,6 +755,17 @@ def run_stages(
     return steps, written, skipped
 
 
+@remote_lookups()
+def data_stage(cfg: DataConfig, root: Path) -> dict[str, Any]:
+    """The data stage as its flow runs it (`tasks.stage.run_stage`): its key from the config and what the inputs
+    hold, then `build_corpus` into `<root>/data/<key>` unless a finished folder has that key. A remote input's
+    metadata and a listing are fetched once for both, the URLs' metadata in parallel."""
+    inputs = input_locations(cfg)  # listings expanded; URLs kept as URLs and hashed from their metadata
+    prefetch_info(inputs.values())
+    return run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, out), Path(root))
+
+
+@remote_lookups()
 def build_corpus(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     """Run the data stage into `out_dir`; rerunning into the same folder resumes (finished tasks are skipped).
 

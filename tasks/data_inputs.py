@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 
 from infra import env
-from tasks.stage import is_url
+from tasks.stage import file_info, is_url, remembered
 
 LISTING_SUFFIXES = (".paths.gz", ".paths")
 COMMON_CRAWL_BASE = "https://data.commoncrawl.org/"
@@ -61,10 +61,13 @@ def read_listing(listing: str) -> list[str]:
     """The relative paths a listing names, in order; a clear error naming the listing when it is unusable."""
     import fsspec
 
+    def fetch() -> list[str]:
+        with fsspec.open(resolved, "rt", compression="infer", encoding="utf-8") as f:
+            return [line.strip() for line in f]
+
     resolved = resolve_path(listing)
     try:
-        with fsspec.open(resolved, "rt", compression="infer", encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+        lines = list(remembered("listing", resolved, fetch))  # read once within `remote_lookups()`
     except FileNotFoundError as e:
         raise FileNotFoundError(f"crawl listing not found: {listing} (looked for {resolved})") from e
     except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip though named .gz, cut short, binary
@@ -118,14 +121,11 @@ def refuse_wat(path: str) -> None:
 
 def check_input(path: str) -> None:
     """Raise naming `path` when it is a WAT file, missing, not a file, or its server cannot be reached."""
-    from fsspec.core import url_to_fs
-
     refuse_wat(path)
     resolved = resolve_path(path)
     why = ""
     try:
-        fs, fs_path = url_to_fs(resolved)
-        info = fs.info(fs_path)
+        info = file_info(resolved)
     except FileNotFoundError as e:  # fsspec's http raises it for a 404 and for a refused connection alike
         info, why = None, f"; {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else ""
     except Exception as e:  # DNS, credentials, ...: say which input, keep the cause
@@ -144,10 +144,7 @@ def check_inputs(paths: list[str]) -> None:
 
 
 def input_size(path: str) -> int:
-    from fsspec.core import url_to_fs
-
-    fs, fs_path = url_to_fs(resolve_path(path))
-    return fs.size(fs_path) or 0
+    return file_info(resolve_path(path)).get("size") or 0
 
 
 def deal_files(paths: list[str], tasks: int) -> dict[str, int]:

@@ -5,16 +5,19 @@ of its inputs. `manifest.json` (inputs with hashes, parameters, counts, outputs)
 `_SUCCESS`; a folder with `_SUCCESS` is reused as it is, so a rerun with the same inputs and parameters does
 not recompute it. A folder without it is the stage's own scratch: stages that checkpoint resume from it.
 An input may also be an fsspec URL (`https://`, `s3://`): it is hashed from what its server says about it
-(`url_sha256`), not downloaded.
+(`url_sha256`), not downloaded. Within `remote_lookups()` that is asked once per URL, however many steps ask.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +47,76 @@ _VERSION_KEYS = ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "Last
                  "md5Hash", "crc32c", "generation", "updated", "mtime", "checksum")
 
 
+_lookups: contextvars.ContextVar[dict[tuple[str, str], Any] | None] = contextvars.ContextVar(
+    "gptflow_remote_lookups", default=None)
+
+
+@contextmanager
+def remote_lookups() -> Iterator[None]:
+    """Within this block, what a server says about a remote file (`file_info`) and a listing's lines are fetched
+    once. Otherwise a data run asks about each URL input four times: whether it exists, its hash for the stage
+    key, the check before any work, its size when files are dealt to tasks. Nested blocks share the outer one's
+    answers; failures are not remembered, so the step that needs the answer raises its own error."""
+    if _lookups.get() is not None:
+        yield
+        return
+    token = _lookups.set({})
+    try:
+        yield
+    finally:
+        _lookups.reset(token)
+
+
+def remembered(kind: str, key: str, fetch: Callable[[], Any]) -> Any:
+    """`fetch()`, or its earlier answer for (kind, key) within `remote_lookups()`."""
+    answers = _lookups.get()
+    if answers is None:
+        return fetch()
+    if (kind, key) not in answers:
+        answers[(kind, key)] = fetch()
+    return answers[(kind, key)]
+
+
+def file_info(path: str) -> dict[str, Any]:
+    """fsspec's `info()` of a local path or URL (type, size; for a URL its server's version headers)."""
+    from fsspec.core import url_to_fs
+
+    def fetch() -> dict[str, Any]:
+        fs, fs_path = url_to_fs(path)
+        return fs.info(fs_path)
+
+    return remembered("info", path, fetch) if is_url(path) else fetch()
+
+
+def prefetch_info(paths: Iterable[str], threads: int = 16) -> None:
+    """Within `remote_lookups()`, ask about the URLs among `paths` in parallel: one request each, instead of one
+    after another in the checks (a listing can name thousands). Errors are left for those checks to raise."""
+    urls = sorted({str(p) for p in paths if is_url(p)})
+    if len(urls) < 2 or _lookups.get() is None:
+        return
+
+    def ask(url: str) -> None:
+        try:
+            file_info(url)
+        except Exception:  # noqa: BLE001  the check that needs this answer asks again and names the input
+            pass
+
+    with ThreadPoolExecutor(min(threads, len(urls))) as pool:  # each call in a copy of this context: same answers
+        for future in [pool.submit(contextvars.copy_context().run, ask, url) for url in urls]:
+            future.result()
+
+
 def url_sha256(url: str) -> str:
     """Hash a remote file by its URL, size and version metadata (ETag, Last-Modified, checksums) without
     downloading it: a Common Crawl WARC is about 1 GB. Only when the server reports no version at all (a size
     alone would miss an edit) is the content streamed and hashed."""
     from fsspec.core import url_to_fs
 
-    fs, fs_path = url_to_fs(url)
-    info = fs.info(fs_path)
+    info = file_info(url)
     version = {k: str(info[k]) for k in _VERSION_KEYS if info.get(k)}
     if not version:
         h = hashlib.sha256()
+        fs, fs_path = url_to_fs(url)
         with fs.open(fs_path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -65,10 +127,11 @@ def url_sha256(url: str) -> str:
 
 def input_exists(path: str | Path) -> bool:
     if is_url(path):
-        from fsspec.core import url_to_fs
-
-        fs, fs_path = url_to_fs(str(path))
-        return fs.exists(fs_path)
+        try:
+            file_info(str(path))
+        except FileNotFoundError:
+            return False
+        return True
     return Path(path).exists()
 
 

@@ -22,7 +22,7 @@ from infra.env import DATA_DIR, setup_env
 
 setup_env()
 
-from tasks.data import DataConfig, build_corpus, input_locations, iter_records  # noqa: E402
+from tasks.data import DataConfig, build_corpus, data_stage, input_locations, iter_records  # noqa: E402
 from tasks.data_blocks import CrawlReader  # noqa: E402
 from tasks.data_inputs import check_inputs, expand_inputs, is_wat, is_wet, read_listing, split_root  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
@@ -60,6 +60,9 @@ def write_wat(path: Path, urls: list[str]) -> Path:
     return path
 
 
+REQUESTS: list[tuple[str, str]] = []  # (method, path) of every request the test server answered
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Python's http.server on 127.0.0.1 (a free port, in a thread) serving a copy of two small bundled crawl files
@@ -69,8 +72,8 @@ def server(tmp_path_factory):
         shutil.copyfile(DATA_DIR / "crawl" / name, root / name)
 
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # one line per request would flood the test output
-            pass
+        def log_message(self, *args):  # one line per request would flood the test output; kept in REQUESTS
+            REQUESTS.append((self.command, self.path))
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -221,6 +224,26 @@ def test_url_inputs_are_hashed_from_server_metadata_and_rehashed_when_the_file_c
     assert changed["key"] != first["key"] and len(calls) == 2
     assert changed["inputs"]["input_1"]["sha256"] == first["inputs"]["input_1"]["sha256"]
     shutil.copyfile(DATA_DIR / "crawl" / WARC, served)  # leave the served copy as the other tests expect
+
+
+def test_a_data_stage_asks_about_each_remote_input_and_reads_a_listing_once(server, tmp_path):
+    """What the flow runs (`data_stage`): the stage key, the checks before any work and the dealing of files to
+    tasks all need each URL's metadata, and expanding a listing its lines; within the stage each is fetched once
+    (a URL used to be asked about four times, a listing read twice). The readers still open their files."""
+    base, root = server
+    (root / "wet.paths").write_text(f"{WET}\n")
+    cfg = filter_only(inputs=[f"{base}/{WARC}", f"{base}/wet.paths"], paths_base=base, max_files=1)
+    REQUESTS.clear()
+    first = data_stage(cfg, tmp_path / "runs")
+    built = list(REQUESTS)
+    REQUESTS.clear()
+    again = data_stage(cfg, tmp_path / "runs")  # reused: only the key is computed
+    assert again["cached"] and again["key"] == first["key"] and not first["cached"]
+    listing = [("GET", "/wet.paths"), ("HEAD", "/wet.paths")]  # fsspec opens a file over HTTP with a HEAD
+    assert sorted(REQUESTS) == sorted([*listing, ("HEAD", f"/{WARC}"), ("HEAD", f"/{WET}")])
+    assert built.count(("GET", "/wet.paths")) == 1
+    assert built.count(("HEAD", f"/{WARC}")) <= 2 and built.count(("HEAD", f"/{WET}")) <= 2  # ours, the reader's
+    assert first["counts"]["steps"]["filter/read_wet"]["in"] == 68
 
 
 # ---------------------------------------------------------------------------------------------------------------
