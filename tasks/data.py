@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -726,6 +727,32 @@ def input_locations(cfg: DataConfig) -> dict[str, str]:
     return inputs | {f"text_{i}": resolve_path(p) for i, p in enumerate(cfg.text_sources)}
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+@contextmanager
+def stage_progress(stage: Stage, logging_dir: Path, every_s: float | None = None) -> Iterator[None]:
+    """While a stage runs, log every `every_s` seconds how many of its tasks are done, from the completion
+    markers datatrove writes (`<logging_dir>/completions/<rank>`); stages that finish sooner say nothing."""
+    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    stop, start = threading.Event(), time.perf_counter()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            folder = logging_dir / "completions"
+            done = len(list(folder.iterdir())) if folder.is_dir() else 0
+            log.info("data stage %s: %d/%d tasks done after %.0f s", stage.name, done, stage.tasks,
+                     time.perf_counter() - start)
+
+    thread = threading.Thread(target=report, name=f"progress-{stage.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_stages(
     stages: list[Stage], out_dir: Path, workers: int, on_ray: bool = False
 ) -> tuple[dict[str, dict[str, Any]], int | None, list[str]]:
@@ -743,7 +770,8 @@ def run_stages(
                 continue
             logging_dir = out_dir / "logs" / stage.name
             t = time.perf_counter()
-            execute(stage, logging_dir, workers)
+            with stage_progress(stage, logging_dir):
+                execute(stage, logging_dir, workers)
             steps |= {f"{stage.name}/{key}": c for key, c in stage_counts(stage, logging_dir).items()}
             keys = [key for key, _ in stage.steps]
             if keys[0] == "read" and steps[f"{stage.name}/read"]["kept"] != written:

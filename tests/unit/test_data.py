@@ -5,6 +5,8 @@ starts datatrove's forkserver, which imports spaCy once for all the runs after i
 """
 
 import io
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from infra.env import setup_env
 
 setup_env()  # offline switches and caches in the workspace, before datatrove/huggingface_hub are imported
 
+from tasks import data  # noqa: E402
 from tasks.data import BUNDLED_CRAWL, DataConfig, build_corpus, iter_documents, iter_records  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,8 +171,44 @@ def handmade(tmp_path_factory):
     warc = write_warc(folder / "handmade.warc.gz", pages)
     cfg = DataConfig(inputs=[str(warc)], text_sources={}, minhash=False, extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
     out = folder / "out"
-    result = build_corpus(cfg, out)
+    progress, logger = ProgressLines(), logging.getLogger("tasks.data")
+    level, every = logger.level, data.PROGRESS_EVERY_S
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    data.PROGRESS_EVERY_S = 0.1  # the stages' progress lines, 10 a second
+    try:
+        result = build_corpus(cfg, out)
+    finally:
+        data.PROGRESS_EVERY_S = every
+        logger.setLevel(level)
+        logger.removeHandler(progress)
+    result["progress"] = progress.lines
     return result, out
+
+
+class ProgressLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "tasks done" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
+def test_a_running_stage_reports_its_tasks_done(handmade):
+    """Long stages say how far they are: `data stage <name>: k/n tasks done after s s`, from datatrove's
+    completion markers, every `PROGRESS_EVERY_S` (30 s by default; 0.1 s here)."""
+    lines = handmade[0]["progress"]
+    seen: dict[str, list[int]] = {}
+    for line in lines:
+        match = re.fullmatch(r"data stage (\w+): (\d+)/(\d+) tasks done after \d+ s", line)
+        assert match, line
+        done, total = int(match[2]), int(match[3])
+        assert 0 <= done <= total == 2, line  # the config's 2 tasks
+        seen.setdefault(match[1], []).append(done)
+    assert "filter" in seen and seen["filter"][0] == 0
+    assert all(counts == sorted(counts) for counts in seen.values())  # tasks only ever get done
 
 
 def test_handmade_keeps_each_good_article_once_and_drops_the_junk(handmade):
