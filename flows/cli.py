@@ -220,7 +220,10 @@ def run_flow(args: argparse.Namespace, flow: Callable[..., Any], warm: Callable[
         url = server.api_url()
     except RuntimeError as e:
         raise GptflowError(f"{e} (its errors are above); or point PREFECT_API_URL at a running server") from e
-    with temporary_settings({PREFECT_API_URL: url}):
+    # No flow-run heartbeats on this run's own server: they are for a server's automations to notice a crashed
+    # run, and this one runs no services and stops with the run. The flow's end would also wait up to 1 s for
+    # the heartbeat thread, which sleeps in 1 s steps.
+    with temporary_settings({PREFECT_API_URL: url, "flows.heartbeat_frequency": None}):
         return flow(**params)
 
 

@@ -28,6 +28,25 @@ import urllib.request
 STARTUP_FAILED = 3  # uvicorn's exit status when it cannot start: its port was taken since we chose it, or else
 
 
+# uvicorn with the arguments after the parent's PID, stopped (SIGTERM: a clean shut-down) once that parent is
+# gone. At exit the CLI stops its server itself; this covers a CLI that was killed (SIGKILL, the OOM killer),
+# which would otherwise leave its server running for good.
+SERVE_WHILE_PARENT_LIVES = """
+import os, signal, sys, threading, time
+parent = int(sys.argv[1])
+
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[2:]]
+from uvicorn.main import main
+main()
+"""
+
+
 def _get(url: str, timeout: float = 2) -> int | None:
     """The HTTP status of a GET on `url`, None when nothing answers; never through a proxy."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -67,7 +86,8 @@ class LocalServer:
     def _launch(self) -> None:
         self.port = free_port()
         env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+        cmd = [sys.executable, "-c", SERVE_WHILE_PARENT_LIVES, str(os.getpid()),
+               "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         self.warmed = threading.Event()
@@ -85,7 +105,8 @@ class LocalServer:
         warmed.set()
 
     def api_url(self, timeout: float | None = None) -> str:
-        """The server's API URL once `/health` answers and the route tables are built; RuntimeError if it exits or stays silent past `timeout`."""
+        """The server's API URL once `/health` answers and its route tables are built; RuntimeError if it exits
+        or stays silent past `timeout`."""
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
         deadline = time.monotonic() + timeout
         while True:

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -50,6 +51,9 @@ def test_the_cli_runs_its_flow_on_its_own_server_and_stops_it(tmp_path):
     task_runs = db.execute("select task_key, state_type from task_run").fetchall()
     assert flow_runs == [("data", "COMPLETED")]
     assert [state for _, state in task_runs] == ["COMPLETED"] and task_runs[0][0].startswith("data")
+    events = {name for (name,) in db.execute("select event from events")}
+    assert "prefect.flow-run.Completed" in events
+    assert "prefect.flow-run.heartbeat" not in events  # off on the CLI's own server (no services to read them)
     assert _servers_of(home) == []  # stopped with the CLI, not left behind
 
 
@@ -81,3 +85,29 @@ def test_a_server_that_cannot_start_is_an_error_not_a_retry(monkeypatch, tmp_pat
             server.api_url(timeout=120)
     finally:
         server.stop()
+
+
+def test_a_killed_cli_does_not_leave_its_server_running(tmp_path):
+    """SIGKILL (or the OOM killer) skips the CLI's exit handlers; its server notices its parent is gone and stops."""
+    code = ("import time; from infra.env import setup_env; setup_env(); from infra.prefect_server import LocalServer;"
+            "s = LocalServer(); s.api_url(timeout=120); print(s.proc.pid, flush=True); time.sleep(600)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["GPTFLOW_HOME"] = str(tmp_path / "home")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        server = psutil.Process(int(parent.stdout.readline()))
+        assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if server.status() == psutil.STATUS_ZOMBIE:  # exited; waiting for whoever adopted it to reap it
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("the server outlived its killed parent by 30 s")
