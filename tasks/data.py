@@ -357,7 +357,7 @@ def plan_stages(cfg: DataConfig, out_dir: Path) -> list[Stage]:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from tasks import data_blocks  # noqa: F401  before any block is built: it makes datatrove's dependency checks cheap
+    # Before any block is built: importing tasks.data_blocks makes datatrove's dependency checks cheap.
     from tasks.data_blocks import SpanDedupFilter, document_text, output_record
 
     work, removed = out_dir / "work", out_dir / "removed"
