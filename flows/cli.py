@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="Common Crawl WARC/WET -> clean JSONL documents", epilog=EPILOG,
                           description="Run the data stage alone. Keys for --set are relative to the data config (e.g. languages).")
     common(data, "preset whose data config is the base")
-    data.add_argument("--input", nargs="+", metavar="PATH", help="WARC/WET files (replaces data.inputs)")
+    data.add_argument("--input", nargs="+", metavar="PATH",
+                      help="WARC/WET files or crawl listings (warc.paths.gz), local or URLs (replaces data.inputs)")
 
     tok = sub.add_parser("tokenizer", help="train the BPE tokenizer and write token shards", epilog=EPILOG,
                          description="Run the tokenizer stage alone on a folder or file of JSONL/text documents.")
@@ -127,6 +128,22 @@ def require(path: str, what: str) -> str:
     return str(p)
 
 
+def data_input(path: str) -> str:
+    """A data `--input`: a local path must exist; a URL (a crawl file or a listing) must answer, so that a typo or
+    an unreachable host is one line here rather than a failed flow. The stage checks every file again."""
+    from tasks.stage import GptflowError, is_url
+
+    if not is_url(path):
+        return require(path, "input path")
+    from tasks.data_inputs import check_input
+
+    try:
+        check_input(path)
+    except (OSError, ValueError) as e:  # not found, unreachable, a WAT file
+        raise GptflowError(str(e)) from e
+    return path
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.config import PipelineConfig
     from flows.presets import resolve
@@ -170,7 +187,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     params: dict[str, Any] = {}
     if args.command == "data" and args.input:
-        cfg = cfg.model_copy(update={"inputs": [require(p, "input path") for p in args.input]})
+        cfg = cfg.model_copy(update={"inputs": [data_input(p) for p in args.input]})
     elif args.command == "tokenizer":
         params["corpus"] = require(args.input, "corpus")
     elif args.command == "pretrain":

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -278,3 +280,22 @@ def test_common_crawl_wat_sample_is_refused_and_its_records_counted(tmp_path):
     reader = CrawlReader(str(SHARED_WAT.parent), str(tmp_path / "files.txt"))
     assert list(reader.run()) == []
     assert reader.stats["records"].total == reader.stats["dropped_wat_metadata_only"].total >= 1
+
+
+def test_a_url_input_on_the_command_line_is_checked_not_refused(server, tmp_path):
+    """`gptflow data --input URL`: a URL that answers is kept as given (a local path must exist, as before);
+    one that does not is a one-line error naming it, before Prefect starts."""
+    from flows.cli import data_input
+    from tasks.stage import GptflowError
+
+    base, _ = server
+    assert data_input(f"{base}/{WARC}") == f"{base}/{WARC}"
+    with pytest.raises(GptflowError, match="no-such.warc.gz"):
+        data_input(f"{base}/no-such.warc.gz")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"GPTFLOW_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "data", "--input", "http://127.0.0.1:9/x.warc.gz"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("gptflow: error: data input") and "http://127.0.0.1:9/x.warc.gz" in last
+    assert not (tmp_path / "home" / "prefect" / "prefect.db").exists()  # no Prefect server was started
