@@ -129,7 +129,7 @@ def input_exists(path: str | Path) -> bool:
     if is_url(path):
         try:
             file_info(str(path))
-        except FileNotFoundError:
+        except Exception:  # noqa: BLE001  as fsspec's exists(): unreachable counts as missing; the caller names it
             return False
         return True
     return Path(path).exists()
