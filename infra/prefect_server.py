@@ -110,18 +110,17 @@ class LocalServer:
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
         deadline = time.monotonic() + timeout
         while True:
+            ready = self.warmed.wait(0.1)  # set by `_warm_up` once the tables are built, or when the server exits
             code = self.proc.poll()
             if code == STARTUP_FAILED and port_taken(self.port):
                 self._launch()
-            elif code is not None:
+                continue
+            if code is not None:
                 raise RuntimeError(f"the local Prefect server exited with status {code} before it answered")
-            url = f"http://127.0.0.1:{self.port}/api"
-            if _get(f"{url}/health") == 200:
-                self.warmed.wait(max(deadline - time.monotonic(), 0))
-                return url
+            if ready:
+                return f"http://127.0.0.1:{self.port}/api"
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the local Prefect server on port {self.port} did not answer within {timeout:.0f} s")
-            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
