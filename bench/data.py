@@ -1,6 +1,6 @@
 """Data stage overhead: our Prefect + MLflow data stage against bare datatrove on the same blocks and inputs.
 
-    python -m bench.data [--inputs PATH ...] [--copies N] [--rounds 3] [--prefect-server] [--json FILE] [--keep]
+    python -m bench.data [--inputs PATH ...] [--copies N [N ...]] [--rounds 3] [--prefect-server] [--json FILE] [--keep]
 
 Two ways to run the same pipeline, each in its own Python process, timed from launch to exit:
 - ours: `gptflow data` (flows.cli) as a user runs it: Prefect flow and task (on the local Prefect server that
@@ -12,6 +12,9 @@ Two ways to run the same pipeline, each in its own Python process, timed from la
   `tasks.data.execute_stage` (tasks, workers, forkserver with the same preloaded imports), so the two differ
   only in what we wrap around datatrove.
 
+Both at each input size of `--copies` (default 1 and 64: the default data config's crawl files read once, and
+read 64 times over as copies under other names; the C4 demo text source once), because what we add is mostly a
+fixed start-up (Prefect's server, importing Prefect and MLflow) and datatrove's own time grows with the input.
 Every run gets a fresh output folder, so nothing is reused or skipped. All runs share one fresh temporary
 workspace (GPTFLOW_HOME: Prefect home, MLflow sqlite file, caches); its first `ours` run pays the one-time
 Prefect and MLflow database creation, so that run is shown on its own ("cold") and left out of the medians.
@@ -19,12 +22,13 @@ Rounds rotate the order of the runs and the median counts, because the 2-core ma
 `--prefect-server` adds a third variant: ours against a `prefect server start` that is already up (started once,
 outside the timings, in the same workspace), as `infra/services.sh` sets it up for repeated runs.
 
-Prints docs in (input records), seconds and documents per second per worker for each, our overhead (our time /
-bare time - 1; target at most 10%), where the time goes (phases timed inside each process by wrapping the
-functions `gptflow data` calls), and the load average.
+Prints, for each size: docs in (input records), seconds and documents per second per worker for each variant,
+our overhead (our time / bare time - 1; target at most 10%), where the time goes (phases timed inside each
+process by wrapping the functions `gptflow data` calls), and the load average. With two sizes or more, it fits
+each variant's median seconds as start-up + documents / throughput and prints the start-up we add (seconds)
+and our overhead per document (ours seconds per document / bare's - 1).
 Asserts nothing about speed; it does check that both runs read and keep the same number of documents.
-Input: the default data config (the bundled crawl, `tasks.data.BUNDLED_CRAWL`, plus the C4 demo text source);
-`--inputs` replaces the crawl files as `gptflow data --input` does; `--copies N` reads each crawl file N times.
+`--inputs` replaces the crawl files as `gptflow data --input` does.
 """
 
 from __future__ import annotations
@@ -338,9 +342,10 @@ VARIANTS = {"bare": "bare datatrove", "ours": "ours (gptflow data)", "ours_serve
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", nargs="+", metavar="PATH", help="WARC/WET files (replace the bundled crawl)")
-    ap.add_argument("--copies", type=int, default=1, metavar="N",
-                    help="read every crawl file N times (N copies under other names): more records than the "
-                         "samples hold; each copy is extracted and filtered again, then dropped by exact dedup")
+    ap.add_argument("--copies", type=int, nargs="+", default=[1, 64], metavar="N",
+                    help="input sizes to time, each in every round: N copies of every crawl file (under other "
+                         "names), so more records than the samples hold; each copy is extracted and filtered again, "
+                         "then dropped by exact dedup (default: 1 64)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, each one run of every variant (default 3)")
     ap.add_argument("--prefect-server", action="store_true",
                     help="also time ours against a running Prefect server (PREFECT_API_URL), as infra/services.sh sets up")
@@ -355,54 +360,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child(args.child, args.config, args.out, args.marks)
         return {}
 
-    from infra.env import resolve_path
     from tasks.data import DataConfig
 
+    sizes = sorted(set(args.copies))
+    if sizes[0] < 1:
+        ap.error("--copies: every size is at least 1")
     cfg = DataConfig()
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     home, logs = tmp / "home", tmp / "logs"
     logs.mkdir(parents=True)
-    if args.inputs or args.copies > 1:
-        inputs = [resolve_path(p) for p in (args.inputs or cfg.inputs)]
-        if args.copies > 1:
-            (tmp / "copies").mkdir()
-            copies = []
-            for i in range(1, args.copies + 1):
-                for path in inputs:
-                    copies.append(tmp / "copies" / f"copy{i}_{path.name}")
-                    shutil.copyfile(path, copies[-1])  # not a symlink: input paths are resolved, merging links
-            inputs = copies
-        cfg = DataConfig.model_validate(cfg.model_dump() | {"inputs": [str(p) for p in inputs]})
-    cfg_file = tmp / "data_config.json"
-    cfg_file.write_text(cfg.model_dump_json(indent=2))
+    files = {k: sized_config(cfg, args.inputs, k, tmp) for k in sizes}
     env = child_env(home)
     for key in ("PREFECT_HOME", "HF_HOME", "XDG_CACHE_HOME"):  # Prefect warns at import when its home is missing
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    names = [Path(p).name for p in [*cfg.inputs, *cfg.text_sources]]
-    shown = names if len(names) <= 8 else [*names[:4], f"... {len(names) - 5} more", names[-1]]
-    print(f"inputs ({len(names)} files): {', '.join(shown)}")
+    for k, cfg_file in files.items():
+        sized = DataConfig.model_validate_json(cfg_file.read_text())
+        names = [Path(p).name for p in [*sized.inputs, *sized.text_sources]]
+        shown = names if len(names) <= 8 else [*names[:4], f"... {len(names) - 5} more", names[-1]]
+        print(f"x{k} inputs ({len(names)} files): {', '.join(shown)}")
     print(f"tasks {cfg.tasks}, workers {cfg.workers}; {load_line()}; workspace {tmp}", flush=True)
 
     variants = ["bare", "ours"] + ["ours_server"] * args.prefect_server
     try:
-        cold = launch("ours", cfg_file, tmp / "ours_cold", env, logs)
-        print(f"cold ours run (fresh workspace: Prefect and MLflow databases created): {cold['seconds']:.1f} s",
-              flush=True)
+        cold = launch("ours", files[sizes[0]], tmp / "ours_cold", env, logs)
+        print(f"cold ours run (x{sizes[0]}, fresh workspace: Prefect and MLflow databases created): "
+              f"{cold['seconds']:.1f} s", flush=True)
         with prefect_server(env, logs) if args.prefect_server else nullcontext(None) as api_url:
             envs = {"bare": env, "ours": env, "ours_server": env | {"PREFECT_API_URL": api_url or ""}}
             runs: list[dict[str, Any]] = []
             for r in range(args.rounds):
-                for variant in variants[r % len(variants):] + variants[: r % len(variants)]:  # rotate the order
-                    kind = "bare" if variant == "bare" else "ours"
-                    out = tmp / f"{variant}_{r}"
-                    run = launch(kind, cfg_file, out, envs[variant], logs)
-                    folder = stage_folder(kind, out)
-                    check_config(kind, folder, cfg_file)
-                    run.update(variant=variant, round=r, docs_in=docs_in(folder), docs_out=docs_out(folder))
-                    runs.append(run)
-                    print(f"  round {r + 1} {VARIANTS[variant]:>28}: {run['seconds']:6.1f} s, {run['docs_in']} docs in,"
-                          f" {run['docs_out']} out; {load_line()}", flush=True)
-        result = report(cfg, cold, runs, variants)
+                for k in sizes:
+                    for variant in variants[r % len(variants):] + variants[: r % len(variants)]:  # rotate the order
+                        kind = "bare" if variant == "bare" else "ours"
+                        out = tmp / f"{variant}_x{k}_{r}"
+                        run = launch(kind, files[k], out, envs[variant], logs)
+                        folder = stage_folder(kind, out)
+                        check_config(kind, folder, files[k])
+                        run.update(variant=variant, copies=k, round=r, docs_in=docs_in(folder), docs_out=docs_out(folder))
+                        runs.append(run)
+                        print(f"  round {r + 1} x{k} {VARIANTS[variant]:>28}: {run['seconds']:6.1f} s, "
+                              f"{run['docs_in']} docs in, {run['docs_out']} out; {load_line()}", flush=True)
+        result = report(cfg, cold, runs, variants, sizes)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -411,7 +409,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def report(cfg: Any, cold: dict[str, Any], runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+def sized_config(cfg: Any, inputs: list[str] | None, copies: int, tmp: Path) -> Path:
+    """The benchmark's data config for one size, written to a file: the crawl files (`inputs`, else the default
+    config's) read `copies` times over, as copies under other names (copy i of a file is shared by every size)."""
+    from infra.env import resolve_path
+    from tasks.data import DataConfig
+
+    if inputs or copies > 1:
+        paths = [resolve_path(p) for p in (inputs or cfg.inputs)]
+        if copies > 1:
+            (tmp / "copies").mkdir(exist_ok=True)
+            sized = []
+            for i in range(1, copies + 1):
+                for path in paths:
+                    sized.append(tmp / "copies" / f"copy{i}_{path.name}")
+                    if not sized[-1].exists():  # not a symlink: input paths are resolved, merging links
+                        shutil.copyfile(path, sized[-1])
+            paths = sized
+        cfg = DataConfig.model_validate(cfg.model_dump() | {"inputs": [str(p) for p in paths]})
+    cfg_file = tmp / f"data_config_x{copies}.json"
+    cfg_file.write_text(cfg.model_dump_json(indent=2))
+    return cfg_file
+
+
+def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of ys against xs (exact through two points)."""
+    if len(xs) < 2 or len(set(xs)) < 2:
+        raise ValueError("a line needs at least two different x values")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def scaling(docs: list[int], seconds: dict[str, list[float]], workers: int) -> dict[str, dict[str, float]]:
+    """Each variant's median seconds over input sizes fitted as start-up + docs / (rate * workers): the start-up
+    (s) and the rate at scale (docs/s/core); for each variant but "bare", both against bare's: the start-up it
+    adds (s) and its overhead per document (its seconds per document / bare's - 1)."""
+    fits = {v: line_fit([float(d) for d in docs], ts) for v, ts in seconds.items()}
+    out = {}
+    for v, (start, per_doc) in fits.items():
+        out[v] = {"start_up_s": start, "docs_per_s_per_core": 1 / per_doc / workers if per_doc > 0 else float("inf")}
+        if v != "bare":
+            out[v]["added_start_up_s"] = start - fits["bare"][0]
+            out[v]["overhead_per_doc"] = per_doc / fits["bare"][1] - 1
+    return out
+
+
+def report(cfg: Any, cold: dict[str, Any], runs: list[dict[str, Any]], variants: list[str],
+           sizes: list[int]) -> dict[str, Any]:
+    """Print and return each size's table and phases, then (with two sizes or more) the fit across sizes."""
+    result: dict[str, Any] = {"workers": cfg.workers, "tasks": cfg.tasks, "sizes": {}, "cold_seconds": cold["seconds"],
+                              "runs": [{k: v for k, v in r.items() if k != "calls"} for r in runs]}
+    for k in sizes:
+        print(f"\n== x{k} ==")
+        result["sizes"][k] = report_size(cfg, [r for r in runs if r["copies"] == k], variants)
+    per_size = result["sizes"]
+    overheads = ", ".join(f"{100 * per_size[k]['overhead']['ours']:+.0f}% at {per_size[k]['docs_in']:,} docs"
+                          for k in sizes)
+    print(f"\nour overhead (our time / bare time - 1): {overheads}; target at most +10%")
+    if len(sizes) >= 2:
+        docs = [per_size[k]["docs_in"] for k in sizes]
+        fit = scaling(docs, {v: [per_size[k]["median_seconds"][v] for k in sizes] for v in variants}, cfg.workers)
+        result["fit"] = fit
+        print(f"fit over the {len(sizes)} sizes (median seconds = start-up + documents / throughput):")
+        print(f"  {'':32} {'start-up s':>10} {'docs/s/core':>12} {'added start-up':>15} {'overhead/doc':>13}")
+        for v in variants:
+            f = fit[v]
+            added = (f"{f['added_start_up_s']:+14.1f}s {100 * f['overhead_per_doc']:+12.1f}%" if v != "bare"
+                     else f"{'-':>15} {'-':>13}")
+            print(f"  {VARIANTS[v]:32} {f['start_up_s']:10.1f} {f['docs_per_s_per_core']:12.2f} {added}")
+        print("(the fit is as good as the medians: here a run's time varies by +-2-3 s round to round)")
+    print(load_line())
+    return result
+
+
+def report_size(cfg: Any, runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
     counts = {(r["docs_in"], r["docs_out"]) for r in runs}
     if len(counts) != 1:
         raise RuntimeError(f"the variants read or kept different numbers of documents: {sorted(counts)}")
@@ -419,19 +491,17 @@ def report(cfg: Any, cold: dict[str, Any], runs: list[dict[str, Any]], variants:
     by = {v: [r for r in runs if r["variant"] == v] for v in variants}
     med = {v: statistics.median(r["seconds"] for r in rs) for v, rs in by.items()}
     rate = {v: n_in / t / cfg.workers for v, t in med.items()}
-    med["ours_cold"], rate["ours_cold"] = cold["seconds"], n_in / cold["seconds"] / cfg.workers
     overhead = {v: med[v] / med["bare"] - 1 for v in med if v != "bare"}
-    print(f"\n{n_in} documents in, {n_out} out; median of {len(by['bare'])} rounds; {cfg.workers} workers "
+    print(f"{n_in} documents in, {n_out} out; median of {len(by['bare'])} rounds; {cfg.workers} workers "
           f"({cfg.tasks} tasks) in every variant")
     print(f"  {'':32} {'docs in':>8} {'seconds':>8} {'docs/s/core':>12} {'overhead':>9}")
-    for v, label in [*((v, VARIANTS[v]) for v in variants), ("ours_cold", "ours, cold workspace (1 run)")]:
+    for v in variants:
         extra = f"{100 * overhead[v]:+8.0f}%" if v in overhead else f"{'-':>9}"
-        print(f"  {label:32} {n_in:8d} {med[v]:8.1f} {rate[v]:12.2f} {extra}")
-    print(f"our overhead (our time / bare time - 1): {100 * overhead['ours']:+.0f}%; target at most +10%")
+        print(f"  {VARIANTS[v]:32} {n_in:8d} {med[v]:8.1f} {rate[v]:12.2f} {extra}")
 
     ph = {v: {name: statistics.median(phases(r)[name] for r in rs) for name in phases(rs[0])} for v, rs in by.items()}
     ours_vs = [v for v in variants if v != "bare"]
-    print("\nwhere the time goes (median seconds per phase)")
+    print("where the time goes (median seconds per phase)")
     print(f"  {'phase':38}" + "".join(f" {v:>11}" for v in [*ours_vs, "bare"]))
     for name in ph["ours"]:
         cells = [ph[v][name] for v in ours_vs] + [ph["bare"].get(name)]
@@ -443,19 +513,13 @@ def report(cfg: Any, cold: dict[str, Any], runs: list[dict[str, Any]], variants:
         fixed = sum(ph[v][k] for k in START_STOP)
         data_dependent = sum(t for k, t in ph[v].items() if k not in START_STOP and k not in COMMON)
         share = data_dependent / bare_core
-        needed = (fixed - bare_fixed) / (0.10 - share) if share < 0.10 else float("inf")
-        summary[v] = {"fixed": fixed, "data_dependent": data_dependent, "share": share, "bare_seconds_for_10pct": needed}
+        summary[v] = {"fixed": fixed, "data_dependent": data_dependent, "share": share}
         print(f"{VARIANTS[v]}: start-up and shut-down {fixed:.1f} s (bare {bare_fixed:.1f} s); our work around "
               f"datatrove (hashing, counting, chart, samples, MLflow logging) {data_dependent:.2f} s = "
-              f"{100 * share:.1f}% of the bare datatrove stages ({bare_core:.1f} s). Taking all of that work as growing "
-              f"with the input, overhead falls to 10% when bare datatrove takes ~{needed:.0f} s "
-              f"(~{needed / bare_core:.0f}x this input)")
-    print(load_line())
+              f"{100 * share:.1f}% of the bare datatrove stages ({bare_core:.1f} s)")
     return {
-        "docs_in": n_in, "docs_out": n_out, "workers": cfg.workers, "tasks": cfg.tasks, "median_seconds": med,
-        "docs_per_s_per_core": rate, "overhead": overhead, "phases": ph, "summary": summary,
-        "load": os.getloadavg(), "cpus": os.cpu_count(),
-        "runs": [{k: v for k, v in r.items() if k != "calls"} for r in runs],
+        "docs_in": n_in, "docs_out": n_out, "median_seconds": med, "docs_per_s_per_core": rate,
+        "overhead": overhead, "phases": ph, "summary": summary, "load": os.getloadavg(), "cpus": os.cpu_count(),
     }
 
 
