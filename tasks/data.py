@@ -731,11 +731,10 @@ PROGRESS_EVERY_S = 30.0
 
 
 @contextmanager
-def stage_progress(stage: Stage, logging_dir: Path, every_s: float | None = None) -> Iterator[None]:
-    """While a stage runs, log every `every_s` seconds how many of its tasks are done, from the completion
+def stage_progress(stage: Stage, logging_dir: Path) -> Iterator[None]:
+    """While a stage runs, log every `PROGRESS_EVERY_S` seconds how many of its tasks are done, from the completion
     markers datatrove writes (`<logging_dir>/completions/<rank>`); stages that finish sooner say nothing."""
-    every_s = PROGRESS_EVERY_S if every_s is None else every_s
-    stop, start = threading.Event(), time.perf_counter()
+    every_s, stop, start = PROGRESS_EVERY_S, threading.Event(), time.perf_counter()
 
     def report() -> None:
         while not stop.wait(every_s):

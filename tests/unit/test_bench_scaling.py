@@ -28,3 +28,7 @@ def test_scaling_splits_a_fixed_start_up_from_a_per_document_overhead():
     assert fit["ours"]["overhead_per_doc"] == pytest.approx(0.05)
     # at 400 docs ours takes 12.2 s against 5 s, +144 % overall: the fixed part, not the per-document one
     assert seconds["ours"][0] / seconds["bare"][0] - 1 == pytest.approx(1.44)
+    for v in ("bare", "ours"):  # the fit gives back the timings it was drawn from
+        rate = fit[v]["docs_per_s_per_core"] * 2
+        start = fit[v]["start_up_s"] if v == "bare" else fit["bare"]["start_up_s"] + fit[v]["added_start_up_s"]
+        assert [start + d / rate for d in docs] == pytest.approx(seconds[v])
