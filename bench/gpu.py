@@ -9,7 +9,7 @@ Parts, each printed as a table, with a summary last:
       multiple of 128) trained with the pretraining stage's own step (`tasks.pretrain.train_step`: bf16
       autocast, fused AdamW, clipping) on windows sampled by `TokenWindows` from a memory-mapped shard:
       tokens/s and MFU against the datasheet peak and against the measured matmul, eager and `torch.compile`,
-      for several micro-batch sizes.
+      for several micro-batch sizes, with the plain head + cross-entropy or chunked (`--loss-chunks 0,8192`).
   (d) document masking (LLaMA-style ~124M, context 1024, ~8 documents per window): plain causal SDPA, SDPA with
       a dense document mask, and FlexAttention's block mask, compiled; tokens/s, and the largest difference
       in loss between the dense and the flex mask.
@@ -165,28 +165,32 @@ def gpt2_124m(**kw) -> GPTConfig:
 
 
 def part_gpt2(shards: Path, matmul: float, quick: bool, batches: list[int], mode: str | None, eager: bool,
-              profile: bool) -> list[dict]:
+              profile: bool, chunks: list[int]) -> list[dict]:
     rows = []
-    plan = [(batches[0], False)] * eager + [(b, True) for b in batches]
-    for batch, compiled in plan:
+    plan = [(batches[0], False, 0)] * eager + [(b, True, c) for c in chunks for b in batches]
+    for batch, compiled, chunk in plan:
         try:
-            r = train_rate(gpt2_124m(), shards, batch, compiled, steps=10 if quick else 30, warmup=3 if not compiled else 5,
-                           mode=mode if compiled else None, profile=profile and compiled and batch == batches[-1])
+            r = train_rate(gpt2_124m(loss_chunk=chunk), shards, batch, compiled, steps=10 if quick else 30,
+                           warmup=3 if not compiled else 5, mode=mode if compiled else None,
+                           profile=profile and compiled and batch == batches[-1])
             r["mode"] = mode or "default"
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             r = {"batch": batch, "compiled": compiled, "error": "out of memory"}
+        r["loss_chunk"] = chunk
         r["mfu_measured"] = round(r.get("model_tflops", math.nan) * 1e12 / matmul, 3)
         rows.append(r)
         print(f"  {r}", flush=True)
     n = GPT(gpt2_124m()).num_params()
     print(f"\n(c) GPT-2 124M ({n / 1e6:.1f}M parameters incl. embeddings), context 1024, bf16 autocast, fused AdamW")
-    print(f"  {'batch':>5} {'compile':>7} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU(989)':>9} {'MFU(meas)':>9} {'mem GiB':>8}")
+    print(f"  {'batch':>5} {'compile':>7} {'chunk':>6} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU(989)':>9} {'MFU(meas)':>9} "
+          f"{'mem GiB':>8}")
     for r in rows:
+        lead = f"  {r['batch']:>5} {str(r['compiled']):>7} {r['loss_chunk'] or 'off':>6}"
         if "error" in r:
-            print(f"  {r['batch']:>5} {str(r['compiled']):>7} {r['error']}")
+            print(f"{lead} {r['error']}")
             continue
-        print(f"  {r['batch']:>5} {str(r['compiled']):>7} {r['tokens_per_s']:>10,} {r['model_tflops']:>8} "
+        print(f"{lead} {r['tokens_per_s']:>10,} {r['model_tflops']:>8} "
               f"{r['mfu_datasheet']:>9.1%} {r['mfu_measured']:>9.1%} {r['peak_mem_gib']:>8}")
     return rows
 
@@ -254,6 +258,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--parts", default="abcde")
     ap.add_argument("--batches", default="16,32,48", help="micro-batch sizes for part (c)")
+    ap.add_argument("--loss-chunks", default="0", help="part (c): GPTConfig.loss_chunk values, 0 = plain head + loss")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for part (c), e.g. max-autotune")
     ap.add_argument("--no-eager", action="store_true", help="part (c) without the eager baseline")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last part (c) run")
@@ -272,7 +277,8 @@ def main() -> None:
         if "c" in args.parts:
             batches = [int(b) for b in args.batches.split(",")]
             results["gpt2"] = part_gpt2(shards, device["bf16_matmul_tflops"] * 1e12, args.quick, batches,
-                                        args.compile_mode, not args.no_eager, args.profile)
+                                        args.compile_mode, not args.no_eager, args.profile,
+                                        [int(c) for c in args.loss_chunks.split(",")])
         if "d" in args.parts:
             results["doc_mask"] = part_doc_mask(shards, args.quick)
     if "e" in args.parts:
@@ -282,7 +288,7 @@ def main() -> None:
     best = max((r for r in results.get("gpt2", []) if "error" not in r), key=lambda r: r["tokens_per_s"], default=None)
     if best:
         print(f"\nsummary: GPT-2 124M best {best['tokens_per_s']:,} tokens/s (batch {best['batch']}, compiled "
-              f"{best['compiled']}), MFU {best['mfu_datasheet']:.1%} of the 989 TFLOP/s datasheet peak, "
+              f"{best['compiled']}, loss_chunk {best['loss_chunk']}), MFU {best['mfu_datasheet']:.1%} of the 989 TFLOP/s datasheet peak, "
               f"{best['mfu_measured']:.1%} of the {device['bf16_matmul_tflops']} TFLOP/s measured here")
 
 

@@ -1,6 +1,6 @@
 """Pretraining benchmark: measures and prints, asserts nothing.
 
-Default run (about 3-4 minutes on 2 CPU cores), a table per part and a summary:
+Default run (about 6 minutes on 2 CPU cores), a table per part and a summary:
   (a) training tokens/s and MFU of a reference ~14M-parameter LLaMA-style GPT (the `small` preset's shape: 6 layers,
       d_model 384, 6 heads, context 256, vocabulary 8,192) in one process on all cores, for a few batch sizes.
       MFU = model FLOP/s (tokens/s x `GPT.flops_per_token`, i.e. 6N + attention) / fp32 matmul throughput
@@ -10,6 +10,8 @@ Default run (about 3-4 minutes on 2 CPU cores), a table per part and a summary:
       forward + backward, at the reference shapes.
   (c) the pretraining stage itself (`pretrain_gpt`, Ray Train): tokens/s with 1 worker x 2 CPUs against
       2 workers x 1 CPU, on a small model and few steps.
+  (d) the output head and the loss in chunks (`GPTConfig.loss_chunk`) against the plain head + cross-entropy, on
+      the reference model with GPT-2's 50,304-id vocabulary: tokens/s and the memory a training step needs.
 
 Quality run: `--budget-minutes N` trains on tiny-shakespeare (the last 10 % of the text held out), with our
 byte-level BPE trained on the first 90 %, for N minutes of wall clock in one process, and prints the held-out
@@ -30,7 +32,10 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -160,6 +165,79 @@ def bench_attention(B: int, nh: int, T: int, hd: int, repeats: int = 5) -> dict[
     t_naive, o_naive, g_naive = run(naive_attention)
     err = max([(o_fused - o_naive).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g_fused, g_naive, strict=True)])
     return {"fused_ms": 1e3 * t_fused, "naive_ms": 1e3 * t_naive, "max_abs_diff": err}
+
+
+# ---------------------------------------------------------------- (d) chunked head + loss at a large vocabulary
+
+
+def _rss() -> int:
+    """Resident bytes of this process now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_rss(out: dict, every_s: float = 0.001) -> Iterator[None]:
+    """Samples the resident memory while the block runs; out["peak"] is the highest sample. Torch releases the
+    GIL in its kernels, so the sampler runs while they do."""
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out.get("peak", 0), _rss())
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _head_loss_run(chunk: int, vocab: int, batch: int, steps: int) -> dict:
+    """In a fresh process: the reference model with `vocab` ids and `loss_chunk=chunk`; the fastest training step,
+    and the most memory a step holds above the weights and AdamW's states (glibc told to return large blocks to
+    the system when freed, see `bench_head_loss`, so the resident size follows what torch holds)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    cfg = reference_model().model_copy(update={"vocab_size": vocab, "loss_chunk": chunk})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = make_optimizer(model)
+    x = torch.randint(0, vocab, (batch, cfg.block_size + 1))
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    best, losses, above = math.inf, [], 0
+    for i in range(steps + 1):  # the first step, untimed, creates AdamW's states
+        base, mem = _rss(), {}
+        t = time.perf_counter()
+        with peak_rss(mem):
+            loss = model(inp, tgt)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - t)
+            above = max(above, mem["peak"] - base)
+        losses.append(loss.item())
+    return {"loss_chunk": chunk, "tokens_per_s": batch * cfg.block_size / best, "step_mib": above / 2**20,
+            "loss_first": losses[0]}
+
+
+def bench_head_loss(chunks: list[int], vocab: int, batch: int, steps: int) -> list[dict]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh process each, started with the environment below
+    os.environ["BENCH_THREADS"] = str(torch.get_num_threads())
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # glibc: blocks over 64 KiB are mapped, and unmapped when freed
+    rows = []
+    try:
+        for chunk in chunks:
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(_head_loss_run, (chunk, vocab, batch, steps)))
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    return rows
 
 
 # ---------------------------------------------------------------- data: tiny-shakespeare shards
@@ -308,6 +386,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="(a) torch.compile the model too")
     ap.add_argument("--profile", action="store_true", help="(a) print a per-op profile of one step")
     ap.add_argument("--skip-ray", action="store_true", help="leave out (c)")
+    ap.add_argument("--head-chunks", type=int, nargs="+", default=[0, 512],
+                    help="(d) loss_chunk values to compare at GPT-2's vocabulary (0: plain head + cross-entropy)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -333,6 +413,13 @@ def main() -> None:
     print(f"\n(b) attention fwd+bwd (8, 6, 256, 64): fused {att['fused_ms']:.1f} ms, naive {att['naive_ms']:.1f} ms, "
           f"naive/fused {att['naive_ms'] / att['fused_ms']:.2f}x (max |diff| {att['max_abs_diff']:.1e})", flush=True)
 
+    head = bench_head_loss(args.head_chunks, 50304, batch=8, steps=args.steps)
+    print("\n(d) output head + cross-entropy, reference model with GPT-2's 50,304 ids, batch 8 x 256 tokens:")
+    print(f"  {'loss_chunk':>10} {'tokens/s':>9} {'MiB above weights + AdamW':>26} {'first loss':>11}")
+    for r in head:
+        print(f"  {r['loss_chunk'] or 'off':>10} {r['tokens_per_s']:9.0f} {r['step_mib']:26.0f} {r['loss_first']:11.4f}",
+              flush=True)
+
     ray_rows = []
     if not args.skip_ray:
         shards = shakespeare_shards(args.text, args.vocab, workspace() / "bench" / f"shakespeare_bpe{args.vocab}")
@@ -347,6 +434,9 @@ def main() -> None:
     print(f"  (a) MFU {100 * best['mfu']:.1f}% (median over steps) at batch {best['batch']}, "
           f"{best['tokens_per_s']:.0f} tokens/s; target 55%: {'met' if best['mfu'] >= 0.55 else 'NOT met'}")
     print(f"  (b) fused attention is {att['naive_ms'] / att['fused_ms']:.2f}x faster than naive")
+    plain, small = head[0], min(head, key=lambda r: r["step_mib"])
+    print(f"  (d) loss_chunk={small['loss_chunk']}: {small['step_mib']:.0f} MiB at a step's peak against {plain['step_mib']:.0f} "
+          f"MiB plain (above weights and AdamW states), tokens/s x{small['tokens_per_s'] / plain['tokens_per_s']:.2f}")
     if ray_rows:
         print(f"  (c) 2 workers x 1 CPU / 1 worker x 2 CPUs tokens/s = "
               f"{ray_rows[1]['tokens_per_s'] / ray_rows[0]['tokens_per_s']:.2f}")

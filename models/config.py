@@ -44,6 +44,12 @@ class GPTConfig(BaseModel):
         description="With doc_mask on GPU (training and scoring, no KV cache, no dropout), attend through "
         "FlexAttention's block-sparse kernel; off, or on CPU (no FlexAttention backward there), SDPA with a mask.",
     )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="With targets, run the output head and the cross-entropy over chunks of this many tokens, "
+        "never holding the whole (tokens x vocabulary) logits; forward then returns logits None. 0: off.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GPTConfig:

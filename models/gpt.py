@@ -25,13 +25,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from models.config import GPTConfig
+from models.head_loss import IGNORE_INDEX, chunked_head_loss
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
     from models.generate import KVCache
-
-IGNORE_INDEX = -100  # targets with this value do not count in the loss (SFT masks prompts this way)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +263,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and the mean loss over targets != -100 (or None).
 
-        With `kv_cache`, idx holds only the new tokens; their positions start at `kv_cache.pos`.
+        With `kv_cache`, idx holds only the new tokens; their positions start at `kv_cache.pos`. With targets and
+        `config.loss_chunk`, the head and the loss run chunk by chunk (`models.head_loss`) and logits is None.
         """
         B, T = idx.shape
         past = 0 if kv_cache is None else kv_cache.pos
@@ -283,7 +283,10 @@ class GPT(nn.Module):
             x = block(x, rope, mask, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(idx)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
+        if targets is not None and self.config.loss_chunk and kv_cache is None:
+            return None, chunked_head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None if targets is None else self.loss(logits, targets)
         return logits, loss
 

@@ -10,7 +10,8 @@ Pure arithmetic (no torch). Conventions:
   these by n_devices (ZeRO-3 / FSDP full shard); otherwise every device holds a full replica.
 - Activations (rough): 34 * T * micro_batch * n_embd bytes per layer (Korthikanti et al. 2022, 16-bit
   activations, no recomputation; the 5*a*T^2 attention-score term is left out because fused attention does not
-  store the score matrix) plus fp32 logits and their gradient, 8 * T * micro_batch * vocab_size bytes.
+  store the score matrix) plus fp32 logits and their gradient, 8 * T * micro_batch * vocab_size bytes; with
+  `loss_chunk`, only one chunk's, plus the gradients that the chunked loss stores (`models.head_loss`).
 - Chinchilla-optimal tokens: 20 per parameter (Hoffmann et al. 2022).
 """
 
@@ -84,7 +85,11 @@ def activation_bytes(cfg: GPTConfig, micro_batch: int = 1, seq_len: int | None =
     """Rough activation memory of one micro-batch kept for the backward pass (see module docstring)."""
     T = cfg.block_size if seq_len is None else seq_len
     layers = 34 * T * micro_batch * cfg.n_embd * cfg.n_layer
-    logits = 8 * T * micro_batch * cfg.vocab_size
+    tokens = T * micro_batch
+    if cfg.loss_chunk:  # one chunk's fp32 logits, plus the stored gradients of the hidden states and fp32 head
+        logits = 8 * min(cfg.loss_chunk, tokens) * cfg.vocab_size + 4 * tokens * cfg.n_embd + 4 * cfg.vocab_size * cfg.n_embd
+    else:
+        logits = 8 * tokens * cfg.vocab_size
     return float(layers + logits)
 
 

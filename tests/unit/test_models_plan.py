@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models.gpt import GPT, GPTConfig
-from models.plan import flops_per_token, matrix_weights, param_count, plan, training_memory_bytes
+from models.plan import activation_bytes, flops_per_token, matrix_weights, param_count, plan, training_memory_bytes
 
 GPT3 = GPTConfig(arch="gpt2", vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288)
 LLAMA_7B = GPTConfig(
@@ -75,3 +75,13 @@ def test_plan_figures():
     assert p7["gpu_hours"] == pytest.approx(p7["time_hours"] * 8)
     with pytest.raises(ValueError):
         plan(GPT3, mfu=0)
+
+
+def test_activations_with_chunked_loss():
+    cfg = GPTConfig(arch="gpt2", vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    layers = 34 * 1024 * 64 * 768 * 12
+    assert activation_bytes(cfg, 64) == layers + 8 * 1024 * 64 * 50304  # the whole logits, twice in fp32
+    chunked = cfg.model_copy(update={"loss_chunk": 8192})
+    held = 8 * 8192 * 50304 + 4 * 1024 * 64 * 768 + 4 * 50304 * 768  # one chunk, grad of h, fp32 grad of the head
+    assert activation_bytes(chunked, 64) == layers + held
+    assert activation_bytes(chunked, 64) < 0.6 * activation_bytes(cfg, 64)

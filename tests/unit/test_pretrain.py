@@ -252,7 +252,7 @@ def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float]
     """What `cfg`'s run must compute, in one process: every rank's micro-batches, each loss divided by the number
     of micro-batches in the global batch, summed into one gradient, then one AdamW step."""
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
+    model = GPT(cfg.model.model_copy(update={"loss_chunk": 0}))
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     windows = TokenWindows(shards, "train", cfg.model.block_size)
     n_micro, losses = cfg.num_workers * cfg.grad_accum, []
@@ -273,14 +273,18 @@ def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float]
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, shards, ray_session, tmp_path):
+@pytest.mark.parametrize("strategy, loss_chunk", [("ddp", 0), ("fsdp", 0), ("fsdp", 100)])
+def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, loss_chunk, shards, ray_session,
+                                                                       tmp_path):
     """2 workers x 2 micro-batches: the all-reduce (DDP) or reduce-scatter (FSDP) is skipped on the first
-    micro-batch and must still carry its gradient; the run equals one process that sees all four micro-batches."""
+    micro-batch and must still carry its gradient; the run equals one process that sees all four micro-batches.
+    With `loss_chunk` (256 tokens per micro-batch: chunks of 100, 100 and 56), the sharded run's head and loss go
+    chunk by chunk while the one-process replica keeps the plain head + cross-entropy."""
     from models.checkpoint import load_model
 
+    model = CFG.model.model_copy(update={"dropout": 0.0, "loss_chunk": loss_chunk})
     cfg = CFG.model_copy(update={
-        "model": CFG.model.model_copy(update={"dropout": 0.0}), "strategy": strategy, "steps": 4, "batch_size": 4,
+        "model": model, "strategy": strategy, "steps": 4, "batch_size": 4,
         "grad_accum": 2, "warmup_steps": 1, "log_every": 2, "eval_every": 100, "ckpt_every": 100})
     result = pretrain_gpt(cfg, shards, tmp_path)
     assert result["counts"]["tokens"] == 4 * 2 * 2 * 4 * 64
