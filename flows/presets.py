@@ -66,7 +66,7 @@ def gpt2_124m() -> PipelineConfig:
         "tokenizer": TokenizerConfig(source="gpt2"),  # GPT-2's own vocabulary and merges (bundled)
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="gpt2", vocab_size=vocab, block_size=1024, n_layer=12, n_head=12, n_embd=768),
-            steps=19073, batch_size=16, grad_accum=4, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
+            steps=19073, batch_size=16, batch_tokens=524_288, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
             log_every=50, eval_every=500, ckpt_every=1000, eval_batches=20,
         ),
         "registry": RegistryConfig(model_name="gpt-gpt2-124m"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.config import GPTConfig
 
@@ -17,6 +17,12 @@ class PretrainConfig(BaseModel):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per optimizer step (GPT-3 at 125M: 524,288); grad_accum then follows from it as "
+        "batch_tokens / (num_workers * batch_size * block_size), which must be a whole number. None: use grad_accum.",
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak (Chinchilla: 0.1).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
@@ -40,6 +46,32 @@ class PretrainConfig(BaseModel):
     eval_batches: int = Field(4, ge=1, description="Validation micro-batches per evaluation.")
     ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+    @model_validator(mode="after")
+    def _check_batch_tokens(self) -> PretrainConfig:
+        if self.batch_tokens is None:
+            return self
+        per_micro = self.num_workers * self.batch_size * self.model.block_size
+        if self.batch_tokens % per_micro:
+            raise ValueError(
+                f"batch_tokens ({self.batch_tokens:,}) must be a multiple of num_workers * batch_size * block_size "
+                f"({self.num_workers} * {self.batch_size} * {self.model.block_size} = {per_micro:,})"
+            )
+        if self.grad_accum not in (1, self.batch_tokens // per_micro):
+            raise ValueError(f"batch_tokens ({self.batch_tokens:,}) asks for {self.batch_tokens // per_micro} "
+                             f"micro-batches per step but grad_accum is {self.grad_accum}: set one of the two")
+        return self
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker: from batch_tokens when it is set, else grad_accum."""
+        if self.batch_tokens is None:
+            return self.grad_accum
+        return self.batch_tokens // (self.num_workers * self.batch_size * self.model.block_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.num_workers * self.batch_size * self.accum_steps * self.model.block_size
 
 
 class SFTConfig(BaseModel):

@@ -249,7 +249,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = matmul_flops(device, peak_dtype, peak_n) if rank == 0 else math.nan
     datasheet = datasheet_flops(device)  # the GPU's bf16 peak, for MFU as papers report it (None on CPU)
     flops_per_token = raw.flops_per_token()
-    tokens_per_step = world * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    tokens_per_step = world * cfg.batch_size * cfg.accum_steps * cfg.model.block_size
+    if rank == 0:
+        log.info("[pretrain] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step", world,
+                 cfg.accum_steps, cfg.batch_size, cfg.model.block_size, f"{tokens_per_step:,}")
 
     def evaluate() -> float:
         model.eval()
@@ -270,8 +273,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         rng = np.random.default_rng([cfg.seed, step, rank])  # data position = (seed, step, rank): exact on resume
-        batches = (train.sample(rng, cfg.batch_size) for _ in range(cfg.grad_accum))
-        loss_t, gnorm_t = train_step(model, opt, batches, cfg.grad_accum, cfg.grad_clip, device, amp, world > 1)
+        batches = (train.sample(rng, cfg.batch_size) for _ in range(cfg.accum_steps))
+        loss_t, gnorm_t = train_step(model, opt, batches, cfg.accum_steps, cfg.grad_clip, device, amp, world > 1)
         pending.append((step + 1, _rank_mean(loss_t, world)))  # the whole global batch's loss, not rank 0's share
         last = step + 1 == cfg.steps
         metrics: dict[str, float] = {}
@@ -375,7 +378,7 @@ def pretrain_gpt(cfg: PretrainConfig, shards_dir: Path, out_dir: Path, run_id: s
     plot_loss(history, out_dir / "loss_curve.png", "pretraining")
     final = result.metrics or {}
     return {
-        "counts": {"steps": cfg.steps, "tokens": cfg.steps * cfg.num_workers * cfg.batch_size * cfg.grad_accum * cfg.model.block_size},
+        "counts": {"steps": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step},
         "metrics": {"pretrain/final_train_loss": history["train"][-1][1], "pretrain/final_val_loss": history["val"][-1][1],
                     "pretrain/val_bpb": final.get("val_bpb", float("nan")),
                     "pretrain/tokens_per_s": final.get("perf_tokens_per_s", float("nan")),

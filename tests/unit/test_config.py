@@ -43,6 +43,20 @@ def test_bad_value_is_a_validation_error_naming_the_field():
         resolve("tiny", {"pretrain.steps": -3})
 
 
+def test_batch_tokens_sets_the_gradient_accumulation():
+    gpt2 = resolve("gpt2-124m").pretrain  # GPT-3's 0.5M-token batch over 8 workers x 16 x 1024
+    assert (gpt2.batch_tokens, gpt2.accum_steps, gpt2.tokens_per_step) == (524_288, 4, 524_288)
+    fewer = resolve("gpt2-124m", {"pretrain.num_workers": 2}).pretrain  # same batch, more micro-batches
+    assert (fewer.accum_steps, fewer.tokens_per_step) == (16, 524_288)
+    tiny = resolve("tiny").pretrain
+    assert tiny.batch_tokens is None and tiny.accum_steps == tiny.grad_accum
+    with pytest.raises(GptflowError, match=r"batch_tokens \(524,288\) must be a multiple of .*3 \* 16 \* 1024 = 49,152"):
+        resolve("gpt2-124m", {"pretrain.num_workers": 3})
+    with pytest.raises(GptflowError, match="asks for 4 micro-batches per step but grad_accum is 2"):
+        resolve("gpt2-124m", {"pretrain.grad_accum": 2})
+    assert resolve("gpt2-124m", {"pretrain.grad_accum": 4}).pretrain.accum_steps == 4  # agreeing is fine
+
+
 @pytest.mark.parametrize("item", ["pretrain.lr", "=3", "pretrain..lr=1", ""])
 def test_malformed_set_is_rejected(item):
     with pytest.raises(GptflowError, match="malformed --set"):

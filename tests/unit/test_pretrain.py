@@ -255,14 +255,14 @@ def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float]
     model = GPT(cfg.model.model_copy(update={"loss_chunk": 0}))
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     windows = TokenWindows(shards, "train", cfg.model.block_size)
-    n_micro, losses = cfg.num_workers * cfg.grad_accum, []
+    n_micro, losses = cfg.num_workers * cfg.accum_steps, []
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         total = 0.0
         for rank in range(cfg.num_workers):
             rng = np.random.default_rng([cfg.seed, step, rank])  # the windows the worker of this rank draws
-            for _ in range(cfg.grad_accum):
+            for _ in range(cfg.accum_steps):
                 loss = model(*windows.sample(rng, cfg.batch_size))[1] / n_micro
                 loss.backward()
                 total += loss.item()
@@ -285,7 +285,7 @@ def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy,
     model = CFG.model.model_copy(update={"dropout": 0.0, "loss_chunk": loss_chunk})
     cfg = CFG.model_copy(update={
         "model": model, "strategy": strategy, "steps": 4, "batch_size": 4,
-        "grad_accum": 2, "warmup_steps": 1, "log_every": 2, "eval_every": 100, "ckpt_every": 100})
+        "batch_tokens": 2 * 2 * 4 * 64, "warmup_steps": 1, "log_every": 2, "eval_every": 100, "ckpt_every": 100})
     result = pretrain_gpt(cfg, shards, tmp_path)
     assert result["counts"]["tokens"] == 4 * 2 * 2 * 4 * 64
     want_losses, want_weights = _one_process_replica(cfg, shards)
