@@ -5,23 +5,24 @@ of its inputs. `manifest.json` (inputs with hashes, parameters, counts, outputs)
 `_SUCCESS`; a folder with `_SUCCESS` is reused as it is, so a rerun with the same inputs and parameters does
 not recompute it. A folder without it is the stage's own scratch: stages that checkpoint resume from it.
 An input may also be an fsspec URL (`https://`, `s3://`): it is hashed from what its server says about it
-(`url_sha256`), not downloaded. Within `remote_lookups()` that is asked once per URL, however many steps ask.
+(`url_sha256`), not downloaded.
 """
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from infra.env import resolve_path
+from tasks.refs import InputRef, Ref, dump_ref, load_ref
 
 log = logging.getLogger(__name__)
 
@@ -47,72 +48,38 @@ _VERSION_KEYS = ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "Last
                  "md5Hash", "crc32c", "generation", "updated", "mtime", "checksum")
 
 
-_lookups: contextvars.ContextVar[dict[tuple[str, str], Any] | None] = contextvars.ContextVar(
-    "gptflow_remote_lookups", default=None)
-
-
-@contextmanager
-def remote_lookups() -> Iterator[None]:
-    """Within this block, what a server says about a remote file (`file_info`) and a listing's lines are fetched
-    once. Otherwise a data run asks about each URL input four times: whether it exists, its hash for the stage
-    key, the check before any work, its size when files are dealt to tasks. Nested blocks share the outer one's
-    answers; failures are not remembered, so the step that needs the answer raises its own error."""
-    if _lookups.get() is not None:
-        yield
-        return
-    token = _lookups.set({})
-    try:
-        yield
-    finally:
-        _lookups.reset(token)
-
-
-def remembered(kind: str, key: str, fetch: Callable[[], Any]) -> Any:
-    """`fetch()`, or its earlier answer for (kind, key) within `remote_lookups()`."""
-    answers = _lookups.get()
-    if answers is None:
-        return fetch()
-    if (kind, key) not in answers:
-        answers[(kind, key)] = fetch()
-    return answers[(kind, key)]
-
-
 def file_info(path: str) -> dict[str, Any]:
     """fsspec's `info()` of a local path or URL (type, size; for a URL its server's version headers)."""
     from fsspec.core import url_to_fs
 
-    def fetch() -> dict[str, Any]:
-        fs, fs_path = url_to_fs(path)
-        return fs.info(fs_path)
-
-    return remembered("info", path, fetch) if is_url(path) else fetch()
+    fs, fs_path = url_to_fs(path)
+    return fs.info(fs_path)
 
 
-def prefetch_info(paths: Iterable[str], threads: int = 16) -> None:
-    """Within `remote_lookups()`, ask about the URLs among `paths` in parallel: one request each, instead of one
-    after another in the checks (a listing can name thousands). Errors are left for those checks to raise."""
-    urls = sorted({str(p) for p in paths if is_url(p)})
-    if len(urls) < 2 or _lookups.get() is None:
-        return
+def file_infos(paths: Iterable[str], threads: int = 16) -> dict[str, dict[str, Any] | Exception]:
+    """`file_info` of every path, URLs asked in parallel (a crawl listing names thousands); a failure is returned
+    in place of its answer, for the caller to name the input."""
 
-    def ask(url: str) -> None:
+    def ask(path: str) -> dict[str, Any] | Exception:
         try:
-            file_info(url)
-        except Exception:  # noqa: BLE001  the check that needs this answer asks again and names the input
-            pass
+            return file_info(path)
+        except Exception as e:  # noqa: BLE001  the caller raises, naming the input
+            return e
 
-    with ThreadPoolExecutor(min(threads, len(urls))) as pool:  # each call in a copy of this context: same answers
-        for future in [pool.submit(contextvars.copy_context().run, ask, url) for url in urls]:
-            future.result()
+    paths = list(dict.fromkeys(str(p) for p in paths))
+    if sum(is_url(p) for p in paths) < 2:
+        return {p: ask(p) for p in paths}
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return dict(zip(paths, pool.map(ask, paths), strict=True))
 
 
-def url_sha256(url: str) -> str:
+def url_sha256(url: str, info: Mapping[str, Any] | None = None) -> str:
     """Hash a remote file by its URL, size and version metadata (ETag, Last-Modified, checksums) without
     downloading it: a Common Crawl WARC is about 1 GB. Only when the server reports no version at all (a size
     alone would miss an edit) is the content streamed and hashed."""
     from fsspec.core import url_to_fs
 
-    info = file_info(url)
+    info = file_info(url) if info is None else info
     version = {k: str(info[k]) for k in _VERSION_KEYS if info.get(k)}
     if not version:
         h = hashlib.sha256()
@@ -161,49 +128,78 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     return json.loads((stage_dir / "manifest.json").read_text())
 
 
+def as_input(value: Ref | Path | str) -> Ref:
+    """A stage input: a ref from another stage, or a path or URL the user gave (resolved as `infra.env` does)."""
+    if isinstance(value, Ref):
+        return value
+    text = str(value)
+    return InputRef(path=text if is_url(text) else str(resolve_path(text)))
+
+
+def input_hashes(stage: str, inputs: Mapping[str, Ref]) -> dict[str, str]:
+    """The sha256 of each input: a ref's own (computed once, by the stage that made it), else hashed here."""
+    hashes = {}
+    for name, ref in inputs.items():
+        if not ref.sha256 and not input_exists(ref.path):
+            raise GptflowError(f"{stage}: input '{name}' does not exist: {ref.path}")
+        hashes[name] = ref.sha256 or path_sha256(ref.path)
+    return hashes
+
+
+def seal(ref: Ref, **done: Any) -> Ref:
+    """Fill in what `run_stage` knows once the core has returned: hashes, stage, key, manifest, seconds."""
+    nested = {name: seal(value, **done) for name, value in ref if isinstance(value, Ref)}
+    sha = ref.sha256 or path_sha256(ref.path)
+    return ref.model_copy(update={"sha256": sha, **nested, **done})
+
+
+def output_hashes(ref: Ref) -> dict[str, dict[str, str]]:
+    """Every named output of a sealed ref with its sha256 (a file named after the main output reuses its hash)."""
+    outputs = {name: {"path": v.path, "sha256": v.sha256} for name, v in ref if isinstance(v, Ref)}
+    for name, p in ref.files.items():
+        outputs[name] = {"path": p, "sha256": ref.sha256 if p == ref.path else path_sha256(p)}
+    return outputs
+
+
 def run_stage(
     stage: str,
     cfg: BaseModel,
-    inputs: Mapping[str, Path | str],
-    core: Callable[[Path], dict[str, Any]],
+    inputs: Mapping[str, Ref | Path | str],
+    core: Callable[[Path], Ref],
     root: Path,
-) -> dict[str, Any]:
-    """Run `core(out_dir)` unless a finished folder for the same key exists; return the manifest.
+) -> Ref:
+    """Run `core(out_dir)` unless a finished folder for the same key exists; return the stage's sealed ref.
 
-    `core` returns `{"counts": {...}, "metrics": {...}, "outputs": {name: path}}`; the outputs are hashed into
-    the manifest so that the next stage's key changes exactly when this stage's output changes.
+    The key hashes the stage name, the config and the inputs' content. `manifest.json` (inputs with hashes,
+    parameters, counts, metrics, outputs with hashes, the ref) is written when the core returns, `_SUCCESS`
+    last; a folder without `_SUCCESS` is the stage's unfinished work, which a stage that checkpoints resumes.
     """
-    for name, p in inputs.items():
-        if not input_exists(p):
-            raise GptflowError(f"{stage}: input '{name}' does not exist: {p}")
-    hashes = {name: path_sha256(p) for name, p in inputs.items()}
+    refs = {name: as_input(v) for name, v in inputs.items()}
+    hashes = input_hashes(stage, refs)
     params = cfg.model_dump(mode="json")
     key = stage_key(stage, params, hashes)
     out_dir = Path(root) / stage / key
     done = read_manifest(out_dir)
     if done is not None:
         log.info("%s: inputs and parameters unchanged, reusing %s", stage, out_dir)
-        return {**done, "cached": True}
+        return load_ref(done["ref"]).model_copy(update={"cached": True})
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = core(out_dir)
-    seconds = time.perf_counter() - start
-    outputs = {name: str(Path(p)) for name, p in result.get("outputs", {}).items()}
+    ref = core(out_dir)
+    seconds = round(time.perf_counter() - start, 3)
+    ref = seal(ref, stage=stage, key=key, manifest=str(out_dir / "manifest.json"), seconds=seconds)
     manifest = {
         "stage": stage,
         "key": key,
         "dir": str(out_dir),
-        "inputs": {name: {"path": str(inputs[name]), "sha256": hashes[name]} for name in inputs},
+        "inputs": {name: {"path": refs[name].path, "sha256": hashes[name]} for name in refs},
         "params": params,
-        "counts": result.get("counts", {}),
-        "metrics": result.get("metrics", {}),
-        "outputs": {name: {"path": p, "sha256": path_sha256(Path(p))} for name, p in outputs.items()},
-        "seconds": round(seconds, 3),
+        "counts": ref.counts,
+        "metrics": ref.metrics,
+        "outputs": output_hashes(ref),
+        "seconds": seconds,
+        "ref": dump_ref(ref),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     (out_dir / "_SUCCESS").write_text(key)
-    return {**manifest, "cached": False}
-
-
-def output(manifest: Mapping[str, Any], name: str) -> Path:
-    return Path(manifest["outputs"][name]["path"])
+    return ref

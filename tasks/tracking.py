@@ -169,7 +169,8 @@ def log_dataset_input(run_id: str, name: str, path: Path, sha256: str, profile: 
 
 
 class MetricLogger:
-    """Rank-0 metric logging to a given run id (other ranks use pretrain's `_NullTracker`, which avoids mlflow)."""
+    """Rank-0 metric logging to a given run id (other ranks use `tasks.refs.NullLogger`, which avoids mlflow);
+    get one with `RunLink.logger(rank)`."""
 
     def __init__(self, run_id: str, tracking_uri: str | None = None):
         self.run_id = run_id
