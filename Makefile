@@ -1,11 +1,13 @@
 # make run   - create .venv if missing, install, run the whole pipeline on the tiny preset
-# make test  - same bootstrap, then the test suite (what CI runs)
+# make test  - same bootstrap, then the test suite (what CI runs, after make lint)
+# make lint  - ruff: style, imports, and the import boundaries between folders (docs/architecture.md)
+# make test-fast - the tests without Ray fits or whole-pipeline runs (a couple of minutes)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gptflow-installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -24,7 +26,15 @@ test: install
 	$(BIN)/python -m pytest tests
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not e2e"
+	$(BIN)/python -m pytest tests -m "not e2e and not ray and not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+docs: docs/architecture.svg
+
+docs/architecture.svg: docs/architecture.dot
+	dot -Tsvg $< -o $@
 
 bench: install
 	$(BIN)/python -m bench.tokenizer

@@ -135,7 +135,7 @@ def data_input(path: str) -> str:
 
     if not is_url(path):
         return require(path, "input path")
-    from tasks.data_inputs import check_input
+    from tasks.data import check_input
 
     try:
         check_input(path)
@@ -203,8 +203,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from flows import stages  # prefect and mlflow: seconds of imports, while the server starts
 
     result = run_flow(args, getattr(stages, f"{args.command}_flow"), warm, config=cfg, workdir=args.workdir, **params)
-    print(json.dumps({k: result[k] for k in ("stage", "dir", "counts", "metrics", "outputs", "cached") if k in result},
-                     indent=2, default=str))
+    print(json.dumps({"dir": str(result.dir), **result.model_dump(mode="json", include={
+        "stage", "path", "counts", "metrics", "files", "cached"})}, indent=2, default=str))
     return 0
 
 

@@ -9,21 +9,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.bpe import TokenizerConfig
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
+from tasks.align import AlignConfig
 from tasks.data import DataConfig
 from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.registry import RegistryConfig
+from tasks.sft import SFTConfig
 from tasks.stage import GptflowError
-
-
-class RegistryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model_name: str = Field("gpt-tiny", description="Registered model name in the MLflow registry.")
-    aliases: list[str] = Field(default_factory=lambda: ["candidate"], description="Aliases set on the new version.")
+from tasks.tokenizer import TokenizerConfig
 
 
 class PipelineConfig(BaseModel):
+    """Every stage's own config, composed; each lives beside its stage's code."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = Field(description="The preset this config started from.")
@@ -34,6 +32,11 @@ class PipelineConfig(BaseModel):
     align: AlignConfig = Field(default_factory=AlignConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @property
+    def registration(self) -> RegistryConfig:
+        """`registry` with its model name filled in: `gpt-<preset>` unless the user named it."""
+        return self.registry.model_copy(update={"model_name": self.registry.model_name or f"gpt-{self.preset}"})
 
 
 def parse_value(text: str) -> Any:

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from flows.config import PipelineConfig, RegistryConfig
+from flows.config import PipelineConfig
 from models.config import GPTConfig
-from tasks.bpe import TokenizerConfig
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
+from tasks.align import AlignConfig
 from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
+from tasks.tokenizer import TokenizerConfig
 
 PresetName = Literal["tiny", "small", "gpt2-124m"]
 
@@ -36,7 +38,6 @@ def tiny() -> PipelineConfig:
         sft=SFTConfig(max_examples=400, steps=40, batch_size=8, lr=1e-3, log_every=10),
         align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),
         eval=EvalConfig(limit=20, batch_size=32),
-        registry=RegistryConfig(model_name="gpt-tiny"),
     )
 
 
@@ -54,7 +55,6 @@ def small() -> PipelineConfig:
         "sft": SFTConfig(steps=300, batch_size=16, lr=3e-4),
         "align": AlignConfig(steps=200, batch_size=8, lr=5e-5),
         "eval": EvalConfig(limit=None),
-        "registry": RegistryConfig(model_name="gpt-small"),
     })
 
 
@@ -69,7 +69,6 @@ def gpt2_124m() -> PipelineConfig:
             steps=19073, batch_size=16, batch_tokens=524_288, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
             log_every=50, eval_every=500, ckpt_every=1000, eval_batches=20,
         ),
-        "registry": RegistryConfig(model_name="gpt-gpt2-124m"),
     })
 
 

@@ -1,102 +1,104 @@
 """Thin Prefect tasks around the stage cores, MLflow at their edges, and one flow per stage.
 
-Each task: open the stage's nested MLflow run, call the core through `run_stage` (which skips a stage whose
-inputs and parameters have not changed), log the manifest's params, counts and metrics and its small files.
-The wrappers live here rather than in `tasks/` so that Ray workers, which import the cores, never import
-Prefect. The cores that need torch (pretrain, SFT, align) are imported in their task, so that `gptflow data`
-and the other torch-free stages start without it.
+Every stage task goes through `tracked_stage`, the one place that calls `run_stage` (content-addressed folder,
+reuse of a finished one, `_SUCCESS` last) and opens the stage's nested MLflow run. A task names its inputs and
+calls its core; it holds no logic of its own. The wrappers live here rather than in `tasks/` so that Ray
+workers, which import the cores, never import Prefect. The cores that need torch (pretrain, SFT, align, eval)
+are imported in their task, so `gptflow data` and the other torch-free stages start without it.
+
+Adding a stage: a config and a core `verb_object(cfg, inputs..., out_dir) -> Ref` in `tasks/<stage>.py`, a
+task here of the same shape as the others, and one line in `flows/pipeline.py` (README, "Adding a stage").
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from infra.env import resolve_path, runs_dir
+from infra.env import runs_dir
 from tasks import tracking
-from tasks.bpe import TokenizerConfig, build_tokenizer
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
-from tasks.data import DataConfig, data_stage
-from tasks.evaluate import EvalConfig, evaluate_model
-from tasks.stage import run_stage
+from tasks.align import AlignConfig
+from tasks.data import DataConfig, build_corpus, crawl_inputs
+from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
+from tasks.registry import RegistryConfig
+from tasks.sft import SFTConfig
+from tasks.stage import as_input, run_stage
+from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 
-def _finish(run_id: str, manifest: dict, *files: str) -> dict:
-    out = Path(manifest["dir"])
-    tracking.log_manifest(run_id, manifest, [out / f for f in files])
-    return manifest
+def tracked_stage(stage: str, cfg: Any, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
+                  root: str, parent_run_id: str | None) -> Ref:
+    """Run `core(out_dir, run_link)` through `run_stage` inside the stage's MLflow run; log what it made."""
+    with tracking.stage_run(stage, parent_run_id) as run_id:
+        link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
+        ref = run_stage(stage, cfg, inputs, lambda out: core(out, link), Path(root))
+        tracking.log_stage(run_id, ref, cfg, inputs)
+        return ref
 
 
 @task(name="data", cache_policy=NO_CACHE)
-def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> dict:
-    with tracking.stage_run("data", parent_run_id) as run_id:
-        return _finish(run_id, data_stage(cfg, Path(root)), "funnel.png", "samples")
+def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> CorpusRef:
+    inputs = crawl_inputs(cfg)  # listings expanded, every file asked about once
+    return tracked_stage("data", cfg, inputs, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)
-def tokenizer_task(cfg: TokenizerConfig, corpus: str, root: str, parent_run_id: str | None = None) -> dict:
-    with tracking.stage_run("tokenizer", parent_run_id) as run_id:
-        m = run_stage("tokenizer", cfg, {"corpus": Path(corpus)}, lambda out: build_tokenizer(cfg, Path(corpus), out), Path(root))
-        tracking.log_dataset_input(run_id, "corpus", Path(corpus), m["inputs"]["corpus"]["sha256"], {}, "training")
-        return _finish(run_id, m, "tokenizer", "shards/index.json")
+def tokenizer_task(cfg: TokenizerConfig, corpus: CorpusRef, root: str, parent_run_id: str | None = None) -> TokenizerRef:
+    return tracked_stage("tokenizer", cfg, {"corpus": corpus}, lambda out, _: build_tokenizer(cfg, corpus, out),
+                         root, parent_run_id)
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def pretrain_task(cfg: PretrainConfig, shards: str, root: str, parent_run_id: str | None = None) -> dict:
+def pretrain_task(cfg: PretrainConfig, shards: ShardsRef, root: str, parent_run_id: str | None = None) -> ModelRef:
     from tasks.pretrain import pretrain_gpt
 
-    with tracking.stage_run("pretrain", parent_run_id) as run_id:
-        uri = tracking.tracking_uri()
-        m = run_stage("pretrain", cfg, {"shards": Path(shards)},
-                      lambda out: pretrain_gpt(cfg, Path(shards), out, run_id=run_id, tracking_uri=uri), Path(root))
-        index = json.loads((Path(shards) / "index.json").read_text())
-        profile = {f"{s}_tokens": v["tokens"] for s, v in index["splits"].items()}
-        tracking.log_dataset_input(run_id, "token-shards", Path(shards), m["inputs"]["shards"]["sha256"], profile, "training")
-        return _finish(run_id, m, "loss_curve.png", "history.json", "model/config.json")
+    return tracked_stage("pretrain", cfg, {"shards": shards}, lambda out, run: pretrain_gpt(cfg, shards, out, run),
+                         root, parent_run_id)
 
 
 @task(name="sft", cache_policy=NO_CACHE)
-def sft_task(cfg: SFTConfig, model: str, tokenizer: str, root: str, parent_run_id: str | None = None) -> dict:
+def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+             parent_run_id: str | None = None) -> ModelRef:
     from tasks.sft import finetune_sft
 
-    data = resolve_path(cfg.data)
-    inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
-    with tracking.stage_run("sft", parent_run_id) as run_id:
-        m = run_stage("sft", cfg, inputs, lambda out: finetune_sft(cfg, Path(model), Path(tokenizer), data, out), Path(root))
-        return _finish(run_id, m, "loss_curve.png", "history.json")
+    inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
+    return tracked_stage("sft", cfg, inputs, lambda out, _: finetune_sft(cfg, model, tokenizer, out),
+                         root, parent_run_id)
 
 
 @task(name="align", cache_policy=NO_CACHE)
-def align_task(cfg: AlignConfig, model: str, tokenizer: str, root: str, parent_run_id: str | None = None) -> dict:
+def align_task(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+               parent_run_id: str | None = None) -> ModelRef:
     from tasks.align import align_dpo
 
-    data = resolve_path(cfg.data)
-    inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "data": data}
-    with tracking.stage_run("align", parent_run_id) as run_id:
-        m = run_stage("align", cfg, inputs, lambda out: align_dpo(cfg, Path(model), Path(tokenizer), data, out), Path(root))
-        return _finish(run_id, m, "loss_curve.png", "history.json")
+    inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
+    return tracked_stage("align", cfg, inputs, lambda out, _: align_dpo(cfg, model, tokenizer, out),
+                         root, parent_run_id)
 
 
 @task(name="eval", cache_policy=NO_CACHE)
-def eval_task(cfg: EvalConfig, model: str, tokenizer: str, root: str, parent_run_id: str | None = None) -> dict:
-    data_dir = resolve_path(cfg.data_dir)
-    inputs = {"model": Path(model), "tokenizer": Path(tokenizer), "benchmarks": data_dir}
-    with tracking.stage_run("eval", parent_run_id) as run_id:
-        m = run_stage("eval", cfg, inputs,
-                      lambda out: evaluate_model(cfg, Path(model), Path(tokenizer), data_dir, out), Path(root))
-        return _finish(run_id, m, "results.md", "results.json", "results.png")
+def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+              parent_run_id: str | None = None) -> EvalReport:
+    from tasks.evaluate import evaluate_model
+
+    inputs = {"model": model, "tokenizer": tokenizer, "benchmarks": as_input(cfg.data_dir)}
+    return tracked_stage("eval", cfg, inputs, lambda out, _: evaluate_model(cfg, model, tokenizer, out),
+                         root, parent_run_id)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def register_task(model: str, tokenizer: str, name: str, aliases: list[str], tags: dict[str, str],
-                  parent_run_id: str | None = None) -> dict:
+def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef, tags: dict[str, str],
+                  parent_run_id: str | None = None) -> RegisteredModel:
+    """Not a cached stage: each pipeline run that reaches it registers a version (retried: registry IO)."""
     with tracking.stage_run("register", parent_run_id) as run_id:
-        return tracking.register_model(run_id, Path(model), Path(tokenizer), name, aliases, tags)
+        return tracking.register_model(run_id, model, tokenizer, cfg, tags)
 
 
 # ---------------------------------------------------------------- one flow per stage (`gptflow <stage>`)
@@ -107,36 +109,36 @@ def _root(workdir: str | None) -> str:
 
 
 @flow(name="data", log_prints=True)
-def data_flow(config: DataConfig = DataConfig(), workdir: str | None = None) -> dict:
+def data_flow(config: DataConfig = DataConfig(), workdir: str | None = None) -> CorpusRef:
     return data_task(config, _root(workdir))
 
 
 @flow(name="tokenizer", log_prints=True)
-def tokenizer_flow(corpus: str, config: TokenizerConfig = TokenizerConfig(), workdir: str | None = None) -> dict:
-    return tokenizer_task(config, corpus, _root(workdir))
+def tokenizer_flow(corpus: str, config: TokenizerConfig = TokenizerConfig(), workdir: str | None = None) -> TokenizerRef:
+    return tokenizer_task(config, CorpusRef(path=corpus), _root(workdir))
 
 
 @flow(name="pretrain", log_prints=True)
-def pretrain_flow(shards: str, config: PretrainConfig, workdir: str | None = None) -> dict:
-    return pretrain_task(config, shards, _root(workdir))
+def pretrain_flow(shards: str, config: PretrainConfig, workdir: str | None = None) -> ModelRef:
+    return pretrain_task(config, ShardsRef(path=shards), _root(workdir))
 
 
 @flow(name="sft", log_prints=True)
-def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdir: str | None = None) -> dict:
-    return sft_task(config, model, tokenizer, _root(workdir))
+def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdir: str | None = None) -> ModelRef:
+    return sft_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="align", log_prints=True)
-def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> dict:
-    return align_task(config, model, tokenizer, _root(workdir))
+def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> ModelRef:
+    return align_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="eval", log_prints=True)
-def eval_flow(model: str, tokenizer: str, config: EvalConfig = EvalConfig(), workdir: str | None = None) -> dict:
-    return eval_task(config, model, tokenizer, _root(workdir))
+def eval_flow(model: str, tokenizer: str, config: EvalConfig = EvalConfig(), workdir: str | None = None) -> EvalReport:
+    return eval_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
-def timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start

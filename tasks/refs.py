@@ -85,7 +85,7 @@ class ShardsRef(Ref):
 class TokenizerRef(Ref):
     """A saved tokenizer folder (`tokenizer.json`) and the token shards written with it."""
 
-    shards: ShardsRef
+    shards: ShardsRef | None = Field(None, description="None for a tokenizer given alone (`gptflow sft --tokenizer`).")
 
     @property
     def tokenizer_json(self) -> Path:

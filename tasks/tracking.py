@@ -1,7 +1,7 @@
 """MLflow at the edges: the only module that imports mlflow.
 
 One parent run per pipeline run, one nested run per stage. Stage wrappers call `stage_run(...)` and
-`log_manifest(...)`; the trainer's rank 0 logs through `MetricLogger` with the run id it is given.
+`log_stage(...)` (through `flows.stages.tracked_stage`); the trainer's rank 0 logs through `MetricLogger` with the run id it is given.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
 
 from infra.env import REPO_ROOT, workspace
+from tasks.refs import ModelRef, Ref, RegisteredModel, TokenizerRef
+from tasks.registry import RegistryConfig
 
 EXPERIMENT = "llm-pipeline"
 
@@ -141,20 +144,24 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_manifest(run_id: str, manifest: Mapping[str, Any], artifacts: list[Path] = ()) -> None:
-    """Stage params, counts and metrics, its manifest and the given small files."""
-    log_params(run_id, flatten(manifest["params"]))
-    metrics = {f"{manifest['stage']}/{k}": v for k, v in flatten(manifest.get("counts", {})).items()}
-    metrics.update(flatten(manifest.get("metrics", {})))
-    metrics["time/seconds"] = manifest["seconds"]
+def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) -> None:
+    """A stage's params, counts, metrics, manifest and the files its ref marks as artifacts; the inputs that are
+    datasets (a corpus, token shards) as MLflow dataset inputs, for lineage."""
+    log_params(run_id, flatten(cfg.model_dump(mode="json")))
+    metrics = {f"{ref.stage}/{k}": v for k, v in flatten(ref.counts).items()}
+    metrics.update(flatten(ref.metrics))
+    metrics["time/seconds"] = ref.seconds
     log_metrics(run_id, metrics)
-    MlflowClient().set_tag(run_id, "cached", str(manifest.get("cached", False)).lower())
-    MlflowClient().set_tag(run_id, "stage_dir", manifest["dir"])
-    manifest_file = Path(manifest["dir"]) / "manifest.json"
-    log_artifact(run_id, manifest_file)
-    for p in artifacts:
-        if Path(p).exists():
-            log_artifact(run_id, Path(p))
+    client = MlflowClient()
+    client.set_tag(run_id, "cached", str(ref.cached).lower())
+    client.set_tag(run_id, "stage_dir", str(ref.dir))
+    log_artifact(run_id, Path(ref.manifest))
+    for name in ref.artifacts:
+        if ref.file(name).exists():
+            log_artifact(run_id, ref.file(name))
+    for name, source in inputs.items():
+        if source.dataset_name:
+            log_dataset_input(run_id, source.dataset_name, Path(source.path), source.sha256, source.profile(), "training")
 
 
 def log_dataset_input(run_id: str, name: str, path: Path, sha256: str, profile: Mapping[str, Any], context: str) -> None:
@@ -190,13 +197,12 @@ def run_url(run_id: str) -> str:
     return f"{tracking_uri()} experiment {run.info.experiment_id} run {run_id}"
 
 
-def register_model(
-    run_id: str, model_dir: Path, tokenizer_dir: Path, name: str, aliases: list[str], tags: Mapping[str, str]
-) -> dict[str, Any]:
+def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: RegistryConfig,
+                   tags: Mapping[str, str]) -> RegisteredModel:
     """Log the model (safetensors weights + config + tokenizer, loaded by code, no pickles) and register it."""
     from tasks import pyfunc_model
 
-    artifacts = {"model": str(model_dir), "tokenizer": str(tokenizer_dir)}
+    artifacts = {"model": model.path, "tokenizer": tokenizer.path}
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -205,15 +211,16 @@ def register_model(
             code_paths=[str(REPO_ROOT / "models")],
             pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
                               f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
-            registered_model_name=name,
+            registered_model_name=cfg.model_name,
         )
     client = MlflowClient()
     version = info.registered_model_version
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
+    for alias in cfg.aliases:
+        client.set_registered_model_alias(cfg.model_name, alias, version)
     for k, v in tags.items():
-        client.set_model_version_tag(name, version, metric_name(k), str(v))
-    return {"name": name, "version": int(version), "model_uri": info.model_uri, "aliases": aliases}
+        client.set_model_version_tag(cfg.model_name, version, metric_name(k), str(v))
+    return RegisteredModel(name=cfg.model_name, version=int(version), model_uri=info.model_uri,
+                           aliases=list(cfg.aliases))
 
 
 def _version(pkg: str) -> str:
