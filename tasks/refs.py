@@ -62,12 +62,9 @@ class CorpusRef(Ref):
 
     dataset_name: ClassVar[str | None] = "corpus"
 
-    @property
-    def docs(self) -> int:
-        return int(self.counts["totals"]["docs_out"])
-
     def profile(self) -> dict[str, Any]:
-        return {"docs": self.docs, "chars": self.counts["totals"]["chars_out"]}
+        totals = self.counts.get("totals", {})  # a folder given by hand (`gptflow tokenizer --input`) has none
+        return {"docs": totals.get("docs_out"), "chars": totals.get("chars_out")}
 
 
 class ShardsRef(Ref):
@@ -79,7 +76,8 @@ class ShardsRef(Ref):
         return json.loads((Path(self.path) / "index.json").read_text())
 
     def profile(self) -> dict[str, Any]:
-        return {f"{split}_tokens": self.counts[f"{split}_tokens"] for split in ("train", "val")}
+        splits = self.index()["splits"]
+        return {f"{split}_tokens": v["tokens"] for split, v in splits.items()}
 
 
 class TokenizerRef(Ref):

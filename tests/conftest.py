@@ -29,3 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def workspace() -> Path:
     return Path(os.environ["GPTFLOW_HOME"])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `gpu` need CUDA; without it they are skipped, as datatrove's `require_*` helpers do."""
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
