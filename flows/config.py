@@ -9,11 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.bpe import TokenizerConfig
 from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.data import DataConfig
 from tasks.evaluate import EvalConfig
 from tasks.stage import GptflowError
+from tasks.tokenizer import TokenizerConfig
 
 
 class RegistryConfig(BaseModel):

@@ -16,9 +16,9 @@ from typing import Literal
 
 from flows.config import PipelineConfig, RegistryConfig
 from models.config import GPTConfig
-from tasks.bpe import TokenizerConfig
 from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.evaluate import EvalConfig
+from tasks.tokenizer import TokenizerConfig
 
 PresetName = Literal["tiny", "small", "gpt2-124m"]
 

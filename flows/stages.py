@@ -19,11 +19,11 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
-from tasks.bpe import TokenizerConfig, build_tokenizer
 from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.data import DataConfig, data_stage
 from tasks.evaluate import EvalConfig, evaluate_model
 from tasks.stage import run_stage
+from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 
 def _finish(run_id: str, manifest: dict, *files: str) -> dict:
