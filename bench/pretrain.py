@@ -246,7 +246,9 @@ def bench_head_loss(chunks: list[int], vocab: int, batch: int, steps: int) -> li
 def shakespeare_shards(text_file: Path, vocab_size: int, out: Path) -> Path:
     """BPE trained on the first 90 % of the text; token shards in the tokenizer stage's format, with the last 10 %
     (by characters) as the validation split. Cached in `out`."""
-    from tasks.bpe import EOT, TokenizerConfig, train_bpe
+    from models.tokens import EOT
+    from tasks.bpe import train_bpe
+    from tasks.tokenizer import TokenizerConfig
 
     shards = out / "shards"
     if (shards / "index.json").exists():

@@ -3,7 +3,7 @@
 Prints
 - training MB/s (byte-level BPE, `tasks.bpe.train_bpe`) on all cores and on one core;
 - encoding MB/s of a bare `encode_batch` (and `encode_batch_fast`) on one core and on all cores;
-- the shard writer's MB/s (`tasks.bpe.write_shards`: encode, split, pack, write) and its ratio to the bare
+- the shard writer's MB/s (`tasks.shards.write_shards`: encode, split, pack, write) and its ratio to the bare
   all-core `encode_batch` on the same documents (target: at least 0.8);
 - bytes per token of the trained tokenizer and of GPT-2's on the held-out documents (the stage's validation
   split, which the benchmark's tokenizer is not trained on);
@@ -37,7 +37,7 @@ DEFAULT_INPUTS = [
 
 
 def load_docs(paths: list[Path], chunk_bytes: int = 4096) -> list[str]:
-    from tasks.bpe import iter_texts
+    from tasks.tokenizer import iter_texts
 
     docs: list[str] = []
     for p in paths:
@@ -91,22 +91,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     setup_env()
 
+    from models.tokens import EOT
     from tasks.bpe import (
-        EOT,
         GPT2_MERGES,
         GPT2_VOCAB,
-        TokenizerConfig,
         all_cores,
         compare_merges,
         count_tokens,
-        is_val,
         load_gpt2,
         read_merges,
         text_encoder,
         tokenizer_merges,
         train_bpe,
-        write_shards,
     )
+    from tasks.shards import is_val, write_shards
+    from tasks.tokenizer import TokenizerConfig
 
     docs = load_docs(args.input or DEFAULT_INPUTS)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)

@@ -1,291 +1,34 @@
-"""lm-eval adapter for gptflow's GPT and the benchmark runner.
+"""Run the benchmark suite with lm-eval on a saved model, and report it.
 
-- `GPTFlowLM`: an lm-eval `LM` registered as "gptflow" that wraps a `models.gpt.GPT` and a Hugging Face
-  `tokenizers.Tokenizer`. Usable from `lm_eval.simple_evaluate(model="gptflow",
-  model_args="model_dir=...,tokenizer=...,batch_size=16")` once this module is imported, or directly.
 - `run_benchmarks(...)`: evaluates a saved model on the local task copies (see `eval/tasks/`, `eval/prepare.py`)
   with `lm_eval.simple_evaluate` and a `TaskManager` that only knows those tasks; writes results.json and
   results.md.
 - `plot_results(results, png_path)`: bar chart of the accuracies and perplexities.
 
-Scoring follows lm-eval's HF model (`HFLM`): a context's trailing whitespace moves into the continuation, the
-continuation tokens are `encode(context + continuation)[len(encode(context)):]`, an empty context is replaced
-by the end-of-text token, and inputs longer than the model's block size keep their rightmost tokens. Rolling
-log-likelihoods (perplexity tasks) use disjoint prediction windows of `block_size` tokens, each with as much
-preceding context as fits, starting from the end-of-text token; every token is predicted exactly once.
+The model is scored through `eval.lm.GPTFlowLM` (lm-eval model "gptflow", registered when this module is imported).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from tokenizers import Tokenizer
-from torch.nn import functional as F
 
-from eval.prepare import TASKS
+from eval.benchmarks import TASKS
+from eval.lm import GPTFlowLM
 from eval.taskgen import GROUP, expand_tasks, lm_eval_name, short_name, write_task_configs
 
-if TYPE_CHECKING:
-    from lm_eval.api.instance import Instance
-
-log = logging.getLogger(__name__)
-
-EOT_TOKEN = "<|endoftext|>"
-DEFAULT_MAX_GEN_TOKS = 256
-LOGITS_BUDGET = 1 << 28  # max batch * time * vocab floats of logits held at once (1 GiB in fp32)
 DEFAULT_BOOTSTRAP_ITERS = 1000  # lm-eval's default is 100000: minutes of CPU for perplexity stderrs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the lm-eval model
+# results
 
-
-@register_model("gptflow")
-class GPTFlowLM(LM):
-    """lm-eval `LM` over (GPT, tokenizers.Tokenizer).
-
-    Give either `model` + `tokenizer` objects, or `model_dir` (a `models.checkpoint.save_model` folder) +
-    `tokenizer` (a tokenizer.json path). Any module whose `forward(idx)` returns `(logits, _)` and whose
-    `config.block_size` is set works; `max_length` overrides the block size.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module | None = None,
-        tokenizer: Tokenizer | str | Path | None = None,
-        model_dir: str | Path | None = None,
-        batch_size: int | str | None = 16,
-        device: str | torch.device | None = "cpu",
-        max_length: int | None = None,
-        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-        eot_token: str = EOT_TOKEN,
-        **unused: Any,
-    ) -> None:
-        super().__init__()
-        unused = {k: v for k, v in unused.items() if v is not None and k not in ("max_batch_size",)}
-        if unused:
-            log.warning("gptflow LM ignores arguments %s", sorted(unused))
-        self._device = torch.device(device or "cpu")
-        if model is None:
-            if model_dir is None:
-                raise ValueError("gptflow LM needs model=<GPT> or model_dir=<folder with model.safetensors>")
-            from models.checkpoint import load_model
-
-            model = load_model(Path(model_dir), device=self._device)
-        self.model = model.to(self._device).eval()
-        if tokenizer is None:
-            raise ValueError("gptflow LM needs tokenizer=<tokenizers.Tokenizer or path to tokenizer.json>")
-        if isinstance(tokenizer, (str, Path)):
-            path = Path(tokenizer)
-            if not path.is_file():
-                raise FileNotFoundError(f"tokenizer file not found: {path}")
-            tokenizer = Tokenizer.from_file(str(path))
-        self.tokenizer = tokenizer
-        eot = tokenizer.token_to_id(eot_token)
-        if eot is None:
-            eot = getattr(getattr(model, "config", None), "eot_id", None)
-        if eot is None:
-            raise ValueError(f"tokenizer has no {eot_token!r} token and the model config no eot_id")
-        self._eot_id = int(eot)
-        self.eot_token = eot_token
-        block = max_length or getattr(getattr(model, "config", None), "block_size", None)
-        if not block:
-            raise ValueError("cannot tell the context length: pass max_length or use a model with config.block_size")
-        self._max_length = int(block)
-        self.batch_size = _parse_batch_size(batch_size)
-        self.max_gen_toks = int(max_gen_toks)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and tokenizer.get_vocab_size(with_added_tokens=True) > vocab:
-            raise ValueError(
-                f"tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, model vocab_size {vocab}"
-            )
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> GPTFlowLM:
-        """`model_dir=DIR,tokenizer=FILE[,batch_size=N,device=cpu,max_length=N,max_gen_toks=N]`.
-
-        Values in arg_string win over `additional_config` (what simple_evaluate passes: batch_size, device),
-        so giving batch_size in both places is not an error.
-        """
-        from lm_eval.utils import simple_parse_args_string
-
-        args = simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
-
-    # -- basic properties ----------------------------------------------------------------------------------
-
-    @property
-    def eot_token_id(self) -> int:
-        return self._eot_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def tokenizer_name(self) -> str:
-        return "gptflow-tokenizer"
-
-    def tok_encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def tok_decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context tokens, continuation tokens) the way lm-eval's causal HF model splits them."""
-        if context == "":
-            cont = self.tok_encode(continuation)
-            if cont and cont[0] == self._eot_id:
-                return cont[:1], cont[1:]
-            return [self._eot_id], cont
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self.tok_encode(context + continuation)
-        ctx = self.tok_encode(context)
-        if not ctx:  # a whitespace-only context: condition on the end-of-text token instead
-            return [self._eot_id], whole
-        return ctx, whole[len(ctx) :]
-
-    # -- scoring core ----------------------------------------------------------------------------------------
-
-    def _windows(self, tokens: list[int], n_pred: int) -> list[tuple[list[int], list[int]]]:
-        """(input, targets) windows that predict the last n_pred of `tokens` once each, with the most context.
-
-        A window predicting tokens[a:b] (b - a <= block) feeds tokens[max(0, b-1-block) : b-1]; its last b - a
-        outputs are the predictions. One window when n_pred <= block (HFLM's left truncation), else a rolling
-        series like lm-eval's get_rolling_token_windows + make_disjoint_window.
-        """
-        block, n = self._max_length, len(tokens)
-        if not 0 <= n_pred < n:
-            raise ValueError(f"cannot predict {n_pred} of {n} tokens (the first token has no context)")
-        out = []
-        a = n - n_pred
-        while a < n:
-            b = min(a + block, n)
-            out.append((tokens[max(0, b - 1 - block) : b - 1], tokens[a:b]))
-            a = b
-        return out
-
-    @torch.inference_mode()
-    def _score(self, seqs: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
-        """For each (tokens, n_pred): sum of log p(token | preceding tokens) over the last n_pred tokens, and
-        whether every one of them is the argmax prediction. Windows of all sequences are batched together,
-        longest first, right-padded (causal attention, so padding never affects real positions)."""
-        windows = []  # (seq index, input, targets)
-        for i, (tokens, n_pred) in enumerate(seqs):
-            windows.extend((i, inp, tgt) for inp, tgt in self._windows(tokens, n_pred))
-        windows.sort(key=lambda w: -len(w[1]))
-        logprob = [0.0] * len(seqs)
-        greedy = [True] * len(seqs)
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or 65536
-        start = 0
-        while start < len(windows):
-            longest = len(windows[start][1])
-            bs = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
-            batch = windows[start : start + bs]
-            start += len(batch)
-            x = torch.zeros(len(batch), longest, dtype=torch.long)
-            for r, (_, inp, _) in enumerate(batch):
-                x[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits, *_ = self.model(x.to(self._device))
-            for r, (i, inp, tgt) in enumerate(batch):
-                n = len(tgt)
-                rows = F.log_softmax(logits[r, len(inp) - n : len(inp)].float(), dim=-1)  # (n, V)
-                target = torch.tensor(tgt, dtype=torch.long, device=rows.device)
-                logprob[i] += rows.gather(1, target.unsqueeze(1)).sum().item()
-                greedy[i] = greedy[i] and bool((rows.argmax(dim=-1) == target).all())
-        return list(zip(logprob, greedy))
-
-    # -- lm-eval API -------------------------------------------------------------------------------------------
-
-    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        seqs, empty = [], []
-        for k, req in enumerate(requests):
-            context, continuation = req.args[0], req.args[1]
-            ctx, cont = self.encode_pair(context, continuation)
-            if not cont:  # nothing to score (e.g. an empty continuation)
-                empty.append(k)
-                seqs.append(None)
-                continue
-            seqs.append((ctx + cont, len(cont)))
-        scored = iter(self._score([s for s in seqs if s is not None]))
-        out = [(0.0, True) if s is None else next(scored) for s in seqs]
-        for req, res in zip(requests, out):
-            self.cache_hook.add_partial("loglikelihood", req.args, res)
-        return out
-
-    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        seqs = []
-        for req in requests:
-            tokens = self.tok_encode(req.args[0])
-            seqs.append(([self._eot_id] + tokens, len(tokens)) if tokens else None)
-        scored = iter(self._score([s for s in seqs if s is not None]))
-        out = [0.0 if s is None else next(scored)[0] for s in seqs]
-        for req, res in zip(requests, out):
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
-        return out
-
-    @torch.inference_mode()
-    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, one request at a time, re-running the last block_size tokens each step."""
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args[0], dict(req.args[1] or {})
-            until = gen_kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            if self.eot_token not in until:
-                until.append(self.eot_token)
-            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0.0:
-                log.warning("gptflow LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
-            tokens = self.tok_encode(context) or [self._eot_id]
-            new: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (tokens + new)[-self._max_length :]
-                logits, *_ = self.model(torch.tensor([window], dtype=torch.long, device=self._device))
-                nxt = int(logits[0, -1].argmax())
-                if nxt == self._eot_id:
-                    break
-                new.append(nxt)
-                text = self.tok_decode(new)
-                if any(s and s in text for s in until):
-                    break
-            cut = min((text.find(s) for s in until if s and s in text), default=len(text))
-            text = text[:cut]
-            self.cache_hook.add_partial("generate_until", req.args, text)
-            out.append(text)
-        return out
-
-
-def _parse_batch_size(batch_size: int | str | None) -> int:
-    if batch_size is None:
-        return 16
-    if isinstance(batch_size, str):
-        if batch_size.startswith("auto"):
-            log.warning("gptflow LM has no automatic batch size; using 16")
-            return 16
-        batch_size = int(batch_size)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return int(batch_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# running the suite
 
 _SKIP_KEYS = {"alias", "name", "sample_len", "sample_count", " "}
 
@@ -322,6 +65,10 @@ def results_table(results: dict[str, dict[str, float]], stderr: dict[str, dict[s
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# running the suite
+
+
 def run_benchmarks(
     model_dir: Path,
     tokenizer_json: Path,
@@ -343,9 +90,6 @@ def run_benchmarks(
     instead of loading `model_dir`. Returns {"results": {task: {metric: value}}, "stderr": {...},
     "table_md": str, "samples_count": {task: {"original": N, "effective": n}}, ...}.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     t0 = time.perf_counter()
     if not tasks:
         raise ValueError("no tasks given")
@@ -364,6 +108,21 @@ def run_benchmarks(
     )
     wanted = [lm_eval_name(t) for t in tasks]
     wanted = [GROUP] if GROUP in wanted else list(dict.fromkeys(wanted))
+    raw = _simple_evaluate(lm, wanted, limit, task_dir, bootstrap_iters)
+    results, stderr = _collect(raw, [lm_eval_name(t) for t in leaves] + ([GROUP] if GROUP in wanted else []))
+    config = {"model_dir": str(model_dir), "tokenizer": str(tokenizer_json), "tasks": list(tasks), "limit": limit,
+              "batch_size": batch_size, "bootstrap_iters": bootstrap_iters}
+    summary = _summary(raw, results, stderr, lm, config, round(time.perf_counter() - t0, 2))
+    _write_reports(summary, out_dir)
+    return summary
+
+
+def _simple_evaluate(lm: GPTFlowLM, wanted: list[str], limit: int | None, task_dir: Path,
+                     bootstrap_iters: int) -> dict[str, Any]:
+    """lm-eval on the rendered task folder only (indexing its built-in tasks costs ~19 s)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
     raw = lm_eval.simple_evaluate(
         model=lm,
@@ -376,45 +135,54 @@ def run_benchmarks(
     shutil.rmtree(task_dir / ".datasets_cache", ignore_errors=True)  # Arrow copies of the data: not results
     if raw is None:  # only on non-zero ranks, which never happens here
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return raw
 
+
+def _collect(raw: dict[str, Any], names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float | None]]]:
+    """({task: {metric: value}}, {task: {metric: stderr}}) of the lm-eval task and group `names`."""
     results: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float | None]] = {}
     entries = {**raw.get("results", {}), **raw.get("groups", {})}
-    for name in [lm_eval_name(t) for t in leaves] + ([GROUP] if GROUP in wanted else []):
+    for name in names:
         if name not in entries:
             raise RuntimeError(f"lm-eval returned no results for {name}")
         values, errs = _metrics_of(entries[name])
         results[short_name(name)], stderr[short_name(name)] = values, errs
+    return results, stderr
+
+
+def _summary(raw: dict[str, Any], results: dict[str, dict[str, float]], stderr: dict[str, dict[str, float | None]],
+             lm: GPTFlowLM, config: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What results.json holds: scores, stderrs, sample counts, the table, the run's settings and versions."""
+    import lm_eval
+
     samples_count = {
         short_name(k): {"original": int(v["original"]), "effective": int(v["effective"])}
         for k, v in raw.get("n-samples", {}).items()
     }
-    table_md = results_table(results, stderr)
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    summary = {
+    return {
         "results": results,
         "stderr": stderr,
         "samples_count": samples_count,
-        "table_md": table_md,
+        "table_md": results_table(results, stderr),
         "config": {
-            "model_dir": str(model_dir),
-            "tokenizer": str(tokenizer_json),
-            "tasks": list(tasks),
-            "limit": limit,
-            "batch_size": batch_size,
-            "bootstrap_iters": bootstrap_iters,
+            **config,
             "block_size": lm.max_length,
-            "n_params": n_params,
+            "n_params": sum(p.numel() for p in lm.model.parameters()),
             "lm_eval_version": getattr(lm_eval, "__version__", None),
         },
         "versions": {short_name(k): v for k, v in raw.get("versions", {}).items()},
         "higher_is_better": {short_name(k): v for k, v in raw.get("higher_is_better", {}).items()},
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": seconds,
     }
+
+
+def _write_reports(summary: dict[str, Any], out_dir: Path) -> None:
+    """results.json (the summary) and results.md (a header and the table)."""
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    header = f"# Benchmarks\n\nmodel: `{model_dir}` ({n_params:,} parameters), limit: {limit}\n\n"
-    (out_dir / "results.md").write_text(header + table_md)
-    return summary
+    config = summary["config"]
+    header = f"# Benchmarks\n\nmodel: `{config['model_dir']}` ({config['n_params']:,} parameters), limit: {config['limit']}\n\n"
+    (out_dir / "results.md").write_text(header + summary["table_md"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ Two known, documented approximations (the original HF files are not available of
   instead of 4,358). Pages are rebuilt from it with LF line ends; the words are the same as in
   `EleutherAI/wikitext_document_level`, the whitespace is not (so byte counts differ slightly).
 
+The converters themselves are in `eval/convert.py`, the task list in `eval/benchmarks.py`.
+
 CLI: `python -m eval.prepare --src <dir with the shared files> --out <dir> [--limit N] [--wikitext-limit M]`.
 `--src` may be the folder holding the files, or a parent with `benchmarks/` and `pretrain/` sub-folders.
 """
@@ -31,28 +33,27 @@ CLI: `python -m eval.prepare --src <dir with the shared files> --out <dir> [--li
 from __future__ import annotations
 
 import argparse
-import bz2
 import gzip
 import hashlib
-import io
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-TASKS: tuple[str, ...] = (
-    "hellaswag",
-    "arc_easy",
-    "arc_challenge",
-    "piqa",
-    "winogrande",
-    "boolq",
-    "openbookqa",
-    "lambada_openai",
-    "wikitext",
+from eval.benchmarks import TASKS, data_file
+from eval.convert import (
+    BenchmarkDataError,
+    convert_arc,
+    convert_boolq,
+    convert_hellaswag_item,
+    convert_lambada,
+    convert_openbookqa,
+    convert_piqa,
+    convert_winogrande,
+    wikitext_pages,
 )
+from infra.jsonl import JsonlError, open_text, read_jsonl
 
 SOURCE_FILES: dict[str, str] = {
     "hellaswag": "hellaswag_val_full.txt.bz2",
@@ -68,19 +69,10 @@ SOURCE_FILES: dict[str, str] = {
 
 SEARCH_SUBDIRS: tuple[str, ...] = (".", "benchmarks", "pretrain")
 MANIFEST = "MANIFEST.json"
-LETTERS = "ABCDEFGHIJ"
-
-
-class BenchmarkDataError(ValueError):
-    """A source record does not have the shape this converter expects."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # file helpers
-
-
-def output_path(out_dir: Path, task: str) -> Path:
-    return Path(out_dir) / f"{task}.jsonl.gz"
 
 
 def find_source(src_dir: Path, task: str) -> Path:
@@ -94,28 +86,10 @@ def find_source(src_dir: Path, task: str) -> Path:
     raise FileNotFoundError(f"benchmark source file {name!r} for task {task!r} not found (looked at: {tried})")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
 def read_text(path: Path) -> str:
-    with _open_text(Path(path)) as f:
+    """The whole file, line ends as they are (WikiText's pages are rebuilt from its CRLF lines)."""
+    with open_text(path, newline="") as f:
         return f.read()
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with _open_text(Path(path)) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkDataError(f"{path}:{lineno}: not valid JSON: {e}") from e
 
 
 def write_jsonl_gz(records: Iterable[dict[str, Any]], path: Path) -> int:
@@ -131,7 +105,7 @@ def write_jsonl_gz(records: Iterable[dict[str, Any]], path: Path) -> int:
 
 
 def count_jsonl_gz(path: Path) -> int:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with open_text(path) as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -141,178 +115,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _need(rec: dict[str, Any], keys: Iterable[str], where: str) -> None:
-    missing = [k for k in keys if k not in rec]
-    if missing:
-        raise BenchmarkDataError(f"{where}: missing field(s) {missing} in record {str(rec)[:200]}")
-
-
-def _gold(rec: dict[str, Any], n_choices: int, where: str) -> int:
-    gold = rec["gold"]
-    if not isinstance(gold, int) or not 0 <= gold < n_choices:
-        raise BenchmarkDataError(f"{where}: gold {gold!r} is not an index into {n_choices} choices")
-    return gold
-
-
-# ----------------------------------------------------------------------------------------------------------
-# per-task record converters (pure functions: one source record in, one normalised record out)
-
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
-
-
-def hellaswag_query(raw_context: str) -> str:
-    """lm-eval's HellaSwag query from the text file's `activity_label: ctx` line (ctx_b re-capitalised)."""
-    text = raw_context.strip()
-    label, sep, ctx = text.partition(": ")
-    if not sep:
-        label, ctx = "", text
-    if ctx and ctx[-1] not in ".!?\"')]":  # ends mid-sentence: the fragment after the last sentence end is ctx_b
-        ends = list(_SENTENCE_END.finditer(ctx))
-        start = ends[-1].end() if ends else 0
-        ctx = ctx[:start] + ctx[start:].capitalize()
-    return f"{label}: {ctx}" if sep else ctx
-
-
-def hellaswag_clean(text: str) -> str:
-    """The cleanup lm-eval's HellaSwag task applies to the query and to every ending: WikiHow ` [title]` markers
-    turn into sentence breaks, any other `[...]` span is dropped, then double spaces become single ones.
-
-    The text file was mostly cleaned already, but 14 items still carry `[...]` links (e.g. `[www.kiddio.org]`).
-    """
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def convert_hellaswag_item(lines: list[str], where: str = "hellaswag") -> dict[str, Any]:
-    """6 lines (context, gold label, 4 endings) -> {query, choices, gold} as lm-eval's process_docs makes."""
-    if len(lines) != 6:
-        raise BenchmarkDataError(f"{where}: expected 6 lines per item, got {len(lines)}")
-    label = lines[1].strip()
-    if not label.isdigit() or not 0 <= int(label) < 4:
-        raise BenchmarkDataError(f"{where}: gold label line {label!r} is not 0-3")
-    return {
-        "query": hellaswag_clean(hellaswag_query(lines[0])),
-        "choices": [hellaswag_clean(e) for e in lines[2:6]],
-        "gold": int(label),
-    }
-
-
-def _mc_choices(rec: dict[str, Any], where: str) -> tuple[list[str], int]:
-    _need(rec, ("choices", "gold"), where)
-    choices = rec["choices"]
-    if not isinstance(choices, list) or not choices or len(choices) > len(LETTERS):
-        raise BenchmarkDataError(f"{where}: bad choices {choices!r}")
-    return [str(c) for c in choices], _gold(rec, len(choices), where)
-
-
-def convert_arc(rec: dict[str, Any], idx: int, prefix: str = "arc", where: str = "arc") -> dict[str, Any]:
-    """llm-foundry {query: "Question: q", choices, gold} -> HF ai2_arc {id, question, choices, answerKey}."""
-    _need(rec, ("query",), where)
-    query = rec["query"]
-    if not query.startswith("Question: "):
-        raise BenchmarkDataError(f"{where}: query does not start with 'Question: ': {query[:80]!r}")
-    choices, gold = _mc_choices(rec, where)
-    labels = list(LETTERS[: len(choices)])
-    return {
-        "id": f"{prefix}-{idx}",
-        "question": query[len("Question: ") :],
-        "choices": {"text": choices, "label": labels},
-        "answerKey": labels[gold],
-    }
-
-
-def convert_openbookqa(rec: dict[str, Any], idx: int, where: str = "openbookqa") -> dict[str, Any]:
-    """llm-foundry {query: stem, choices, gold} -> HF openbookqa {id, question_stem, choices, answerKey}."""
-    _need(rec, ("query",), where)
-    choices, gold = _mc_choices(rec, where)
-    labels = list(LETTERS[: len(choices)])
-    return {
-        "id": f"openbookqa-{idx}",
-        "question_stem": rec["query"],
-        "choices": {"text": choices, "label": labels},
-        "answerKey": labels[gold],
-    }
-
-
-def convert_piqa(rec: dict[str, Any], where: str = "piqa") -> dict[str, Any]:
-    """llm-foundry {query: "Question: goal\\n", choices: [sol1, sol2], gold} -> HF piqa {goal, sol1, sol2, label}."""
-    _need(rec, ("query",), where)
-    query = rec["query"]
-    if not (query.startswith("Question: ") and query.endswith("\n")):
-        raise BenchmarkDataError(f"{where}: query is not 'Question: ...\\n': {query[:80]!r}")
-    choices, gold = _mc_choices(rec, where)
-    if len(choices) != 2:
-        raise BenchmarkDataError(f"{where}: PIQA needs 2 choices, got {len(choices)}")
-    return {"goal": query[len("Question: ") : -1], "sol1": choices[0], "sol2": choices[1], "label": gold}
-
-
-def convert_boolq(rec: dict[str, Any], where: str = "boolq") -> dict[str, Any]:
-    """llm-foundry {query: "Passage: p\\nQuestion: q?", choices: [no, yes], gold} -> {passage, question, label}."""
-    _need(rec, ("query",), where)
-    query = rec["query"]
-    choices, gold = _mc_choices(rec, where)
-    if choices != ["no", "yes"]:
-        raise BenchmarkDataError(f"{where}: BoolQ choices must be ['no', 'yes'], got {choices}")
-    if not query.startswith("Passage: ") or "\nQuestion: " not in query or not query.endswith("?"):
-        raise BenchmarkDataError(f"{where}: query is not 'Passage: ...\\nQuestion: ...?': {query[:80]!r}")
-    passage, _, question = query[len("Passage: ") :].rpartition("\nQuestion: ")
-    return {"passage": passage, "question": question[:-1], "label": gold}
-
-
-def convert_winogrande(rec: dict[str, Any], where: str = "winogrande") -> dict[str, Any]:
-    """Keep {context_options, continuation, gold}: exactly lm-eval's partial-scoring requests.
-
-    lm-eval: context_i = sentence[:blank] + option_i, continuation = sentence[blank + 1:].strip(), gold = answer - 1.
-    """
-    _need(rec, ("context_options", "continuation", "gold"), where)
-    options = rec["context_options"]
-    if not isinstance(options, list) or len(options) != 2:
-        raise BenchmarkDataError(f"{where}: expected 2 context_options, got {options!r}")
-    return {
-        "context_options": [str(o) for o in options],
-        "continuation": str(rec["continuation"]).strip(),
-        "gold": _gold(rec, 2, where),
-    }
-
-
-def convert_lambada(rec: dict[str, Any], where: str = "lambada_openai") -> dict[str, Any]:
-    """llm-foundry {context, continuation} -> HF lambada_openai {text}; lm-eval splits text at its last ' '."""
-    _need(rec, ("context", "continuation"), where)
-    context, word = rec["context"], rec["continuation"]
-    if not word.strip() or " " in word:  # lm-eval's target is text.split(" ")[-1], so no " " inside
-        raise BenchmarkDataError(f"{where}: continuation must be one word, got {word!r}")
-    text = f"{context} {word}"
-    return {"text": text}
-
-
-def wikitext_pages(raw: str) -> list[str]:
-    """Split wiki.test.raw into articles the way `EleutherAI/wikitext_document_level` does.
-
-    A new page starts at each top-level heading line (` = Title = `; ` = = Section = = ` is not top level).
-    Each page is its lines joined with "\\n", heading line included; whitespace-only pages are dropped.
-    """
-    lines = raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    pages: list[str] = []
-    current: list[str] = []
-    for line in lines:
-        if is_top_heading(line):
-            page = "\n".join(current)
-            if page.strip():
-                pages.append(page)
-            current = []
-        current.append(line)
-    page = "\n".join(current)
-    if page.strip():
-        pages.append(page)
-    return pages
-
-
-def is_top_heading(line: str) -> bool:
-    s = line.strip()
-    return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,9 +133,12 @@ def _iter_hellaswag(path: Path) -> Iterator[dict[str, Any]]:
 
 def _iter_jsonl(fn: Callable[..., dict[str, Any]], with_index: bool = False, **kw) -> Callable[[Path], Iterator]:
     def it(path: Path) -> Iterator[dict[str, Any]]:
-        for i, rec in enumerate(read_jsonl(path)):
-            where = f"{path} record {i}"
-            yield fn(rec, i, where=where, **kw) if with_index else fn(rec, where=where, **kw)
+        try:
+            for i, rec in enumerate(read_jsonl(path)):
+                where = f"{path} record {i}"
+                yield fn(rec, i, where=where, **kw) if with_index else fn(rec, where=where, **kw)
+        except JsonlError as e:  # a line that is not JSON: the same error as a record of the wrong shape
+            raise BenchmarkDataError(str(e)) from e
 
     return it
 
@@ -370,7 +175,7 @@ def source_count(task: str, src_path: Path) -> int:
         return len(lines) // 6
     if task == "wikitext":
         return len(wikitext_pages(read_text(src_path)))
-    with _open_text(src_path) as f:
+    with open_text(src_path, newline="") as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -384,7 +189,7 @@ def prepare_task(task: str, src_dir: Path, out_dir: Path, limit: int | None = No
     records = iter_task_records(task, src)
     if limit is not None:
         records = (r for i, r in zip(range(limit), records))
-    out = output_path(out_dir, task)
+    out = data_file(out_dir, task)
     n = write_jsonl_gz(records, out)
     if n == 0:
         raise BenchmarkDataError(f"{src}: no records for task {task!r}")

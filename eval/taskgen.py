@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from eval.prepare import TASKS, output_path
+from eval.benchmarks import TASKS, data_file
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
 PREFIX = "gptflow_"
@@ -56,10 +56,6 @@ def expand_tasks(tasks: Iterable[str]) -> list[str]:
             if leaf not in out:
                 out.append(leaf)
     return out
-
-
-def data_file(data_dir: Path, task: str) -> Path:
-    return output_path(Path(data_dir), task)
 
 
 def check_data_files(data_dir: Path, tasks: Iterable[str]) -> dict[str, Path]:

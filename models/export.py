@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 
 from models.checkpoint import load_model
 from models.gpt import GPT, GPTConfig
-
-EOS_TOKEN = "<|endoftext|>"
+from models.tokens import EOT
 
 
 def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
@@ -32,7 +31,7 @@ def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     model = load_model(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOS_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOT)
     eos_id = tokenizer.eos_token_id
     if eos_id is not None and eos_id >= model.config.vocab_size:  # the tokenizer lacked it and added it
         eos_id = None

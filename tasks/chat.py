@@ -7,7 +7,6 @@ trained on; every other label is -100, the ignore index of the model's loss.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Iterator
@@ -15,27 +14,26 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from infra.jsonl import JsonlError, open_text, read_jsonl
+from models.tokens import END, role_token
 from tasks.stage import GptflowError
 
 IGNORE = -100
 Message = dict[str, str]
 
 
-def _open(path: Path):
+def _records(path: Path) -> list[dict]:
+    """The records of a JSON array file (Alpaca's) or a JSONL file, gzipped or not."""
     path = Path(path)
     if not path.exists():
         raise GptflowError(f"chat data file does not exist: {path}")
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def _records(path: Path) -> list[dict]:
-    with _open(path) as f:
-        text = f.read()
     try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
+        with open_text(path) as f:
+            head = f.read(4096).lstrip()
+            if head.startswith("["):
+                return json.loads(head + f.read())
+        return list(read_jsonl(path))
+    except (json.JSONDecodeError, JsonlError) as e:
         raise GptflowError(f"{path}: not JSON or JSONL ({e})") from e
 
 
@@ -102,9 +100,9 @@ def render(messages: list[Message], tok: Tokenizer, block_size: int) -> tuple[li
     """Token ids and labels (assistant tokens only) of a conversation, cut to `block_size + 1` tokens."""
     ids: list[int] = []
     labels: list[int] = []
-    end = tok.token_to_id("<|end|>")
+    end = tok.token_to_id(END)
     for m in messages:
-        role_id = tok.token_to_id(f"<|{m['role']}|>")
+        role_id = tok.token_to_id(role_token(m["role"]))
         if role_id is None:
             raise GptflowError(f"the tokenizer has no token for role '{m['role']}'")
         body = tok.encode(m["content"], add_special_tokens=False).ids + [end]

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.env import REPO_ROOT as REPO
 from infra.env import DATA_DIR
-from tasks.bpe import TokenizerConfig, build_tokenizer
+from infra.env import REPO_ROOT as REPO
+from tasks.refs import CorpusRef
+from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -35,7 +36,8 @@ def ray_head(tmp_path_factory):
 
 def test_pretrain_joins_the_cluster_at_ray_address(ray_head, tmp_path):
     address, head_temp = ray_head
-    build_tokenizer(TokenizerConfig(vocab_size=512), DATA_DIR / "text" / "c4_demo.jsonl.gz", tmp_path / "tok")
+    corpus = CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz"))
+    build_tokenizer(TokenizerConfig(vocab_size=512), corpus, tmp_path / "tok")
     home = tmp_path / "client"
     env = {**os.environ, "RAY_ADDRESS": address, "GPTFLOW_HOME": str(home)}
     out = subprocess.run(

@@ -16,19 +16,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from infra.env import DATA_DIR
+from models.tokens import EOT, SPECIAL_TOKENS
 from tasks.bpe import (
-    EOT,
     GPT2_EOT_ID,
     GPT2_MERGES,
     GPT2_VOCAB,
-    SPECIAL_TOKENS,
-    ShardWriter,
-    TokenizerConfig,
-    build_tokenizer,
     compare_merges,
-    is_val,
-    iter_docs,
-    iter_texts,
     load_gpt2,
     load_tokenizer,
     read_merges,
@@ -36,9 +29,11 @@ from tasks.bpe import (
     tokenizer_merges,
     train_bpe,
     valid_unicode,
-    write_shards,
 )
+from tasks.refs import CorpusRef
+from tasks.shards import ShardWriter, is_val, write_shards
 from tasks.stage import GptflowError
+from tasks.tokenizer import TokenizerConfig, build_tokenizer, iter_docs, iter_texts
 
 CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
 TOKDATA = DATA_DIR / "tokenizer"
@@ -86,7 +81,7 @@ def _enc(name: str):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    return out, build_tokenizer(TokenizerConfig(vocab_size=1024), CORPUS, out)
+    return out, build_tokenizer(TokenizerConfig(vocab_size=1024), CorpusRef(path=str(CORPUS)), out)
 
 
 def _split_arrays(shards: Path, index: dict) -> dict[str, np.ndarray]:
@@ -103,13 +98,24 @@ def test_vocab_specials_and_counts(built):
     tok = load_tokenizer(out / "tokenizer")
     assert tok.get_vocab_size() == 1024
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    c, m = result["counts"], result["metrics"]
+    c, m = result.counts, result.metrics
     assert c["train_docs"] + c["val_docs"] == sum(1 for _ in iter_texts(CORPUS))
     assert 2.0 < m["tokenizer/bytes_per_token_val"] < 6.0
     # GPT-2's 50k vocabulary compresses the same held-out text better than our 1k one
     assert m["tokenizer/bytes_per_token_val"] < m["tokenizer/bytes_per_token_gpt2"] < 6.0
     assert sum(c["shards"].values()) == c["train_tokens"] + c["val_tokens"]
     assert "tokens_by_source" not in c  # the C4 demo records carry no metadata.source
+
+
+def test_ref_names_the_tokenizer_the_index_and_every_shard(built):
+    out, result = built
+    assert result.path == str(out / "tokenizer") and result.tokenizer_json.is_file()
+    assert result.shards.path == str(out / "shards")
+    assert result.shards.counts == {k: result.counts[k] for k in ("train_tokens", "val_tokens", "vocab_size")}
+    assert result.file("index") == out / "shards" / "index.json"
+    assert {k.removeprefix("shard/") for k in result.files if k.startswith("shard/")} == set(result.counts["shards"])
+    assert all(result.file(name).exists() for name in result.files)
+    assert result.artifacts == ["tokenizer", "index"]
 
 
 def test_shards_hold_every_document_once_separated_by_eot(built):
@@ -119,8 +125,8 @@ def test_shards_hold_every_document_once_separated_by_eot(built):
     assert index["dtype"] == "uint16"
     eot = tok.token_to_id(EOT)
     arrays = _split_arrays(out / "shards", index)
-    assert len(arrays["train"]) == result["counts"]["train_tokens"]
-    assert int((arrays["val"] == eot).sum()) == result["counts"]["val_docs"]
+    assert len(arrays["train"]) == result.counts["train_tokens"]
+    assert int((arrays["val"] == eot).sum()) == result.counts["val_docs"]
     decoded = [tok.decode(list(map(int, d))) for d in np.split(arrays["val"], np.where(arrays["val"] == eot)[0] + 1) if len(d)]
     texts = set(iter_texts(CORPUS))
     assert all(d.removesuffix(EOT) in texts or d in texts for d in decoded)
@@ -128,10 +134,10 @@ def test_shards_hold_every_document_once_separated_by_eot(built):
 
 def test_split_is_deterministic(tmp_path, built):
     out, result = built
-    again = build_tokenizer(TokenizerConfig(vocab_size=1024), CORPUS, tmp_path)
-    assert again["counts"] == result["counts"]
+    again = build_tokenizer(TokenizerConfig(vocab_size=1024), CorpusRef(path=str(CORPUS)), tmp_path)
+    assert again.counts == result.counts
     assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == (out / "tokenizer" / "tokenizer.json").read_text()
-    for f in result["counts"]["shards"]:
+    for f in result.counts["shards"]:
         assert (tmp_path / "shards" / f).read_bytes() == (out / "shards" / f).read_bytes()
 
 
@@ -165,8 +171,8 @@ def _data_stage_corpus(folder: Path) -> list[dict]:
 def test_manifest_counts_per_source_shards_and_awkward_documents(tmp_path):
     records = _data_stage_corpus(tmp_path / "corpus")
     cfg = TokenizerConfig(vocab_size=400, shard_tokens=1000, val_fraction=0.2)
-    result = build_tokenizer(cfg, tmp_path / "corpus", tmp_path / "out")
-    c, shards = result["counts"], tmp_path / "out" / "shards"
+    result = build_tokenizer(cfg, CorpusRef(path=str(tmp_path / "corpus")), tmp_path / "out")
+    c, shards = result.counts, tmp_path / "out" / "shards"
     index = json.loads((shards / "index.json").read_text())
     # per source: raw names in index.json, metric-safe keys in the counts; they add up to the split totals
     assert set(index["splits"]["train"]["sources"]) | set(index["splits"]["val"]["sources"]) == {
@@ -239,11 +245,11 @@ def test_gpt2_source_builds_gpt2_shards(tmp_path):
     from transformers import AutoTokenizer
 
     records = _data_stage_corpus(tmp_path / "corpus")
-    result = build_tokenizer(TokenizerConfig(source="gpt2"), tmp_path / "corpus", tmp_path / "out")
+    result = build_tokenizer(TokenizerConfig(source="gpt2"), CorpusRef(path=str(tmp_path / "corpus")), tmp_path / "out")
     index = json.loads((tmp_path / "out" / "shards" / "index.json").read_text())
     assert index["dtype"] == "uint16" and index["eot_id"] == GPT2_EOT_ID == 50256
-    assert result["counts"]["vocab_size"] == 50257 + len(SPECIAL_TOKENS) - 1
-    m = result["metrics"]
+    assert result.counts["vocab_size"] == 50257 + len(SPECIAL_TOKENS) - 1
+    m = result.metrics
     assert m["tokenizer/bytes_per_token_gpt2"] == m["tokenizer/bytes_per_token_val"]
     arrays = _split_arrays(tmp_path / "out" / "shards", index)
     first = next(r["text"] for r in records if "metadata" in r and not is_val(r["text"], 0.05))

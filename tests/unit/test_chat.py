@@ -8,9 +8,11 @@ import json
 import pytest
 
 from infra.env import DATA_DIR
-from tasks.bpe import SPECIAL_TOKENS, TokenizerConfig, train_bpe
+from models.tokens import SPECIAL_TOKENS
+from tasks.bpe import train_bpe
 from tasks.chat import IGNORE, read_preferences, read_sft, render
 from tasks.stage import GptflowError
+from tasks.tokenizer import TokenizerConfig
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from eval import prepare
-from eval.harness import GPTFlowLM, plot_results, run_benchmarks
+from eval import convert, prepare
+from eval.benchmarks import TASKS, data_file
+from eval.harness import plot_results, run_benchmarks
+from eval.lm import GPTFlowLM
 from eval.taskgen import write_task_configs
 from models.checkpoint import save_model
 from models.gpt import GPT, GPTConfig
@@ -302,22 +304,22 @@ def test_converters_on_known_records():
         "Which is the most likely effect of this increase in rotation?",
         "gold": 2,
     }
-    arc = prepare.convert_arc(rec, 0, prefix="arc_challenge")
+    arc = convert.convert_arc(rec, 0, prefix="arc_challenge")
     assert arc["question"].startswith("An astronomer observes") and arc["answerKey"] == "C"
     assert arc["choices"] == {"text": rec["choices"], "label": ["A", "B", "C", "D"]}
 
-    piqa = prepare.convert_piqa({"choices": ["a b", "c d"], "gold": 1, "query": "Question: dresser\n"})
+    piqa = convert.convert_piqa({"choices": ["a b", "c d"], "gold": 1, "query": "Question: dresser\n"})
     assert piqa == {"goal": "dresser", "sol1": "a b", "sol2": "c d", "label": 1}
 
-    boolq = prepare.convert_boolq(
+    boolq = convert.convert_boolq(
         {"query": "Passage: Some text.\nQuestion: is it true?", "choices": ["no", "yes"], "gold": 1}
     )
     assert boolq == {"passage": "Some text.", "question": "is it true", "label": 1}
 
-    lam = prepare.convert_lambada({"context": "and saw the", "continuation": "\n\nrecorder"})
+    lam = convert.convert_lambada({"context": "and saw the", "continuation": "\n\nrecorder"})
     assert lam["text"].split(" ")[-1] == "\n\nrecorder" and " ".join(lam["text"].split(" ")[:-1]) == "and saw the"
 
-    hs = prepare.convert_hellaswag_item(
+    hs = convert.convert_hellaswag_item(
         [
             "Sharpening knives: A man is holding a pocket knife while sitting on some rocks in the wilderness. then he",
             "1",
@@ -329,7 +331,7 @@ def test_converters_on_known_records():
     )
     assert hs["query"].endswith("in the wilderness. Then he") and hs["gold"] == 1 and len(hs["choices"]) == 4
     wikihow = "Health: How to use aromatherapy for depression. Know what oils help with which symptoms."
-    assert prepare.hellaswag_query(wikihow) == wikihow  # ctx_b empty: unchanged
+    assert convert.hellaswag_query(wikihow) == wikihow  # ctx_b empty: unchanged
     from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own cleanup, the reference
 
     for text in [
@@ -337,13 +339,13 @@ def test_converters_on_known_records():
         "[header] How to style hair [title] Opt for a pixie cut. A [style a pixie cut | pixie cut] can work.",
         wikihow,
     ]:
-        assert prepare.hellaswag_clean(text) == preprocess(text)
+        assert convert.hellaswag_clean(text) == preprocess(text)
 
     raw = " = A = \r\n Text one . \r\n = = Sec = = \r\n More . \r\n = B = \r\n Two . \r\n"
-    assert prepare.wikitext_pages(raw) == [" = A = \n Text one . \n = = Sec = = \n More . ", " = B = \n Two . \n"]
+    assert convert.wikitext_pages(raw) == [" = A = \n Text one . \n = = Sec = = \n More . ", " = B = \n Two . \n"]
 
-    with pytest.raises(prepare.BenchmarkDataError, match="gold"):
-        prepare.convert_openbookqa({"query": "q", "choices": ["a", "b"], "gold": 5}, 0)
+    with pytest.raises(convert.BenchmarkDataError, match="gold"):
+        convert.convert_openbookqa({"query": "q", "choices": ["a", "b"], "gold": 5}, 0)
 
 
 def _write_gz(path: Path, text: str, kind: str = "gz") -> None:
@@ -386,16 +388,16 @@ def test_prepare_counts_equal_source_counts(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     _synthetic_sources(src)
     manifest = prepare.prepare_benchmarks(src, out)
-    assert set(manifest) == set(prepare.TASKS)
-    for task in prepare.TASKS:
-        path = prepare.output_path(out, task)
+    assert set(manifest) == set(TASKS)
+    for task in TASKS:
+        path = data_file(out, task)
         expected = prepare.source_count(task, prepare.find_source(src, task))
         assert prepare.count_jsonl_gz(path) == manifest[task]["count"] == expected, task
     assert manifest["hellaswag"]["count"] == 10 and manifest["wikitext"]["count"] == 4
     assert _read(out / "hellaswag.jsonl.gz")[0]["query"] == "Label: ctx 0. The man"
 
     limited = prepare.prepare_benchmarks(src, tmp_path / "lim", limit=3, wikitext_limit=2)
-    assert {t: m["count"] for t, m in limited.items()} == {**{t: 3 for t in prepare.TASKS}, "wikitext": 2}
+    assert {t: m["count"] for t, m in limited.items()} == {**{t: 3 for t in TASKS}, "wikitext": 2}
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="full benchmark sources (../shared/data) not available")
@@ -403,16 +405,16 @@ def test_prepare_full_shared_sets(tmp_path):
     """Full conversion keeps every item; the repo bundle is exactly the same command with limits."""
     manifest = prepare.prepare_benchmarks(SHARED, tmp_path / "full")
     assert {t: m["count"] for t, m in manifest.items()} == FULL_COUNTS
-    for task in prepare.TASKS:
+    for task in TASKS:
         bundled = _read(BUNDLE / f"{task}.jsonl.gz")
         assert _read(tmp_path / "full" / f"{task}.jsonl.gz")[: len(bundled)] == bundled, f"bundle out of date: {task}"
 
 
 def test_bundle_is_small_and_complete():
-    files = [BUNDLE / f"{t}.jsonl.gz" for t in prepare.TASKS]
+    files = [BUNDLE / f"{t}.jsonl.gz" for t in TASKS]
     assert sum(f.stat().st_size for f in files) < 1_500_000
-    counts = {t: prepare.count_jsonl_gz(f) for t, f in zip(prepare.TASKS, files)}
-    assert counts == {**{t: 200 for t in prepare.TASKS}, "wikitext": 5}
+    counts = {t: prepare.count_jsonl_gz(f) for t, f in zip(TASKS, files)}
+    assert counts == {**{t: 200 for t in TASKS}, "wikitext": 5}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,3 +542,18 @@ def test_generate_until_respects_stop_and_length(lm):
     if len(free) >= 4:
         stop = free[2:4]
         assert gen(until=[stop], max_gen_toks=12) == free[: free.find(stop)]
+
+
+def test_evaluate_model_reports_scores_and_files(model_dir, tokenizer_path, tmp_path):
+    from tasks.evaluate import EvalConfig, evaluate_model
+    from tasks.refs import ModelRef, ShardsRef, TokenizerRef
+
+    cfg = EvalConfig(tasks=["arc_easy", "wikitext"], limit=2, data_dir=str(BUNDLE), batch_size=4)
+    tok = TokenizerRef(path=str(tokenizer_path.parent), shards=ShardsRef(path=str(tmp_path)))
+    report = evaluate_model(cfg, ModelRef(path=str(model_dir)), tok, tmp_path / "eval")
+    assert report.path == str(tmp_path / "eval" / "results.json")
+    assert set(report.files) == {"results", "table", "plot"} and all(report.file(f).is_file() for f in report.files)
+    assert report.artifacts == ["table", "results", "plot"] and report.table.startswith("# Benchmarks")
+    results = json.loads(report.file("results").read_text())["results"]
+    assert report.scores() == {f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
+    assert report.counts["tasks"] == 2 and report.counts["docs_arc_easy"]["effective"] == 2

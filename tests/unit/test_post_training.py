@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import torch
 
 from models.checkpoint import save_model
 from models.gpt import GPT, GPTConfig
 from tasks.align import AlignConfig, align_dpo
-from tasks.bpe import TokenizerConfig, save_tokenizer, train_bpe
+from tasks.bpe import save_tokenizer, train_bpe
 from tasks.sft import SFTConfig, finetune_sft
+from tasks.tokenizer import TokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,9 +28,10 @@ import torch
 from infra.env import DATA_DIR, REPO_ROOT
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
-from tasks.bpe import TokenizerConfig, build_tokenizer
 from tasks.pretrain import PretrainConfig, TokenWindows, lr_at, pretrain_gpt
+from tasks.refs import CorpusRef
 from tasks.stage import GptflowError
+from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
 
@@ -180,7 +181,7 @@ def test_optimizer_and_rng_state_round_trip_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(TokenizerConfig(vocab_size=512), CORPUS, out)
+    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(CORPUS)), out)
     return out / "shards"
 
 
