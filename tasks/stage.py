@@ -154,10 +154,13 @@ def seal(ref: Ref, **done: Any) -> Ref:
 
 
 def output_hashes(ref: Ref) -> dict[str, dict[str, str]]:
-    """Every named output of a sealed ref with its sha256 (a file named after the main output reuses its hash)."""
-    outputs = {name: {"path": v.path, "sha256": v.sha256} for name, v in ref if isinstance(v, Ref)}
+    """Every named output of a sealed ref with its sha256; a path already hashed (the main output, a nested ref's)
+    is not hashed again: the token shards folder can be gigabytes."""
+    nested = {name: v for name, v in ref if isinstance(v, Ref)}
+    known = {ref.path: ref.sha256} | {v.path: v.sha256 for v in nested.values()}
+    outputs = {name: {"path": v.path, "sha256": v.sha256} for name, v in nested.items()}
     for name, p in ref.files.items():
-        outputs[name] = {"path": p, "sha256": ref.sha256 if p == ref.path else path_sha256(p)}
+        outputs[name] = {"path": p, "sha256": known.get(p) or path_sha256(p)}
     return outputs
 
 
