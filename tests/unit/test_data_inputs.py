@@ -104,7 +104,7 @@ def corpus(cfg: DataConfig, out: Path) -> CorpusRef:
     return build_corpus(cfg, crawl_inputs(cfg), out)
 
 
-def data_stage(cfg: DataConfig, root: Path) -> CorpusRef:
+def run_data_stage(cfg: DataConfig, root: Path) -> CorpusRef:
     """The data stage as its flow runs it: the inputs found once, then `run_stage` (key, folder, manifest)."""
     inputs = crawl_inputs(cfg)
     return run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, inputs, out), root)
@@ -256,10 +256,10 @@ def test_a_data_stage_asks_about_each_remote_input_and_reads_a_listing_once(serv
     (root / "wet.paths").write_text(f"{WET}\n")
     cfg = filter_only(inputs=[f"{base}/{WARC}", f"{base}/wet.paths"], paths_base=base, max_files=1)
     REQUESTS.clear()
-    first = data_stage(cfg, tmp_path / "runs")
+    first = run_data_stage(cfg, tmp_path / "runs")
     built = list(REQUESTS)
     REQUESTS.clear()
-    again = data_stage(cfg, tmp_path / "runs")  # reused: only the key is computed
+    again = run_data_stage(cfg, tmp_path / "runs")  # reused: only the key is computed
     assert again.cached and again.key == first.key and not first.cached
     listing = [("GET", "/wet.paths"), ("HEAD", "/wet.paths")]  # fsspec opens a file over HTTP with a HEAD
     assert sorted(REQUESTS) == sorted([*listing, ("HEAD", f"/{WARC}"), ("HEAD", f"/{WET}")])
