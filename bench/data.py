@@ -4,13 +4,13 @@
 
 Two ways to run the same pipeline, each in its own Python process, timed from launch to exit:
 - ours: `gptflow data` (flows.cli) as a user runs it: Prefect flow and task (on the local Prefect server that
-  the CLI starts first thing, `infra/prefect_server.py`), the stage's MLflow run, `run_stage` input/output
-  hashing, `build_corpus` with its per-step counts and invariant checks, the funnel chart, samples and the
-  manifest logged to MLflow;
-- bare: the steps of `plan_stages(cfg, ...)` handed straight to datatrove's `LocalPipelineExecutor`, one stage
+  the CLI starts first thing, `infra/prefect_server.py`), the stage's MLflow run, `crawl_inputs` (listings,
+  checks, input hashing), `run_stage` output hashing, `build_corpus` with its per-step counts and invariant
+  checks, the funnel chart, samples and the stage's ref logged to MLflow;
+- bare: the steps of `plan_runs(cfg, ...)` handed straight to datatrove's `LocalPipelineExecutor`, one run
   after the other: no Prefect, no MLflow, no counting, no chart or samples. It uses the executor settings of
-  `tasks.data.execute_stage` (tasks, workers, forkserver with the same preloaded imports), so the two differ
-  only in what we wrap around datatrove.
+  `tasks.data.execute.execute_run` (tasks, workers, forkserver with the same preloaded imports), so the two
+  differ only in what we wrap around datatrove.
 
 Both at each input size of `--copies` (default 1 and 64: the default data config's crawl files read once, and
 read 64 times over as copies under other names; the C4 demo text source once), because what we add is mostly a
@@ -107,6 +107,7 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
     """`gptflow data [--set ...] --workdir DIR`, with timers around the pieces we add to datatrove."""
     from flows import cli, presets  # noqa: F401  what `gptflow data` imports to check its config; and then
     from tasks import data, stage
+    from tasks.data import execute
     if not os.environ.get("PREFECT_API_URL"):  # it starts its Prefect server, which comes up while it imports
         from infra.prefect_server import local_server
 
@@ -115,19 +116,24 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
     from tasks import tracking
 
     marks.mark("imported")
+    # Each function is wrapped where its caller looks it up: the package's own calls go through `tasks.data`'s
+    # and `tasks.data.execute`'s names; the flow's task may hold `crawl_inputs` and `build_corpus` as its own
+    # names, so those are wrapped there too (a call goes through one of the two wrappers, never both).
     for module, name in [
-        (data, "execute_stage"),
-        (data, "stage_counts"),
-        (data, "check_inputs"),
+        (execute, "execute_run"),
+        (execute, "run_counts"),
+        (data, "crawl_inputs"),
+        (stages, "crawl_inputs"),
         (data, "seed_offline_assets"),
         (data, "warm_up"),
-        (data, "plan_stages"),
-        (data, "_mix"),
+        (data, "plan_runs"),
+        (data, "realised_mix"),
         (data, "funnel_chart"),
         (data, "write_samples"),
         (data, "build_corpus"),
+        (stages, "build_corpus"),
         (stage, "path_sha256"),
-        (tracking, "log_manifest"),
+        (tracking, "log_stage"),
     ]:
         marks.timed(module, name)
 
@@ -157,32 +163,35 @@ def run_ours(cfg_file: Path, workdir: Path, marks: Marks) -> None:
 
 
 def run_bare(cfg_file: Path, out_dir: Path, marks: Marks) -> None:
-    """The same steps, each stage one `LocalPipelineExecutor` run with `execute_stage`'s settings, nothing else."""
+    """The same steps, each run on a `LocalPipelineExecutor` with `execute_run`'s settings, nothing else."""
     from infra.env import setup_env
 
     setup_env()  # the offline switches ours gets from the CLI, before huggingface_hub is imported
     import multiprocess
     from datatrove.executor import LocalPipelineExecutor
 
-    from tasks.data import FORKSERVER_PRELOAD, DataConfig, expand_inputs, plan_stages, seed_offline_assets
+    from infra.startup import FORKSERVER_PRELOAD
+    from tasks.data import DataConfig
+    from tasks.data.execute import WORKER_MODULES, seed_offline_assets
+    from tasks.data.inputs import sized_inputs
+    from tasks.data.plan import plan_runs
 
     marks.mark("imported")
     cfg = DataConfig.model_validate_json(cfg_file.read_text())
     seed_offline_assets()  # offline: datatrove would download the LID model and bad-words list otherwise
-    files = expand_inputs(cfg.inputs, cfg.paths_base, cfg.max_files)  # `*.paths.gz` listings, as build_corpus does
-    stages = plan_stages(cfg.model_copy(update={"inputs": files}), out_dir)
+    runs = plan_runs(cfg, sized_inputs(cfg), out_dir)  # listings expanded and files sized, as the stage does
     marks.mark("planned")
-    multiprocess.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
-    for st in stages:
+    multiprocess.get_context("forkserver").set_forkserver_preload([*FORKSERVER_PRELOAD, *WORKER_MODULES])
+    for run in runs:
         LocalPipelineExecutor(
-            pipeline=[step for _, step in st.steps],
-            tasks=st.tasks,
-            workers=min(cfg.workers, st.tasks),
-            logging_dir=str(out_dir / "logs" / st.name),
+            pipeline=[step for _, step in run.steps],
+            tasks=run.tasks,
+            workers=min(cfg.workers, run.tasks),
+            logging_dir=str(out_dir / "logs" / run.name),
             skip_completed=True,
             start_method="forkserver",
         ).run()
-    marks.mark("stages_done")
+    marks.mark("runs_done")
 
 
 def child(kind: str, cfg_file: Path, out: Path, marks_file: Path) -> None:
@@ -242,7 +251,7 @@ def check_config(kind: str, folder: Path, cfg_file: Path) -> None:
 
 
 def docs_in(folder: Path) -> int:
-    """Input records of the first stage, from datatrove's merged stats file (the readers' "records" count)."""
+    """Input records of the first run (filter), from datatrove's merged stats file (the readers' "records" count)."""
     total = 0
     for step in json.loads((folder / "logs" / "filter" / "stats.json").read_text()):
         if "READER" in step["name"]:
@@ -261,7 +270,7 @@ def docs_out(folder: Path) -> int:
 
 # Phases both runs have; the rest are ours only. "exit" (interpreter shut-down) of ours includes stopping our
 # local Prefect server and flushing Prefect's logs and events to it.
-COMMON = ["python start", "imports", "plan stages + seed assets", "datatrove stages", "exit"]
+COMMON = ["python start", "imports", "plan runs + seed assets", "datatrove runs", "exit"]
 START_STOP = ["python start", "imports", "stage warm-up (while the server starts)", "flow start (Prefect server)",
               "task start", "MLflow run open", "MLflow run close + flow end", "exit"]
 
@@ -271,10 +280,11 @@ def phases(run: dict[str, Any]) -> dict[str, float]:
     p, s, total = run["points"], run["spans"], run["seconds"]
     if run["kind"] == "bare":
         return {"python start": p["main"], "imports": p["imported"] - p["main"],
-                "plan stages + seed assets": p["planned"] - p["imported"],
-                "datatrove stages": p["stages_done"] - p["planned"], "exit": total - p["stages_done"]}
+                "plan runs + seed assets": p["planned"] - p["imported"],
+                "datatrove runs": p["runs_done"] - p["planned"], "exit": total - p["runs_done"]}
     corpus_start, corpus_end = next((a, b) for name, a, b in run["calls"] if name == "build_corpus")
     hashing = [(a, b) for name, a, b in run["calls"] if name == "path_sha256"]
+    inputs = [(a, b) for name, a, b in run["calls"] if name == "crawl_inputs"]
 
     def in_corpus(*names: str) -> float:  # time in these functions called by build_corpus (not by warm_up)
         return sum(b - a for n, a, b in run["calls"] if n in names and a >= corpus_start and b <= corpus_end)
@@ -286,15 +296,15 @@ def phases(run: dict[str, Any]) -> dict[str, float]:
         "flow start (Prefect server)": p["flow_body"] - p["imported"] - s.get("warm_up", 0.0),
         "task start": p["task_body"] - p["flow_body"],
         "MLflow run open": p["mlflow_run_open"] - p["task_body"],
-        "input hashing": sum(b - a for a, b in hashing if b <= corpus_start),
-        "plan stages + seed assets": in_corpus("check_inputs", "seed_offline_assets", "plan_stages"),
-        "datatrove stages": s.get("execute_stage", 0.0),
-        "counting (stage_counts)": s.get("stage_counts", 0.0),
-        "mix (re-reads the output)": s.get("_mix", 0.0),
+        "inputs (listings, checks, hashing)": sum(b - a for a, b in inputs if b <= corpus_start),
+        "plan runs + seed assets": in_corpus("seed_offline_assets", "plan_runs"),
+        "datatrove runs": s.get("execute_run", 0.0),
+        "counting (run_counts)": s.get("run_counts", 0.0),
+        "mix (re-reads the output)": s.get("realised_mix", 0.0),
         "funnel chart": s.get("funnel_chart", 0.0),
         "samples": s.get("write_samples", 0.0),
         "output hashing": sum(b - a for a, b in hashing if a >= corpus_end),
-        "MLflow logging (log_manifest)": s.get("log_manifest", 0.0),
+        "MLflow logging (log_stage)": s.get("log_stage", 0.0),
     }
     timed = sum(v for k, v in out.items() if k not in START_STOP)
     out["other (config, summary, manifest)"] = (p["task_done"] - p["mlflow_run_open"]) - timed
@@ -507,7 +517,7 @@ def report_size(cfg: Any, runs: list[dict[str, Any]], variants: list[str]) -> di
         cells = [ph[v][name] for v in ours_vs] + [ph["bare"].get(name)]
         print(f"  {name:38}" + "".join(f" {c:11.2f}" if c is not None else f" {'-':>11}" for c in cells))
     bare_fixed = sum(ph["bare"][k] for k in ("python start", "imports", "exit"))
-    bare_core = ph["bare"]["datatrove stages"]
+    bare_core = ph["bare"]["datatrove runs"]
     summary = {}
     for v in ours_vs:
         fixed = sum(ph[v][k] for k in START_STOP)
@@ -516,7 +526,7 @@ def report_size(cfg: Any, runs: list[dict[str, Any]], variants: list[str]) -> di
         summary[v] = {"fixed": fixed, "data_dependent": data_dependent, "share": share}
         print(f"{VARIANTS[v]}: start-up and shut-down {fixed:.1f} s (bare {bare_fixed:.1f} s); our work around "
               f"datatrove (hashing, counting, chart, samples, MLflow logging) {data_dependent:.2f} s = "
-              f"{100 * share:.1f}% of the bare datatrove stages ({bare_core:.1f} s)")
+              f"{100 * share:.1f}% of the bare datatrove runs ({bare_core:.1f} s)")
     return {
         "docs_in": n_in, "docs_out": n_out, "median_seconds": med, "docs_per_s_per_core": rate,
         "overhead": overhead, "phases": ph, "summary": summary, "load": os.getloadavg(), "cpus": os.cpu_count(),

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--keep", action="store_true", help="keep the data stage's output folder")
     args = ap.parse_args(argv)
     setup_env()
-    from tasks.data import DataConfig, build_corpus
+    from tasks.data import DataConfig, build_corpus, crawl_inputs
 
     folder = args.web or (SHARED_WEB if SHARED_WEB.is_dir() else BUNDLED_WEB)
     files = web_files(folder)
@@ -125,15 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-counts-"))
     cfg = DataConfig(inputs=[str(p) for p in files], text_sources={})
     print(f"{len(files)} files from {folder}" + (f" (left out, metadata only: {', '.join(left_out)})" if left_out else ""))
-    result = build_corpus(cfg, tmp / "data")
-    counts = result["counts"]
+    result = build_corpus(cfg, crawl_inputs(cfg), tmp / "data")
+    counts = result.counts
     steps = counts["steps"]
     filters = [k.split("/", 1)[1] for k, c in steps.items() if c.get("kind") == "filter"]
     t = counts["totals"]
     md = [
         (f"Inputs: {', '.join(f'`{p.name}`' for p in files)}; no text sources; default filters "
          f"(tasks {cfg.tasks}, workers {cfg.workers}).\n"),
-        ("Per step (`stage/step`; a step's *in* is what the steps before it let through; writers, dedup index "
+        ("Per step (`run/step`; a step's *in* is what the steps before it let through; writers, dedup index "
          "steps and re-reads, which pass every document on, are left out):\n"),
         step_table(steps) + "\n",
         ("Per input file (*lost before filters*: non-HTML or undecodable records, empty extractions and "
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + text)
     png = args.out or tmp / "funnel.png"
     png.parent.mkdir(parents=True, exist_ok=True)
-    if Path(result["outputs"]["funnel"]).resolve() != png.resolve():
-        shutil.copyfile(result["outputs"]["funnel"], png)
+    if result.file("funnel").resolve() != png.resolve():
+        shutil.copyfile(result.file("funnel"), png)
     print(f"\nfunnel chart: {png}")
     if args.md:
         args.md.write_text(text + "\n")

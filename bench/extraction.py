@@ -17,7 +17,7 @@ converter (inscriptis) near 1 on both; it checks that we lose no main text and a
 Extractors (each run in this process, one page at a time, no timeout; pages over the stage's 1 s limit are
 counted, since the stage drops them):
 - trafilatura precision: datatrove's `Trafilatura(favour_precision=True, timeout=...)` block's `extract`, as
-  `tasks/data.py` configures it (our pipeline);
+  `tasks/data/plan.py` configures it (our pipeline);
 - trafilatura default and trafilatura recall (`favor_recall=True`): the same block with the other settings;
 - inscriptis: whole-page HTML to text (the text half of datatrove's `ReadabilityInscriptis`; its readability half,
   `readability-lxml`, is not installed);

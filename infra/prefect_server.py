@@ -8,9 +8,9 @@ happens, plus ~3 s to import the server's code into the client process. `LocalSe
 opens MLflow and warms the stage up; `api_url()` waits for its health check. It stops when the process exits,
 after Prefect's own exit handlers have flushed logs and events to it.
 
-FastAPI builds its routers' route tables on the first request that walks them: ~0.65 s of the server's CPU here,
-which Prefect's own ephemeral server spends on the flow's first API call. A thread sends the server one request
-that no route matches as soon as it answers its health check, so that cost is paid while the CLI is still busy.
+FastAPI builds its routers' route tables on the first request that walks them, which Prefect's own ephemeral
+server pays on the flow's first API call; a thread pays it as soon as the server answers, while the CLI is still
+busy (`infra.startup.warm_up_routes`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+
+from infra.startup import warm_up_routes
 
 STARTUP_FAILED = 3  # uvicorn's exit status when it cannot start: its port was taken since we chose it, or else
 
@@ -45,18 +45,6 @@ sys.argv = ["uvicorn", *sys.argv[2:]]
 from uvicorn.main import main
 main()
 """
-
-
-def _get(url: str, timeout: float = 2) -> int | None:
-    """The HTTP status of a GET on `url`, None when nothing answers; never through a proxy."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
 
 
 def free_port() -> int:
@@ -89,20 +77,10 @@ class LocalServer:
         cmd = [sys.executable, "-c", SERVE_WHILE_PARENT_LIVES, str(os.getpid()),
                "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        self.proc = proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         self.warmed = threading.Event()
-        threading.Thread(target=self._warm_up, args=(self.proc, self.port, self.warmed), daemon=True).start()
-
-    @staticmethod
-    def _warm_up(proc: subprocess.Popen, port: int, warmed: threading.Event) -> None:
-        """Once the server is healthy, one request that walks (and so builds) every route table; then `warmed`."""
-        base = f"http://127.0.0.1:{port}/api"
-        while proc.poll() is None:
-            if _get(f"{base}/health") == 200:
-                _get(f"{base}/gptflow-warm-up", timeout=30)  # a 404, after FastAPI has built every route table
-                break
-            time.sleep(0.1)
-        warmed.set()
+        args = (f"http://127.0.0.1:{self.port}/api", lambda: proc.poll() is None, self.warmed)
+        threading.Thread(target=warm_up_routes, args=args, daemon=True).start()
 
     def api_url(self, timeout: float | None = None) -> str:
         """The server's API URL once `/health` answers and its route tables are built; RuntimeError if it exits
@@ -110,7 +88,7 @@ class LocalServer:
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
         deadline = time.monotonic() + timeout
         while True:
-            ready = self.warmed.wait(0.1)  # set by `_warm_up` once the tables are built, or when the server exits
+            ready = self.warmed.wait(0.1)  # set by `warm_up_routes` once the tables are built, or when the server exits
             code = self.proc.poll()
             if code == STARTUP_FAILED and port_taken(self.port):
                 self._launch()

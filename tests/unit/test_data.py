@@ -5,6 +5,7 @@ starts datatrove's forkserver, which imports spaCy once for all the runs after i
 """
 
 import io
+import json
 import logging
 import re
 from pathlib import Path
@@ -16,8 +17,16 @@ from infra.env import setup_env
 
 setup_env()  # offline switches and caches in the workspace, before datatrove/huggingface_hub are imported
 
-from tasks import data  # noqa: E402
-from tasks.data import BUNDLED_CRAWL, DataConfig, build_corpus, iter_documents, iter_records  # noqa: E402
+from tasks.data import (  # noqa: E402
+    BUNDLED_CRAWL,
+    DataConfig,
+    build_corpus,
+    crawl_inputs,
+    execute,
+    iter_documents,
+    iter_records,
+)
+from tasks.refs import CorpusRef  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hand-made pages. Each good article has one distinctive sentence we look for in the output.
@@ -147,8 +156,13 @@ def write_warc(path: Path, pages: list[tuple[str, str]]) -> Path:
     return path
 
 
-def assert_invariants(result: dict) -> None:
-    for key, c in result["counts"]["steps"].items():
+def corpus(cfg: DataConfig, out: Path) -> CorpusRef:
+    """The stage's core as its flow calls it: the inputs found once, then the corpus built from them."""
+    return build_corpus(cfg, crawl_inputs(cfg), out)
+
+
+def assert_invariants(result: CorpusRef) -> None:
+    for key, c in result.counts["steps"].items():
         if "in" in c:
             assert c["in"] == c["kept"] + c["dropped"] == c["kept"] + sum(c["dropped_by_reason"].values()), key
 
@@ -172,18 +186,17 @@ def handmade(tmp_path_factory):
     cfg = DataConfig(inputs=[str(warc)], text_sources={}, minhash=False, extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
     out = folder / "out"
     progress, logger = ProgressLines(), logging.getLogger("tasks.data")
-    level, every = logger.level, data.PROGRESS_EVERY_S
+    level, every = logger.level, execute.PROGRESS_EVERY_S
     logger.addHandler(progress)
     logger.setLevel(logging.INFO)
-    data.PROGRESS_EVERY_S = 0.1  # the stages' progress lines, 10 a second
+    execute.PROGRESS_EVERY_S = 0.1  # the runs' progress lines, 10 a second
     try:
-        result = build_corpus(cfg, out)
+        result = corpus(cfg, out)
     finally:
-        data.PROGRESS_EVERY_S = every
+        execute.PROGRESS_EVERY_S = every
         logger.setLevel(level)
         logger.removeHandler(progress)
-    result["progress"] = progress.lines
-    return result, out
+    return result, out, progress.lines
 
 
 class ProgressLines(logging.Handler):
@@ -196,37 +209,41 @@ class ProgressLines(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-def test_a_running_stage_reports_its_tasks_done(handmade):
-    """Long stages say how far they are: `data stage <name>: k/n tasks done after s s`, from datatrove's
+def test_a_running_datatrove_run_reports_its_tasks_done(handmade):
+    """Long datatrove runs say how far they are: `data run <name>: k/n tasks done after s s`, from datatrove's
     completion markers, every `PROGRESS_EVERY_S` (30 s by default; 0.1 s here)."""
-    lines = handmade[0]["progress"]
+    lines = handmade[2]
     seen: dict[str, list[int]] = {}
     for line in lines:
-        match = re.fullmatch(r"data stage (\w+): (\d+)/(\d+) tasks done after \d+ s", line)
+        match = re.fullmatch(r"data run (\w+): (\d+)/(\d+) tasks done after \d+ s", line)
         assert match, line
         done, total = int(match[2]), int(match[3])
         assert 0 <= done <= total, line
-        assert total == 2 or match[1] != "filter", line  # the filter stage runs the config's 2 tasks
+        assert total == 2 or match[1] != "filter", line  # the filter run has the config's 2 tasks
         seen.setdefault(match[1], []).append(done)
     assert "filter" in seen
     assert all(counts == sorted(counts) for counts in seen.values())  # tasks only ever get done
 
 
 def test_handmade_keeps_each_good_article_once_and_drops_the_junk(handmade):
-    result, out = handmade
+    result, out, _ = handmade
     assert_invariants(result)
     texts = list(iter_documents(out))
     for name in ("bread", "lighthouse", "bees", "tides", "library"):
         assert sum(distinctive(name) in t for t in texts) == 1, name
     assert len(texts) == 5
     assert not any("Eisenbahn" in t or "Lorem ipsum" in t or "Category A" in t for t in texts)
-    steps = result["counts"]["steps"]
+    steps = result.counts["steps"]
     assert steps["exact_dedup/exact_dedup"]["dropped_by_reason"] == {"exact_duplicate": 2}
-    assert result["counts"]["totals"] == result["counts"]["totals"] | {"records_in": 10, "docs_in": 10, "docs_out": 5}
+    assert result.counts["totals"] == result.counts["totals"] | {"records_in": 10, "docs_in": 10, "docs_out": 5}
+    assert result.path == str(out.resolve() / "documents") and result.docs == 5
+    assert set(result.files) == {"documents", "removed", "logs", "summary", "funnel", "samples"}
+    assert result.artifacts == ["funnel", "samples"] and result.file("funnel").is_file()
+    assert json.loads(result.file("summary").read_text())["counts"] == result.counts
 
 
 def test_handmade_removed_pages_are_written_with_their_filter(handmade):
-    result, out = handmade
+    result, out, _ = handmade
     language = {r["metadata"]["url"]: r["metadata"]["language"] for r in iter_records(out / "removed" / "language")}
     assert language["https://example.de/eisenbahn"] == "de"
     junk = {"https://shop.example.com/", "https://new.example.com/", "https://example.de/eisenbahn"}
@@ -238,7 +255,7 @@ def test_handmade_removed_pages_are_written_with_their_filter(handmade):
 
 
 def test_handmade_pii_is_masked(handmade):
-    _, out = handmade
+    _, out, _ = handmade
     library = next(t for t in iter_documents(out) if distinctive("library") in t)
     assert "jane.doe@villagelibrary.org" not in library and "81.2.69.160" not in library
     assert "555-867-5309" not in library
@@ -254,23 +271,23 @@ def test_handmade_pii_is_masked(handmade):
 def bundled(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled") / "out"
     cfg = DataConfig(text_sources={"data/text/c4_demo.jsonl.gz": 0.2})
-    return cfg, out, build_corpus(cfg, out)
+    return cfg, out, corpus(cfg, out)
 
 
 def test_bundled_counts_add_up_at_every_step(bundled):
     cfg, out, result = bundled
     assert_invariants(result)
-    steps = result["counts"]["steps"]
+    steps = result.counts["steps"]
     assert {k.split("/")[0] for k in steps} >= {"filter", "exact_dedup", "minhash_dedup", "sentence_dedup"}
     assert steps["filter/read_warc"]["in"] == 17  # 16 + 1 HTML responses; requests/metadata are not pages
     assert steps["filter/read_wet"]["in"] == 69
     assert steps["filter/language"]["dropped"] > 50  # the sample crawl is mostly zh/ru/vi/...
     sampled = steps["filter/sample"]["dropped_by_reason"]["sampled_out"]
     assert 200 < sampled < 280  # 4 in 5 of the 300 C4 documents
-    totals = result["counts"]["totals"]
+    totals = result.counts["totals"]
     assert totals["docs_out"] == steps["sentence_dedup/write"]["kept"] > 40
     assert steps["sentence_dedup/sentence_dedup"]["in"] == steps["minhash_dedup/write"]["kept"]
-    assert result["counts"]["corrupt_files"] == []
+    assert result.counts["corrupt_files"] == []
 
 
 def test_bundled_output_is_english_and_readable_by_datasets(bundled, tmp_path):
@@ -282,24 +299,24 @@ def test_bundled_output_is_english_and_readable_by_datasets(bundled, tmp_path):
     ds = datasets.load_dataset(
         "json", data_files=str(out / "documents" / "*.jsonl.gz"), split="train", cache_dir=str(tmp_path)
     )
-    assert len(ds) == result["counts"]["totals"]["docs_out"] == sum(1 for _ in iter_documents(out))
-    mix = result["counts"]["mix"]
+    assert len(ds) == result.counts["totals"]["docs_out"] == sum(1 for _ in iter_documents(out))
+    mix = result.counts["mix"]
     assert set(mix) == {"crawl", "data/text/c4_demo.jsonl.gz"}
-    assert sum(m["chars"] for m in mix.values()) == result["counts"]["totals"]["chars_out"]
+    assert sum(m["chars"] for m in mix.values()) == result.counts["totals"]["chars_out"]
     assert abs(sum(m["char_share"] for m in mix.values()) - 1) < 1e-3
 
 
 def test_bundled_rerun_skips_finished_work_and_reports_the_same_counts(bundled):
     cfg, out, result = bundled
-    again = build_corpus(cfg, out)
+    again = corpus(cfg, out)
 
-    def doc_counts(r: dict) -> dict:
-        return {k: (c.get("in"), c.get("kept"), c.get("dropped_by_reason")) for k, c in r["counts"]["steps"].items()}
+    def doc_counts(r: CorpusRef) -> dict:
+        return {k: (c.get("in"), c.get("kept"), c.get("dropped_by_reason")) for k, c in r.counts["steps"].items()}
 
     assert doc_counts(again) == doc_counts(result)
-    assert again["counts"]["mix"] == result["counts"]["mix"]
+    assert again.counts["mix"] == result.counts["mix"]
     with pytest.raises(ValueError, match="different config"):
-        build_corpus(cfg.model_copy(update={"minhash": False}), out)
+        corpus(cfg.model_copy(update={"minhash": False}), out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,10 +326,10 @@ def test_bundled_rerun_skips_finished_work_and_reports_the_same_counts(bundled):
 def test_missing_input_is_named_before_any_work(tmp_path):
     cfg = DataConfig(inputs=[*BUNDLED_CRAWL, "data/crawl/no-such-file.warc.gz"])
     with pytest.raises(FileNotFoundError, match="no-such-file.warc.gz"):
-        build_corpus(cfg, tmp_path / "out")
+        corpus(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="missing.jsonl.gz"):
-        build_corpus(DataConfig(text_sources={"data/text/missing.jsonl.gz": 1.0}), tmp_path / "out")
+        corpus(DataConfig(text_sources={"data/text/missing.jsonl.gz": 1.0}), tmp_path / "out")
 
 
 def test_truncated_gzip_among_good_files_keeps_the_good_documents(tmp_path):
@@ -333,10 +350,10 @@ def test_truncated_gzip_among_good_files_keeps_the_good_documents(tmp_path):
         sentence_dedup=False,
         extract_timeout_s=SLOW_MACHINE_TIMEOUT_S,
     )
-    result = build_corpus(cfg, tmp_path / "out")
+    result = corpus(cfg, tmp_path / "out")
     assert_invariants(result)
-    assert result["counts"]["corrupt_files"] == ["bad.warc.gz"]
-    assert result["counts"]["steps"]["filter/read_warc"]["corrupt_files"] == ["bad.warc.gz"]
+    assert result.counts["corrupt_files"] == ["bad.warc.gz"]
+    assert result.counts["steps"]["filter/read_warc"]["corrupt_files"] == ["bad.warc.gz"]
     urls = [r["metadata"]["url"] for r in iter_records(tmp_path / "out" / "documents")]
     assert {"https://good.example/bees", "https://good.example/tides"} <= set(urls)
 
@@ -345,10 +362,10 @@ def test_crawl_with_no_english_gives_an_empty_corpus_not_an_error(tmp_path):
     warc = write_warc(tmp_path / "de.warc.gz", [("https://example.de/eisenbahn", article_html(*GERMAN))])
     # tasks=1, workers=1: datatrove runs the tasks in this process, so this also covers the in-process path
     cfg = DataConfig(inputs=[str(warc)], text_sources={}, tasks=1, workers=1, extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
-    result = build_corpus(cfg, tmp_path / "out")
-    assert result["counts"]["totals"]["docs_out"] == 0 and list(iter_documents(tmp_path / "out")) == []
-    assert result["counts"]["skipped_stages"][0] == "exact_signatures"
-    assert result["counts"]["steps"]["filter/language"]["dropped"] == 1
+    result = corpus(cfg, tmp_path / "out")
+    assert result.counts["totals"]["docs_out"] == 0 and list(iter_documents(tmp_path / "out")) == []
+    assert result.counts["skipped_stages"][0] == "exact_signatures"
+    assert result.counts["steps"]["filter/language"]["dropped"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

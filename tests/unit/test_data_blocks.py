@@ -13,7 +13,7 @@ setup_env()
 
 from datatrove.data import Document  # noqa: E402
 
-from tasks.data_blocks import (  # noqa: E402
+from tasks.data.blocks import (  # noqa: E402
     CrawlReader,
     PhoneNumberFormatter,
     SourceSampler,
@@ -137,18 +137,3 @@ def test_exact_dedup_getter_and_output_adapter():
         "id": "1",
         "metadata": {"source": "crawl", "url": "", "file_path": "", "language": "en", "language_score": 0.9},
     }
-
-
-def test_the_cheap_dependency_check_answers_as_datatroves_own():
-    """datatrove's `_is_distribution_available` parses every installed package's metadata per name; ours looks the
-    name up. Same answers for installed, absent and hyphenated names, and it is the one datatrove's checks call."""
-    from datatrove.utils import _import_utils
-
-    from tasks.data_blocks import DATATROVE_DISTRIBUTION_CHECK, distribution_installed
-
-    names = ["trafilatura", "fasttext-numpy2-wheel", "fasttext", "no-such-distribution-gptflow", "kenlm", "xxhash"]
-    assert [distribution_installed(n) for n in names] == [DATATROVE_DISTRIBUTION_CHECK.__wrapped__(n) for n in names]
-    assert distribution_installed("trafilatura") is True and distribution_installed("no-such-distribution-gptflow") is None
-    assert _import_utils._is_distribution_available.__wrapped__ is distribution_installed
-    with pytest.raises(ImportError, match="no-such-distribution-gptflow"):  # a missing one still stops the block
-        _import_utils.check_required_dependencies("Step", [("xxhash", "no-such-distribution-gptflow")])

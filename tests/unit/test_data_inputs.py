@@ -24,9 +24,10 @@ from infra.env import DATA_DIR, setup_env
 
 setup_env()
 
-from tasks.data import DataConfig, build_corpus, data_stage, input_locations, iter_records  # noqa: E402
-from tasks.data_blocks import CrawlReader  # noqa: E402
-from tasks.data_inputs import check_inputs, expand_inputs, is_wat, is_wet, read_listing, split_root  # noqa: E402
+from tasks.data import DataConfig, build_corpus, check_input, crawl_inputs, iter_records  # noqa: E402
+from tasks.data.blocks import CrawlReader  # noqa: E402
+from tasks.data.inputs import expand_inputs, is_wat, is_wet, read_listing, split_root  # noqa: E402
+from tasks.refs import CorpusRef, InputRef  # noqa: E402
 from tasks.stage import run_stage  # noqa: E402
 
 WARC = "CC-MAIN-2024-22_whirlwind.warc.gz"  # 1 HTML page (Aragonese: dropped by the language filter)
@@ -99,14 +100,24 @@ def filter_only(**kwargs) -> DataConfig:
     )
 
 
-def outcome(out: Path, result: dict) -> dict:
+def corpus(cfg: DataConfig, out: Path) -> CorpusRef:
+    return build_corpus(cfg, crawl_inputs(cfg), out)
+
+
+def run_data_stage(cfg: DataConfig, root: Path) -> CorpusRef:
+    """The data stage as its flow runs it: the inputs found once, then `run_stage` (key, folder, manifest)."""
+    inputs = crawl_inputs(cfg)
+    return run_stage("data", cfg, inputs, lambda out: build_corpus(cfg, inputs, out), root)
+
+
+def outcome(out: Path, result: CorpusRef) -> dict:
     """What a run kept and removed (by step), and its counts, without the file paths that name where it read."""
 
     def docs(folder: Path) -> list[tuple]:
         return sorted((r["id"], r["metadata"]["url"], r["text"]) for r in iter_records(folder))
 
     removed = {d.name: docs(d) for d in sorted((out / "removed").iterdir())}
-    counts = {k: (c.get("in"), c.get("kept"), c.get("dropped_by_reason")) for k, c in result["counts"]["steps"].items()}
+    counts = {k: (c.get("in"), c.get("kept"), c.get("dropped_by_reason")) for k, c in result.counts["steps"].items()}
     return {"kept": docs(out / "documents"), "removed": removed, "counts": counts}
 
 
@@ -165,19 +176,19 @@ def test_missing_listing_and_duplicates_after_expansion_are_named(tmp_path):
 def local_and_remote(server, tmp_path_factory):
     base, _ = server
     folder = tmp_path_factory.mktemp("remote")
-    local = build_corpus(filter_only(inputs=[f"data/crawl/{WARC}", f"data/crawl/{WET}"]), folder / "local")
+    local = corpus(filter_only(inputs=[f"data/crawl/{WARC}", f"data/crawl/{WET}"]), folder / "local")
     # The WET file comes through a listing based at the server; max_files=1 leaves out a second line that names
     # a file the server does not have (were it expanded, the run would stop on it before any work).
     listing = write_listing(folder / "wet.paths.gz", [WET, "missing/CC-MAIN-00000.warc.wet.gz"])
     cfg = filter_only(inputs=[f"{base}/{WARC}", str(listing)], paths_base=base + "/", max_files=1)
-    remote = build_corpus(cfg, folder / "remote")
+    remote = corpus(cfg, folder / "remote")
     return (folder / "local", local), (folder / "remote", remote)
 
 
 def test_remote_urls_give_the_same_documents_and_counts_as_local_files(local_and_remote, server):
     (local_dir, local), (remote_dir, remote) = local_and_remote
     assert outcome(remote_dir, remote) == outcome(local_dir, local)
-    assert remote["counts"]["steps"]["filter/read_wet"]["in"] == 68
+    assert remote.counts["steps"]["filter/read_wet"]["in"] == 68
     assert len(list(iter_records(remote_dir / "documents"))) >= 3  # English pages of the WET sample
     paths = {r["metadata"]["file_path"] for r in iter_records(remote_dir / "removed" / "language")}
     assert paths == {f"{server[0]}/{WARC}", f"{server[0]}/{WET}"}  # read over HTTP, not from data/crawl
@@ -187,65 +198,74 @@ def test_remote_urls_give_the_same_documents_and_counts_as_local_files(local_and
 def test_missing_or_unreachable_remote_input_is_named_before_any_work(server, tmp_path):
     base, _ = server
     with pytest.raises(FileNotFoundError, match=f"{base}/no-such.warc.gz"):
-        build_corpus(filter_only(inputs=[f"{base}/{WARC}", f"{base}/no-such.warc.gz"]), tmp_path / "out")
+        corpus(filter_only(inputs=[f"{base}/{WARC}", f"{base}/no-such.warc.gz"]), tmp_path / "out")
     listing = write_listing(tmp_path / "warc.paths.gz", ["crawl-data/gone.warc.gz"])
     with pytest.raises(FileNotFoundError, match=f"{base}/crawl-data/gone.warc.gz"):
-        build_corpus(filter_only(inputs=[str(listing)], paths_base=base), tmp_path / "out")
+        corpus(filter_only(inputs=[str(listing)], paths_base=base), tmp_path / "out")
     closed = "http://127.0.0.1:9/x.warc.gz"  # the discard port: nothing listens there
     with pytest.raises(OSError, match="127.0.0.1:9/x.warc.gz"):
-        check_inputs([closed])
+        check_input(closed)
+    with pytest.raises(OSError, match="127.0.0.1:9/x.warc.gz"):  # also among other inputs, asked all at once
+        crawl_inputs(filter_only(inputs=[f"{base}/{WARC}", closed]))
     assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# URL inputs in the stage key (what `flows.stages.data_task` hashes)
+# URL inputs in the stage key (what the flow's data task hashes)
 
 
 def test_url_inputs_are_hashed_from_server_metadata_and_rehashed_when_the_file_changes(server, tmp_path):
     base, root = server
     listing = write_listing(tmp_path / "wet.paths", [WET])
     cfg = DataConfig(inputs=[f"{base}/{WARC}", str(listing)], paths_base=base, text_sources={})
-    inputs = input_locations(cfg)
-    assert inputs == {"input_0": f"{base}/{WARC}", "input_1": f"{base}/{WET}"}
+    inputs = crawl_inputs(cfg)
+    assert {name: ref.path for name, ref in inputs.items()} == {"input_0": f"{base}/{WARC}", "input_1": f"{base}/{WET}"}
+    assert inputs["input_0"].size == (root / WARC).stat().st_size and len(inputs["input_0"].sha256) == 64
     calls = []
 
-    def core(out: Path) -> dict:
+    def core(out: Path) -> InputRef:
         calls.append(out)
-        return {"counts": {}}
+        (out / "documents").mkdir()
+        return InputRef(path=str(out / "documents"))
 
     first = run_stage("data", cfg, inputs, core, tmp_path / "runs")
-    again = run_stage("data", cfg, inputs, core, tmp_path / "runs")
-    assert again["cached"] and len(calls) == 1
-    assert first["inputs"]["input_0"]["path"] == f"{base}/{WARC}"
+    again = run_stage("data", cfg, crawl_inputs(cfg), core, tmp_path / "runs")
+    assert again.cached and len(calls) == 1
+
+    def manifest_inputs(ref: InputRef) -> dict:
+        return json.loads(Path(ref.manifest).read_text())["inputs"]
+
+    assert manifest_inputs(first)["input_0"]["path"] == f"{base}/{WARC}"
     # Same size, new content, a later Last-Modified: a new key.
     served = root / WARC
     served.write_bytes(bytes(reversed(served.read_bytes())))
     stat = served.stat()
     os.utime(served, (stat.st_atime, stat.st_mtime + 10))
-    changed = run_stage("data", cfg, inputs, core, tmp_path / "runs")
-    assert changed["key"] != first["key"] and len(calls) == 2
-    assert changed["inputs"]["input_1"]["sha256"] == first["inputs"]["input_1"]["sha256"]
+    changed = run_stage("data", cfg, crawl_inputs(cfg), core, tmp_path / "runs")
+    assert changed.key != first.key and len(calls) == 2
+    assert manifest_inputs(changed)["input_1"]["sha256"] == manifest_inputs(first)["input_1"]["sha256"]
     shutil.copyfile(DATA_DIR / "crawl" / WARC, served)  # leave the served copy as the other tests expect
 
 
 def test_a_data_stage_asks_about_each_remote_input_and_reads_a_listing_once(server, tmp_path):
-    """What the flow runs (`data_stage`): the stage key, the checks before any work and the dealing of files to
-    tasks all need each URL's metadata, and expanding a listing its lines; within the stage each is fetched once
-    (a URL used to be asked about four times, a listing read twice). The readers still open their files."""
+    """What the flow runs (`crawl_inputs`, then `run_stage` with `build_corpus`): the stage key, the checks before
+    any work and the dealing of files to tasks all need each URL's metadata, and expanding a listing its lines;
+    `crawl_inputs` fetches each once and hands the answers on (a URL used to be asked about four times, a listing
+    read twice). The readers still open their files."""
     base, root = server
     (root / "wet.paths").write_text(f"{WET}\n")
     cfg = filter_only(inputs=[f"{base}/{WARC}", f"{base}/wet.paths"], paths_base=base, max_files=1)
     REQUESTS.clear()
-    first = data_stage(cfg, tmp_path / "runs")
+    first = run_data_stage(cfg, tmp_path / "runs")
     built = list(REQUESTS)
     REQUESTS.clear()
-    again = data_stage(cfg, tmp_path / "runs")  # reused: only the key is computed
-    assert again["cached"] and again["key"] == first["key"] and not first["cached"]
+    again = run_data_stage(cfg, tmp_path / "runs")  # reused: only the key is computed
+    assert again.cached and again.key == first.key and not first.cached
     listing = [("GET", "/wet.paths"), ("HEAD", "/wet.paths")]  # fsspec opens a file over HTTP with a HEAD
     assert sorted(REQUESTS) == sorted([*listing, ("HEAD", f"/{WARC}"), ("HEAD", f"/{WET}")])
     assert built.count(("GET", "/wet.paths")) == 1
     assert built.count(("HEAD", f"/{WARC}")) <= 2 and built.count(("HEAD", f"/{WET}")) <= 2  # ours, the reader's
-    assert first["counts"]["steps"]["filter/read_wet"]["in"] == 68
+    assert first.counts["steps"]["filter/read_wet"]["in"] == 68 and isinstance(first, CorpusRef)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,10 +276,10 @@ def test_wat_input_is_refused_by_name_before_any_work(tmp_path):
     wat = write_wat(tmp_path / "CC-MAIN-00000.warc.wat.gz", ["https://example.org/a", "https://example.org/b"])
     assert is_wat(str(wat)) and not is_wet(str(wat)) and not is_wat("data/crawl/x.water.warc.gz")
     with pytest.raises(ValueError, match="CC-MAIN-00000.warc.wat.gz is a WAT file"):
-        build_corpus(DataConfig(inputs=[str(wat)], text_sources={}), tmp_path / "out")
+        corpus(DataConfig(inputs=[str(wat)], text_sources={}), tmp_path / "out")
     listing = write_listing(tmp_path / "wat.paths.gz", ["crawl-data/CC/segments/1/wat/CC-MAIN-00001.warc.wat.gz"])
     with pytest.raises(ValueError, match="CC-MAIN-00001.warc.wat.gz is a WAT file"):
-        build_corpus(DataConfig(inputs=[str(listing)], paths_base=str(tmp_path), text_sources={}), tmp_path / "out")
+        corpus(DataConfig(inputs=[str(listing)], paths_base=str(tmp_path), text_sources={}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -275,7 +295,7 @@ def test_wat_records_in_a_file_named_like_a_warc_are_counted_not_read(tmp_path):
 @pytest.mark.skipif(not SHARED_WAT.is_file(), reason=f"{SHARED_WAT} not present")
 def test_common_crawl_wat_sample_is_refused_and_its_records_counted(tmp_path):
     with pytest.raises(ValueError, match="whirlwind.warc.wat.gz is a WAT file"):
-        check_inputs([str(SHARED_WAT)])
+        check_input(str(SHARED_WAT))
     (tmp_path / "files.txt").write_text(SHARED_WAT.name + "\n")
     reader = CrawlReader(str(SHARED_WAT.parent), str(tmp_path / "files.txt"))
     assert list(reader.run()) == []

@@ -12,7 +12,7 @@ from infra.env import setup_env
 
 setup_env()
 
-from tasks.data import DataConfig, build_corpus  # noqa: E402
+from tasks.data import DataConfig, build_corpus, crawl_inputs  # noqa: E402
 
 # A three-sentence span shared by two documents (one copy must go), and one that makes a short document redundant.
 HARBOUR = [
@@ -113,7 +113,7 @@ def deduped(tmp_path_factory):
         pii=False,
     )
     out = folder / "out"
-    result = build_corpus(cfg, out)
+    result = build_corpus(cfg, crawl_inputs(cfg), out)
     kept = {}
     for path in sorted((out / "documents").glob("*.jsonl.gz")):
         with gzip.open(path, "rt") as f:
@@ -141,13 +141,13 @@ def test_documents_sharing_only_two_sentences_are_untouched(deduped):
 def test_a_document_left_too_short_is_dropped_and_counted(deduped):
     result, kept, out = deduped
     assert set(kept) == {"doc_a", "doc_b", "doc_c", "doc_d", "doc_f"}
-    step = result["counts"]["steps"]["sentence_dedup/sentence_dedup"]
+    step = result.counts["steps"]["sentence_dedup/sentence_dedup"]
     assert (step["in"], step["kept"], step["dropped"]) == (6, 5, 1)
     assert step["dropped_by_reason"] == {"too_short_after_span_dedup": 1}
     n_chars = sum(len(s) for s in HARBOUR + ORCHARD)
     assert step["removed"]["spans"] == 2 and step["removed"]["sentences"] == 6
     assert n_chars <= step["removed"]["chars"] <= n_chars + 6  # the spans plus the spaces between sentences
-    for key, c in result["counts"]["steps"].items():
+    for key, c in result.counts["steps"].items():
         if "in" in c:
             assert c["in"] == c["kept"] + c["dropped"] == c["kept"] + sum(c["dropped_by_reason"].values()), key
     # The audit copy marks what was cut: the dropped document and the one that lost its span.
@@ -161,10 +161,11 @@ def test_a_document_left_too_short_is_dropped_and_counted(deduped):
 
 
 def test_switch_off_removes_the_stages(tmp_path):
-    from tasks.data import plan_stages
+    from tasks.data.inputs import sized_inputs
+    from tasks.data.plan import plan_runs
 
     def names(cfg: DataConfig) -> list[str]:
-        return [s.name for s in plan_stages(cfg, tmp_path)]
+        return [run.name for run in plan_runs(cfg, sized_inputs(cfg), tmp_path)]
 
     assert names(DataConfig())[-4:] == ["minhash_dedup", "sentence_signatures", "sentence_find", "sentence_dedup"]
     assert not any(n.startswith("sentence") for n in names(DataConfig(sentence_dedup=False)))

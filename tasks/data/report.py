@@ -1,12 +1,46 @@
-"""What people look at after the data stage: a filter funnel chart and samples of kept and dropped text."""
+"""What people look at after the data stage: the realised mix of sources, a filter funnel chart and samples of
+kept and dropped text; and the readers of its output (`iter_records`, `iter_documents`)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tasks.data.config import CRAWL_SOURCE
+
+
+def iter_documents(out_dir: Path) -> Iterator[str]:
+    """Yield the kept texts of a finished `build_corpus` run (the tokenizer stage consumes this)."""
+    for record in iter_records(Path(out_dir) / "documents"):
+        yield record["text"]
+
+
+def iter_records(folder: Path) -> Iterator[dict]:
+    """The JSON records of a folder of `*.jsonl.gz` shards (kept documents, or one filter's removals), in file order."""
+    for path in sorted(Path(folder).glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def realised_mix(text_sources: Mapping[str, float], documents: Path) -> dict[str, dict[str, float]]:
+    """Realised proportions of the output per source, in documents and characters, beside each source's weight."""
+    weights = {CRAWL_SOURCE: 1.0} | dict(text_sources)
+    mix = {source: {"weight": w, "docs": 0, "chars": 0} for source, w in weights.items()}
+    for record in iter_records(documents):
+        source = record.get("metadata", {}).get("source", "unknown")
+        entry = mix.setdefault(source, {"weight": 0.0, "docs": 0, "chars": 0})
+        entry["docs"] += 1
+        entry["chars"] += len(record["text"])
+    n_docs = sum(m["docs"] for m in mix.values()) or 1
+    n_chars = sum(m["chars"] for m in mix.values()) or 1
+    for m in mix.values():
+        m["doc_share"] = round(m["docs"] / n_docs, 4)
+        m["char_share"] = round(m["chars"] / n_chars, 4)
+    return mix
 
 
 def funnel_chart(steps: dict[str, dict[str, Any]], png: Path) -> Path:
@@ -55,7 +89,7 @@ def write_samples(out_dir: Path, per_step: int = 3, chars: int = 600) -> Path:
         groups.update({f"dropped_{d.name}": d for d in sorted((out_dir / "removed").iterdir()) if d.is_dir()})
     for name, folder in groups.items():
         parts = [f"# {name}\n"]
-        for i, rec in zip(range(per_step), _records(folder)):
+        for i, rec in zip(range(per_step), _records(folder), strict=False):
             meta = rec.get("metadata", {})
             url = meta.get("url") or meta.get("source") or ""
             parts.append(f"## {i + 1}. {url}\n\n```\n{rec.get('text', '')[:chars]}\n```\n")

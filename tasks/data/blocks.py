@@ -8,15 +8,14 @@
 - `PhoneNumberFormatter`: masks phone numbers; datatrove's `PIIFormatter` only does emails and IPs.
 - `document_text`: the content getter of the exact-dedup hash (module level, so workers can unpickle it).
 
-Importing this module also makes datatrove's dependency check cheap (`distribution_installed`).
+Importing this module also makes datatrove's dependency check cheap (`infra.startup`): every process that
+unpickles our blocks imports it first, each worker included.
 
-Stats convention, shared with `tasks/data.py`: every block that can lose documents counts `total`, `forwarded`
+Stats convention, shared with `tasks/data/counts.py`: every block that can lose documents counts `total`, `forwarded`
 and `dropped` (+ `dropped_<reason>`), so `total == forwarded + dropped` can be checked from the stats files.
 Readers count `records` in (page records or lines) and `documents` out, with `dropped_<reason>` for the rest.
 """
 
-import functools
-import importlib.metadata
 import os
 import re
 import zlib
@@ -28,25 +27,13 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.readers.warc import WarcReader, process_record
-from datatrove.utils import _import_utils
 from datatrove.utils.logging import logger
 
+from infra.startup import patch_datatrove_dependency_check
 
-def distribution_installed(name: str) -> bool | None:
-    """Whether a distribution of this name is installed: True, or None, as datatrove's `_is_distribution_available`
-    answers, but by a lookup of its name. datatrove's parses the metadata of every installed package for each name
-    it checks (~0.17 s a name here, ~1.6 s for the data stage's blocks), and does so in every process that builds
-    or unpickles a block, each worker included."""
-    try:
-        importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return True
-
-
-DATATROVE_DISTRIBUTION_CHECK = getattr(_import_utils, "_is_distribution_available", None)  # datatrove's own, kept
-if DATATROVE_DISTRIBUTION_CHECK is not None:  # `check_required_dependencies` looks it up in its module at each call
-    _import_utils._is_distribution_available = functools.lru_cache(distribution_installed)
+# Each block checks its dependencies as it is made, also when a worker unpickles it. Local workers fork from a
+# forkserver that preloads this module; a Ray worker imports it when it unpickles one of our blocks.
+patch_datatrove_dependency_check()
 
 # What a damaged input raises mid-read: gzip's EOFError ("Compressed file ended before the end-of-stream marker")
 # or BadGzipFile (an OSError), zlib.error for bad deflate data, warcio's ArchiveLoadFailed for a non-WARC body.
@@ -60,14 +47,14 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
 
 
 def corrupt_file_stat(filepath: str) -> str:
-    """Stat key that records a skipped damaged file by name (read back by `tasks/data.py`)."""
+    """Stat key that records a skipped damaged file by name (read back by `tasks/data/counts.py`)."""
     return f"corrupt_file:{os.path.basename(filepath)}"
 
 
 class _AssignedFiles:
     """A datatrove reader shards its file list round-robin from task 0, so with few files of very different sizes
     (and several readers in one pipeline) task 0 gets most of the work. `file_ranks` (name as listed in the paths
-    file -> task) lets `tasks/data.py` deal the files itself: largest first, to the least loaded task."""
+    file -> task) lets `tasks/data/plan.py` deal the files itself: largest first, to the least loaded task."""
 
     def __init__(self, *args, file_ranks: dict[str, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,7 +92,7 @@ class CrawlReader(_AssignedFiles, WarcReader):
     Requests, metadata and warcinfo records are not pages and are not counted. A page record becomes a document
     or is dropped as `non_html_or_undecodable` (images, PDFs, robots.txt, undecodable bytes: datatrove's own
     `process_record` rules) or `empty`. A WAT record (JSON metadata about a page, in a WAT file named like a WARC;
-    `tasks/data_inputs.py` refuses files named *.wat*) is counted and dropped as `wat_metadata_only`, so such a file
+    `tasks/data/inputs.py` refuses files named *.wat*) is counted and dropped as `wat_metadata_only`, so such a file
     shows up in the counts instead of silently giving nothing. A damaged file is logged and skipped from the point
     of damage on.
     """
