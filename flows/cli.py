@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.env import resolve_path, setup_env
+from infra.startup import freeze_heap
 
 STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "eval")
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
@@ -290,7 +290,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null, or the interpreter's own flush at exit raises again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rc = 141
-    gc.freeze()
+    freeze_heap()
     return rc
 
 

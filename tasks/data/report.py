@@ -3,12 +3,11 @@ kept and dropped text; and the readers of its output (`iter_records`, `iter_docu
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from infra.jsonl import iter_jsonl_folder
 from tasks.data.config import CRAWL_SOURCE
 
 
@@ -20,10 +19,7 @@ def iter_documents(out_dir: Path) -> Iterator[str]:
 
 def iter_records(folder: Path) -> Iterator[dict]:
     """The JSON records of a folder of `*.jsonl.gz` shards (kept documents, or one filter's removals), in file order."""
-    for path in sorted(Path(folder).glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+    return iter_jsonl_folder(folder)
 
 
 def realised_mix(text_sources: Mapping[str, float], documents: Path) -> dict[str, dict[str, float]]:
@@ -71,15 +67,6 @@ def funnel_chart(steps: dict[str, dict[str, Any]], png: Path) -> Path:
     return png
 
 
-def _records(folder: Path) -> Iterator[dict]:
-    for f in sorted(folder.rglob("*.jsonl*")):
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
-
-
 def write_samples(out_dir: Path, per_step: int = 3, chars: int = 600) -> Path:
     """`samples/kept.md` and `samples/dropped_<step>.md`: the first few documents, cut to `chars`."""
     samples = out_dir / "samples"
@@ -89,7 +76,7 @@ def write_samples(out_dir: Path, per_step: int = 3, chars: int = 600) -> Path:
         groups.update({f"dropped_{d.name}": d for d in sorted((out_dir / "removed").iterdir()) if d.is_dir()})
     for name, folder in groups.items():
         parts = [f"# {name}\n"]
-        for i, rec in zip(range(per_step), _records(folder), strict=False):
+        for i, rec in zip(range(per_step), iter_jsonl_folder(folder, "**/*.jsonl*"), strict=False):
             meta = rec.get("metadata", {})
             url = meta.get("url") or meta.get("source") or ""
             parts.append(f"## {i + 1}. {url}\n\n```\n{rec.get('text', '')[:chars]}\n```\n")
