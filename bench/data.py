@@ -447,7 +447,7 @@ def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     if len(xs) < 2 or len(set(xs)) < 2:
         raise ValueError("a line needs at least two different x values")
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
 

@@ -190,7 +190,7 @@ class GPTFlowLM(LM):
                 target = torch.tensor(tgt, dtype=torch.long, device=rows.device)
                 logprob[i] += rows.gather(1, target.unsqueeze(1)).sum().item()
                 greedy[i] = greedy[i] and bool((rows.argmax(dim=-1) == target).all())
-        return list(zip(logprob, greedy))
+        return list(zip(logprob, greedy, strict=True))
 
     # -- lm-eval API -------------------------------------------------------------------------------------------
 
@@ -206,7 +206,7 @@ class GPTFlowLM(LM):
             seqs.append((ctx + cont, len(cont)))
         scored = iter(self._score([s for s in seqs if s is not None]))
         out = [(0.0, True) if s is None else next(scored) for s in seqs]
-        for req, res in zip(requests, out):
+        for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return out
 
@@ -217,7 +217,7 @@ class GPTFlowLM(LM):
             seqs.append(([self._eot_id] + tokens, len(tokens)) if tokens else None)
         scored = iter(self._score([s for s in seqs if s is not None]))
         out = [0.0 if s is None else next(scored)[0] for s in seqs]
-        for req, res in zip(requests, out):
+        for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
         return out
 

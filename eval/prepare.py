@@ -188,7 +188,7 @@ def prepare_task(task: str, src_dir: Path, out_dir: Path, limit: int | None = No
     src = find_source(src_dir, task)
     records = iter_task_records(task, src)
     if limit is not None:
-        records = (r for i, r in zip(range(limit), records))
+        records = (r for _, r in zip(range(limit), records, strict=False))
     out = data_file(out_dir, task)
     n = write_jsonl_gz(records, out)
     if n == 0:

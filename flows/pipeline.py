@@ -13,8 +13,7 @@ from typing import Any
 from prefect import flow
 
 from flows.presets import PresetName, resolve
-from flows.stages import (align_task, data_task, eval_task, pretrain_task, register_task, sft_task, timed,
-                          tokenizer_task)
+from flows.stages import align_task, data_task, eval_task, pretrain_task, register_task, sft_task, timed, tokenizer_task
 from infra.env import runs_dir
 from tasks import tracking
 from tasks.registry import version_tags

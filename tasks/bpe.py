@@ -214,13 +214,13 @@ def tokenizer_merges(tok: Tokenizer) -> list[tuple[str, str]]:
 def compare_merges(ours: Sequence[tuple[str, str]], reference: Sequence[tuple[str, str]]) -> dict:
     """How many reference merges `ours` reproduces, and in what order."""
     rank = {m: i for i, m in enumerate(ours)}
-    prefix = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    prefix = next((i for i, (a, b) in enumerate(zip(ours, reference, strict=False)) if a != b), min(len(ours), len(reference)))
     shifts = [abs(rank[m] - i) for i, m in enumerate(reference) if m in rank]
     return {
         "reference": len(reference),
         "ours": len(ours),
         "common": len(shifts),
-        "same_rank": sum(1 for a, b in zip(ours, reference) if a == b),
+        "same_rank": sum(1 for a, b in zip(ours, reference, strict=False) if a == b),
         "identical_prefix": prefix,
         "max_rank_shift": max(shifts, default=0),
         "only_reference": [m for m in reference if m not in rank],

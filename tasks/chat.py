@@ -75,7 +75,7 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 def _hh_messages(text: str) -> list[Message]:
     parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)[1:]
     return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
-            for who, body in zip(parts[::2], parts[1::2])]
+            for who, body in zip(parts[::2], parts[1::2], strict=False)]
 
 
 def read_preferences(path: Path) -> list[tuple[list[Message], str, str]]:

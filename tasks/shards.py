@@ -132,7 +132,7 @@ class _Splits:
         """Append `ids + [eot]` of each document to its split."""
         parts: dict[str, list] = {s: [] for s in SPLITS}
         lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for doc, e in zip(batch, encodings):
+        for doc, e in zip(batch, encodings, strict=True):
             ids = e.ids
             n = len(ids) + 1
             parts[doc.split] += (ids, self.eot_ids)

@@ -116,8 +116,9 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     items = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
@@ -159,7 +160,7 @@ def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) 
     for name in ref.artifacts:
         if ref.file(name).exists():
             log_artifact(run_id, ref.file(name))
-    for name, source in inputs.items():
+    for source in inputs.values():
         if source.dataset_name:
             log_dataset_input(run_id, source.dataset_name, Path(source.path), source.sha256, source.profile(), "training")
 

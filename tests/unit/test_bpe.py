@@ -56,7 +56,7 @@ def _gz_text(path: Path) -> str:
 def _small_tok():
     if "small" not in _CACHE:
         with gzip.open(CORPUS, "rt") as f:
-            texts = [json.loads(line)["text"] for _, line in zip(range(50), f)]
+            texts = [json.loads(line)["text"] for _, line in zip(range(50), f, strict=False)]
         _CACHE["small"] = train_bpe(iter(texts), TokenizerConfig(vocab_size=400))
     return _CACHE["small"]
 
@@ -154,7 +154,7 @@ def test_autotokenizer_loads_with_chat_template(built):
 def _data_stage_corpus(folder: Path) -> list[dict]:
     """A corpus as the data stage writes it: JSONL records with metadata.source, plus awkward documents."""
     with gzip.open(CORPUS, "rt") as f:
-        texts = [json.loads(line)["text"] for _, line in zip(range(120), f)]
+        texts = [json.loads(line)["text"] for _, line in zip(range(120), f, strict=False)]
     records = [{"text": t, "metadata": {"source": "data/text/c4_demo.jsonl.gz"}} for t in texts[:80]]
     records += [{"text": t, "metadata": {"source": "crawl"}} for t in texts[80:]]
     records += [
@@ -237,7 +237,7 @@ def test_shard_writer_batches_split_like_single_documents(lengths, shard_tokens,
         one.close()
         many.close()
         assert [(s["tokens"], s["docs"]) for s in one.shards] == [(s["tokens"], s["docs"]) for s in many.shards]
-        for s1, s2 in zip(one.shards, many.shards):
+        for s1, s2 in zip(one.shards, many.shards, strict=True):
             assert (Path(d) / s1["file"]).read_bytes() == (Path(d) / s2["file"]).read_bytes()
 
 
@@ -340,7 +340,7 @@ def test_gpt2_matches_the_reference_encoder_on_real_text():
     assert len({unicodedata.name(c, "?").split()[0] for t in texts for c in t if ord(c) > 127}) > 20  # many scripts
     ours = [e.ids for e in _gpt2().encode_batch(texts, add_special_tokens=False)]
     ref = _gpt2_reference()
-    mismatches = [t for t, ids in zip(texts, ours) if ids != ref.encode(t)]
+    mismatches = [t for t, ids in zip(texts, ours, strict=True) if ids != ref.encode(t)]
     assert not mismatches, f"{len(mismatches)} texts differ, e.g. {mismatches[0][:200]!r}"
 
 
@@ -425,7 +425,10 @@ def test_special_token_is_never_split(name, before, special, after):
     assume(not any(s in before + after for s in SPECIAL_TOKENS))
     tok = _tok(name)
     ids = tok.encode(before + special + after, add_special_tokens=False).ids
-    enc = lambda t: tok.encode(t, add_special_tokens=False).ids
+
+    def enc(t):
+        return tok.encode(t, add_special_tokens=False).ids
+
     # one id, and the text on either side is encoded on its own: no merge reaches across a special token
     assert ids == enc(before) + [tok.token_to_id(special)] + enc(after)
     assert tok.decode(ids, skip_special_tokens=False) == before + special + after
@@ -517,7 +520,10 @@ def test_cs336_reference_merges_and_why_ours_differ():
     # order, then merged tokens in order of creation) it gives exactly ours.
     words = Counter(w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text))
     byte_of = {u: b for b, u in _bytes_to_unicode().items()}
-    as_bytes = lambda s: bytes(byte_of[c] for c in s)
+
+    def as_bytes(s):
+        return bytes(byte_of[c] for c in s)
+
     assert _naive_bpe(words, 243, lambda p: (as_bytes(p[0]), as_bytes(p[1]))) == reference
     ids = {EOT: 0, **{c: i + 1 for i, c in enumerate(sorted(_bytes_to_unicode().values()))}}
     for a, b in ours:  # ids of merged tokens in creation order (what tokenizers assigns)
@@ -525,7 +531,10 @@ def test_cs336_reference_merges_and_why_ours_differ():
     assert _naive_bpe(words, 243, lambda p: (-ids[p[0]], -ids[p[1]])) == ours
     # and the vocabularies differ by exactly the tokens those merges make ('124' is made by both, differently)
     ref_vocab = set(json.loads(CS336_VOCAB.read_text(encoding="utf-8")))
-    made = lambda merges: {a + b for a, b in merges}
+
+    def made(merges):
+        return {a + b for a, b in merges}
+
     assert set(tok.get_vocab()) ^ ref_vocab == made(report["only_ours"]) ^ made(report["only_reference"])
 
 

@@ -26,10 +26,10 @@ def test_only_assistant_tokens_are_labelled(tok):
              {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "I am fine"}]
     ids, labels = render(convo, tok, block_size=512)
     assert len(ids) == len(labels)
-    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE]
     assert tok.decode(trained, skip_special_tokens=False) == "Four.<|end|>I am fine<|end|>"
     assert ids[0] == tok.token_to_id("<|user|>")
-    assert all(lab == IGNORE or lab == i for i, lab in zip(ids, labels))
+    assert all(lab == IGNORE or lab == i for i, lab in zip(ids, labels, strict=True))
 
 
 def test_render_truncates_to_the_context(tok):

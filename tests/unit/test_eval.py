@@ -413,7 +413,7 @@ def test_prepare_full_shared_sets(tmp_path):
 def test_bundle_is_small_and_complete():
     files = [BUNDLE / f"{t}.jsonl.gz" for t in TASKS]
     assert sum(f.stat().st_size for f in files) < 1_500_000
-    counts = {t: prepare.count_jsonl_gz(f) for t, f in zip(TASKS, files)}
+    counts = {t: prepare.count_jsonl_gz(f) for t, f in zip(TASKS, files, strict=True)}
     assert counts == {**{t: 200 for t in TASKS}, "wikitext": 5}
 
 
@@ -501,7 +501,7 @@ def test_loglikelihood_matches_reference_and_greedy(lm):
     long_ctx = " ".join(["the cat sat on the mat ."] * 30)  # longer than the block: truncated from the left
     reqs = [req(ctx, " starts pulling up roofing."), req(ctx + " ", "is ripping tiles off."), req(long_ctx, " dog")]
     got = lm.loglikelihood(reqs)
-    for r, (ll, greedy) in zip(reqs, got):
+    for r, (ll, greedy) in zip(reqs, got, strict=True):
         c, k = lm.encode_pair(*r.args)
         ref_ll, ref_greedy = _manual_logprob(lm.model, c + k, len(k))
         assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
 from models.checkpoint import save_model
 from models.export import export_hf
 from models.generate import generate
+from models.gpt import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

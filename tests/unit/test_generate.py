@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
 from models.generate import KVCache, filter_logits, generate
-
+from models.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

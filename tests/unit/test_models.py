@@ -9,9 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.gpt import GPT, GPTConfig
 from models.checkpoint import load_model, save_model
-
+from models.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

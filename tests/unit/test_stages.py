@@ -15,8 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.stages import (align_task, data_task, eval_task, pretrain_task, register_task, sft_task,
-                          tokenizer_task)
+from flows.stages import align_task, data_task, eval_task, pretrain_task, register_task, sft_task, tokenizer_task
 from infra.env import DATA_DIR
 from models.checkpoint import save_model
 from models.config import GPTConfig
