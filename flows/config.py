@@ -9,10 +9,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.align import AlignConfig
 from tasks.bpe import TokenizerConfig
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.data import DataConfig
 from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
 from tasks.stage import GptflowError
 
 

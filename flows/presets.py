@@ -16,9 +16,11 @@ from typing import Literal
 
 from flows.config import PipelineConfig, RegistryConfig
 from models.config import GPTConfig
+from tasks.align import AlignConfig
 from tasks.bpe import TokenizerConfig
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.evaluate import EvalConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
 
 PresetName = Literal["tiny", "small", "gpt2-124m"]
 

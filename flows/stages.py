@@ -19,10 +19,12 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
+from tasks.align import AlignConfig
 from tasks.bpe import TokenizerConfig, build_tokenizer
-from tasks.configs import AlignConfig, PretrainConfig, SFTConfig
 from tasks.data import DataConfig, data_stage
 from tasks.evaluate import EvalConfig, evaluate_model
+from tasks.pretrain import PretrainConfig
+from tasks.sft import SFTConfig
 from tasks.stage import run_stage
 
 
