@@ -6,7 +6,7 @@ Parts, each printed as a table, with a summary last:
   (b) attention kernels at GPT-2 124M shapes (bf16, B x 12 heads x 1024 x 64, causal, forward + backward):
       which SDPA backends run (flash, memory-efficient, cuDNN, math), their times, and the backend SDPA picks.
   (c) GPT-2 124M (12 layers, d_model 768, 12 heads, context 1024, vocabulary 50,304 = 50,257 padded to a
-      multiple of 128) trained with the pretraining stage's own step (`tasks.pretrain.train_step`: bf16
+      multiple of 128) trained with the pretraining stage's own step (`tasks.train_worker.train_step`: bf16
       autocast, fused AdamW, clipping) on windows sampled by `TokenWindows` from a memory-mapped shard:
       tokens/s and MFU against the datasheet peak and against the measured matmul, eager and `torch.compile`,
       for several micro-batch sizes, with the plain head + cross-entropy or chunked (`--loss-chunks 0,8192`).
@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT, GPTConfig
-from tasks.pretrain import TokenWindows, train_step
+from models.plan import PEAK_BF16_FLOPS
+from tasks.train_worker import TokenWindows, train_step
 
-H100_BF16_PEAK = 989.4e12  # H100 SXM5 dense bf16 tensor-core peak, FLOP/s (datasheet, without sparsity)
+H100_BF16_PEAK = PEAK_BF16_FLOPS["H100"]  # the H100 SXM peak the MFU target is stated against
 GPT2_VOCAB_PADDED = 50304
 
 

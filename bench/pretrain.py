@@ -4,7 +4,7 @@ Default run (about 6 minutes on 2 CPU cores), a table per part and a summary:
   (a) training tokens/s and MFU of a reference ~14M-parameter LLaMA-style GPT (the `small` preset's shape: 6 layers,
       d_model 384, 6 heads, context 256, vocabulary 8,192) in one process on all cores, for a few batch sizes.
       MFU = model FLOP/s (tokens/s x `GPT.flops_per_token`, i.e. 6N + attention) / fp32 matmul throughput
-      measured in the same run (`tasks.pretrain.matmul_flops`). Both are best-of-N, because other processes
+      measured in the same run (`tasks.train_worker.matmul_flops`). Both are best-of-N, because other processes
       share the machine; the load average is printed with the results.
   (b) fused attention (`F.scaled_dot_product_attention(is_causal=True)`) against a naive masked softmax,
       forward + backward, at the reference shapes.
@@ -43,7 +43,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models.gpt import GPT, GPTConfig  # noqa: E402
-from tasks.pretrain import PretrainConfig, TokenWindows, lr_at, matmul_flops  # noqa: E402
+from tasks.pretrain import PretrainConfig, lr_at  # noqa: E402
+from tasks.refs import ShardsRef  # noqa: E402
+from tasks.train_worker import TokenWindows, matmul_flops  # noqa: E402
 
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare_input.txt.gz"
 CPU = torch.device("cpu")
@@ -287,9 +289,9 @@ def bench_ray_workers(shards: Path, vocab_size: int, steps: int) -> list[dict]:
                              eval_batches=1, ckpt_every=steps)
         with tempfile.TemporaryDirectory(dir=workspace()) as tmp:  # a fresh folder: nothing to resume
             t = time.perf_counter()
-            result = pretrain_gpt(cfg, shards, Path(tmp))
+            result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), Path(tmp))
             wall = time.perf_counter() - t
-        m = result["metrics"]
+        m = result.metrics
         rows.append({"workers": workers, "cpus": cpus, "tokens_per_s": m["pretrain/tokens_per_s"],
                      "mfu": m["pretrain/mfu"], "fit_s": m["pretrain/fit_seconds"], "wall_s": wall})
     return rows

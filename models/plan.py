@@ -19,7 +19,16 @@ from __future__ import annotations
 
 from models.config import GPTConfig
 
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense BF16 tensor-core peak
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity), by device name: the
+# denominator of MFU as papers report it, and of the time a plan takes.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The datasheet peak of a GPU named as `torch.cuda.get_device_name` names it ("NVIDIA H100 80GB HBM3") or
+    as a plan names it ("h100"); None for a device not in the table (a CPU, an unknown GPU)."""
+    name = device_name.upper()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
@@ -96,7 +105,7 @@ def activation_bytes(cfg: GPTConfig, micro_batch: int = 1, seq_len: int | None =
 def plan(
     cfg: GPTConfig,
     tokens: int | None = None,
-    gpu_flops: float = H100_BF16_DENSE_FLOPS,
+    gpu_flops: float = PEAK_BF16_FLOPS["H100"],
     mfu: float = 0.4,
     weight_bytes: float = 2,
     grad_bytes: float = 2,

@@ -3,86 +3,67 @@
 In: the SFT `model/`, the tokenizer, preference pairs (HH-RLHF or ShareGPT-style chosen/rejected).
 Out: `model/`, `history.json`, `loss_curve.png`, and held-out preference accuracy before and after.
 DPO (Rafailov et al., 2023): loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
-with the SFT model, frozen, as the reference. Run alone: `gptflow align --model DIR --tokenizer DIR`.
+with the SFT model, frozen, as the reference; the loss lives in `tasks/dpo.py`. Run alone:
+`gptflow align --model DIR --tokenizer DIR`.
+
+torch is imported inside `align_dpo`: the CLI, the presets and Prefect's parameter schemas import `AlignConfig`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import torch
-import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-from models.checkpoint import load_model, save_model
-from tasks.bpe import load_tokenizer
-from tasks.chat import IGNORE, read_preferences, render
-from tasks.configs import AlignConfig
-from tasks.pretrain import plot_loss
-from tasks.sft import pad_batch
+from infra.env import resolve_path
+from tasks.chat import read_preferences
+from tasks.plots import plot_loss
+from tasks.refs import ModelRef, TokenizerRef
 from tasks.stage import GptflowError
 
-log = logging.getLogger(__name__)
+
+class AlignConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["dpo"] = Field("dpo", description="Alignment method.")
+    data: str = Field("data/preference/dpo_en_demo.json.gz", description="Preference pairs: HH-RLHF JSONL or ShareGPT chosen/rejected JSON.")
+    max_pairs: int = Field(300, ge=2, description="Use at most this many pairs (after a seeded shuffle).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Pairs held out to measure preference accuracy.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (paper: 0.1).")
+    steps: int = Field(50, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Pairs per step.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (small models tolerate more than the paper's 5e-7).")
+    seed: int = Field(1337, description="Shuffles and samples the pairs.")
+    log_every: int = Field(10, ge=1, description="Print and record the loss every N steps.")
 
 
-def seq_logprob(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of log-probabilities of the labelled (reply) tokens of each row: (B,)."""
-    logits = model(x)[0]  # (B, T, vocab)
-    mask = y != IGNORE
-    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+def align_dpo(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path) -> ModelRef:
+    """Train `model` with DPO on `cfg.data`, itself frozen as the reference; save the model and its loss curve.
 
+    Args:
+        cfg: the stage's config; `cfg.data` is resolved as `infra.env.resolve_path` resolves a user path.
+        model: the SFT model folder: the policy's start and the reference.
+        tokenizer: the tokenizer folder (its `<|pad|>` and chat tokens).
+        out_dir: the stage folder: `model/`, `history.json`, `loss_curve.png`.
 
-def encode_pairs(pairs, tok, block_size: int) -> list[tuple]:
-    """Render prompt+chosen and prompt+rejected; keep pairs where both replies keep some tokens."""
-    out = []
-    for prompt, chosen, rejected in pairs:
-        c = render(prompt + [{"role": "assistant", "content": chosen}], tok, block_size)
-        r = render(prompt + [{"role": "assistant", "content": rejected}], tok, block_size)
-        if any(v != IGNORE for v in c[1][1:]) and any(v != IGNORE for v in r[1][1:]):
-            out.append((c, r))
-    return out
+    Returns:
+        The aligned model folder, with the pairs' counts and the held-out metrics before and after.
+    """
+    import torch
 
+    from models.checkpoint import load_model, save_model
+    from tasks.bpe import load_tokenizer
+    from tasks.dpo import encode_pairs, preference_metrics
 
-def dpo_batch(policy, ref, batch, pad_id: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = [c for c, _ in batch] + [r for _, r in batch]
-    x, y = pad_batch(rows, pad_id)
-    lp = seq_logprob(policy, x, y)
-    with torch.no_grad():
-        lr = seq_logprob(ref, x, y)
-    n = len(batch)
-    margin = beta * ((lp[:n] - lr[:n]) - (lp[n:] - lr[n:]))  # implicit reward of chosen minus rejected
-    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean(), margin.mean()
-
-
-@torch.no_grad()
-def preference_metrics(policy, ref, pairs, pad_id: int, beta: float, batch_size: int) -> dict[str, float]:
-    """On held-out pairs: DPO loss, reward accuracy (the policy moved towards the chosen reply more than
-    towards the rejected one, relative to the reference) and the policy's own preference for the chosen reply."""
-    policy.eval()
-    losses, accs, prefers = [], [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = pairs[i : i + batch_size]
-        loss, acc, _ = dpo_batch(policy, ref, batch, pad_id, beta)
-        x, y = pad_batch([c for c, _ in batch] + [r for _, r in batch], pad_id)
-        lp = seq_logprob(policy, x, y)
-        prefers.append((lp[: len(batch)] > lp[len(batch):]).float().mean().item())
-        losses.append(loss.item())
-        accs.append(acc.item())
-    policy.train()
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"dpo_loss": mean(losses), "reward_acc": mean(accs), "prefers_chosen": mean(prefers)}
-
-
-def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path, out_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    policy, ref = load_model(model_dir), load_model(model_dir)
+    policy, ref = load_model(Path(model.path)), load_model(Path(model.path))
     ref.eval().requires_grad_(False)
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(Path(tokenizer.path))
     pad_id = tok.token_to_id("<|pad|>")
+    data = resolve_path(cfg.data)
     pairs = read_preferences(data)
     random.Random(cfg.seed).shuffle(pairs)
     pairs = pairs[: cfg.max_pairs]
@@ -92,6 +73,28 @@ def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path
     if not train:
         raise GptflowError(f"{data}: too few usable preference pairs ({len(encoded)})")
     before = preference_metrics(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
+    history = _train(cfg, policy, ref, train, pad_id)
+    after = preference_metrics(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
+    history["val"].append([cfg.steps, after["dpo_loss"]])
+    save_model(policy, out_dir / "model")
+    (out_dir / "history.json").write_text(json.dumps(history))
+    plot_loss(history, out_dir / "loss_curve.png", "DPO")
+    counts = {"pairs": len(pairs), "kept": len(encoded), "dropped_truncated": len(pairs) - len(encoded),
+              "train": len(train), "val": len(val)}
+    metrics = {**{f"align/val_{k}_before": v for k, v in before.items()},
+               **{f"align/val_{k}_after": v for k, v in after.items()},
+               "align/final_train_loss": history["train"][-1][1]}
+    return ModelRef(path=str(out_dir / "model"), counts=counts, metrics=metrics, artifacts=["loss_curve", "history"],
+                    files={"model": str(out_dir / "model"), "loss_curve": str(out_dir / "loss_curve.png"),
+                           "history": str(out_dir / "history.json")})
+
+
+def _train(cfg: AlignConfig, policy, ref, train: list, pad_id: int) -> dict[str, list]:
+    """`cfg.steps` DPO steps on pairs sampled from `train`; returns the loss history (no val yet)."""
+    import torch
+
+    from tasks.dpo import dpo_batch
+
     opt = policy.configure_optimizer(cfg.lr, 0.0)
     rng = random.Random(cfg.seed)
     history: dict[str, list] = {"train": [], "val": []}
@@ -106,16 +109,4 @@ def align_dpo(cfg: AlignConfig, model_dir: Path, tokenizer_dir: Path, data: Path
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             print(f"[align] step {step + 1}/{cfg.steps} dpo_loss {loss.item():.4f} acc {acc.item():.2f} "
                   f"margin {margin.item():.4f}", flush=True)
-    after = preference_metrics(policy, ref, val, pad_id, cfg.beta, cfg.batch_size)
-    history["val"].append([cfg.steps, after["dpo_loss"]])
-    save_model(policy, out_dir / "model")
-    (out_dir / "history.json").write_text(json.dumps(history))
-    plot_loss(history, out_dir / "loss_curve.png", "DPO")
-    return {
-        "counts": {"pairs": len(pairs), "kept": len(encoded), "dropped_truncated": len(pairs) - len(encoded),
-                   "train": len(train), "val": len(val)},
-        "metrics": {**{f"align/val_{k}_before": v for k, v in before.items()},
-                    **{f"align/val_{k}_after": v for k, v in after.items()},
-                    "align/final_train_loss": history["train"][-1][1]},
-        "outputs": {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png"},
-    }
+    return history

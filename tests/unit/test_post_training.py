@@ -12,6 +12,7 @@ from models.checkpoint import save_model
 from models.gpt import GPT, GPTConfig
 from tasks.align import AlignConfig, align_dpo
 from tasks.bpe import save_tokenizer, train_bpe
+from tasks.refs import ModelRef, ShardsRef, TokenizerRef
 from tasks.sft import SFTConfig, finetune_sft
 from tasks.tokenizer import TokenizerConfig
 
@@ -25,31 +26,33 @@ def _setup(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32))
     save_model(model, tmp_path / "base")
-    return tmp_path / "tok"
+    return ModelRef(path=str(tmp_path / "base")), TokenizerRef(path=str(tmp_path / "tok"), shards=ShardsRef(path=""))
 
 
 def test_sft_lowers_assistant_loss(tmp_path):
-    tok = _setup(tmp_path)
+    base, tok = _setup(tmp_path)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "input": "", "output": f"{2 * i}"}) + "\n"
                             for i in range(40)))
-    r = finetune_sft(SFTConfig(data=str(data), steps=60, batch_size=8, lr=3e-3, val_fraction=0.2), tmp_path / "base",
-                     tok, data, tmp_path / "sft")
-    assert r["counts"]["kept"] == 40 and r["counts"]["train"] + r["counts"]["val"] == 40
-    assert r["metrics"]["sft/val_loss_after"] < 0.7 * r["metrics"]["sft/val_loss_before"]
+    r = finetune_sft(SFTConfig(data=str(data), steps=60, batch_size=8, lr=3e-3, val_fraction=0.2), base, tok,
+                     tmp_path / "sft")
+    assert r.path == str(tmp_path / "sft" / "model") and set(r.artifacts) == {"loss_curve", "history"}
+    assert r.counts["kept"] == 40 and r.counts["train"] + r.counts["val"] == 40
+    assert r.metrics["sft/val_loss_after"] < 0.7 * r.metrics["sft/val_loss_before"]
     assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
     assert (tmp_path / "sft" / "loss_curve.png").stat().st_size > 1000
 
 
 def test_dpo_moves_towards_chosen_replies(tmp_path):
-    tok = _setup(tmp_path)
+    base, tok = _setup(tmp_path)
     pairs = [{"chosen": f"\n\nHuman: {i} plus {i}?\n\nAssistant: Good answer.",
               "rejected": f"\n\nHuman: {i} plus {i}?\n\nAssistant: bad answer bad."} for i in range(30)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    r = align_dpo(AlignConfig(data=str(data), steps=40, batch_size=8, lr=3e-3, val_fraction=0.2), tmp_path / "base",
-                  tok, data, tmp_path / "dpo")
-    m = r["metrics"]
+    r = align_dpo(AlignConfig(data=str(data), steps=40, batch_size=8, lr=3e-3, val_fraction=0.2), base, tok,
+                  tmp_path / "dpo")
+    assert r.path == str(tmp_path / "dpo" / "model") and r.file("history").exists()
+    m = r.metrics
     assert m["align/val_reward_acc_before"] == 0.0  # the policy starts as the reference: no margin yet
     assert m["align/val_reward_acc_after"] == 1.0
     assert m["align/val_prefers_chosen_after"] == 1.0

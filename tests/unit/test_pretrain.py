@@ -28,10 +28,11 @@ import torch
 from infra.env import DATA_DIR, REPO_ROOT
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
-from tasks.pretrain import PretrainConfig, TokenWindows, lr_at, pretrain_gpt
-from tasks.refs import CorpusRef
+from tasks.pretrain import PretrainConfig, lr_at, pretrain_gpt
+from tasks.refs import CorpusRef, ModelRef, ShardsRef
 from tasks.stage import GptflowError
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
+from tasks.train_worker import TokenWindows
 
 CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
 
@@ -194,18 +195,18 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
+def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRef]:
     """The uninterrupted run: 2 workers, 30 steps; its progress bar drawn into a file."""
     out = tmp_path_factory.mktemp("reference")
     with open(out / "progress.txt", "w") as bar:
-        return out, pretrain_gpt(CFG, shards, out, progress_file=bar)
+        return out, pretrain_gpt(CFG, ShardsRef(path=str(shards)), out, progress_file=bar)
 
 
 @pytest.fixture(scope="module")
-def reference_fsdp(shards, ray_session, tmp_path_factory) -> tuple[Path, dict]:
+def reference_fsdp(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRef]:
     """The same run with the model and AdamW states sharded over the 2 workers (FSDP2)."""
     out = tmp_path_factory.mktemp("reference_fsdp")
-    return out, pretrain_gpt(CFG_FSDP, shards, out)
+    return out, pretrain_gpt(CFG_FSDP, ShardsRef(path=str(shards)), out)
 
 
 def test_two_worker_run_learns_and_exports_the_model(reference):
@@ -220,13 +221,15 @@ def test_two_worker_run_learns_and_exports_the_model(reference):
     assert [s for s, _ in history["val"]] == [15, 30] and history["val"][1][1] < history["val"][0][1]
     assert history["resumes"] == []
 
-    assert set(result) == {"counts", "metrics", "outputs"}
-    assert result["counts"] == {"steps": 30, "tokens": 30 * 2 * 16 * 64}
-    m = result["metrics"]
+    assert isinstance(result, ModelRef) and result.path == str(out / "model")
+    assert result.counts == {"steps": 30, "tokens": 30 * 2 * 16 * 64}
+    assert set(result.files) == {"model", "loss_curve", "history", "config"}
+    assert set(result.artifacts) == {"loss_curve", "history", "config"}
+    m = result.metrics
     assert m["pretrain/final_train_loss"] == train[-1]
     assert m["pretrain/tokens_per_s"] > 0 and m["pretrain/mfu"] > 0 and 0 < m["pretrain/val_bpb"] < 8  # MFU is noisy
-    assert Path(result["outputs"]["loss_curve"]).stat().st_size > 0
-    model = load_model(result["outputs"]["model"])
+    assert result.file("loss_curve").stat().st_size > 0
+    model = load_model(Path(result.path))
     assert model.config == CFG.model
     bar = (out / "progress.txt").read_text()  # the driver's bar, fed by rank 0 through a Ray queue
     assert "pretrain: 100%" in bar and "30/30" in bar and "loss=" in bar, bar[-500:]
@@ -242,8 +245,8 @@ def test_fsdp_run_follows_the_ddp_run(reference, reference_fsdp):
     for split in ("train", "val"):
         assert [s for s, _ in fsdp[split]] == [s for s, _ in ddp[split]]
         np.testing.assert_allclose([v for _, v in fsdp[split]], [v for _, v in ddp[split]], rtol=0, atol=1e-4)
-    a = load_model(reference[1]["outputs"]["model"]).state_dict()
-    b = load_model(reference_fsdp[1]["outputs"]["model"]).state_dict()
+    a = load_model(Path(reference[1].path)).state_dict()
+    b = load_model(Path(reference_fsdp[1].path)).state_dict()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)
@@ -287,13 +290,13 @@ def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy,
     cfg = CFG.model_copy(update={
         "model": model, "strategy": strategy, "steps": 4, "batch_size": 4,
         "batch_tokens": 2 * 2 * 4 * 64, "warmup_steps": 1, "log_every": 2, "eval_every": 100, "ckpt_every": 100})
-    result = pretrain_gpt(cfg, shards, tmp_path)
-    assert result["counts"]["tokens"] == 4 * 2 * 2 * 4 * 64
+    result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path)
+    assert result.counts["tokens"] == 4 * 2 * 2 * 4 * 64
     want_losses, want_weights = _one_process_replica(cfg, shards)
     got = json.loads((tmp_path / "history.json").read_text())["train"]
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], want_losses, rtol=0, atol=1e-5)
-    weights = load_model(result["outputs"]["model"]).state_dict()
+    weights = load_model(Path(result.path)).state_dict()
     for name, want in want_weights.items():
         torch.testing.assert_close(weights[name], want, atol=1e-4, rtol=1e-3, msg=name)
 
@@ -304,7 +307,8 @@ from pathlib import Path
 from infra.env import setup_env
 setup_env()
 from tasks.pretrain import PretrainConfig, pretrain_gpt
-pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+from tasks.refs import ShardsRef
+pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), ShardsRef(path=sys.argv[2]), Path(sys.argv[3]))
 """
 
 
@@ -359,7 +363,7 @@ def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tm
     killed_at = _registered_step(run_dir)
     assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
-    result = pretrain_gpt(cfg, shards, out)  # the rerun: same folder, same RunConfig(name, storage_path)
+    result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), out)  # the rerun: same folder, same RunConfig(name, storage_path)
 
     history = json.loads((out / "history.json").read_text())
     assert history["resumes"] == [killed_at]
@@ -369,5 +373,5 @@ def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tm
         ref_steps, ref_losses = np.array(expected[split]).T
         assert np.array_equal(steps, ref_steps)
         np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
-    assert result["metrics"]["pretrain/final_train_loss"] == pytest.approx(
-        reference[1]["metrics"]["pretrain/final_train_loss"], abs=1e-5)
+    assert result.metrics["pretrain/final_train_loss"] == pytest.approx(
+        reference[1].metrics["pretrain/final_train_loss"], abs=1e-5)

@@ -1,0 +1,383 @@
+"""The loop each Ray Train worker runs: set up (or restore) its rank's model, then step, log, evaluate and
+checkpoint until the last step.
+
+Exact resume: a checkpoint holds the whole weights, the AdamW state, each rank's torch RNG and the step, and
+the data windows of a step are a function of (seed, step, rank), so a resumed run draws what the killed one
+would have drawn. Only rank 0 logs metrics and moves the driver's progress bar; every rank takes part in the
+collectives (the loss mean, evaluation, the FSDP state gather). Ray is imported inside the functions that use
+it: `bench.gpu` runs `train_step` on machines without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.progress import report_progress
+from models.plan import peak_bf16_flops
+from tasks import train_state
+from tasks.pretrain import PretrainConfig, lr_at
+from tasks.refs import RunLink
+from tasks.stage import GptflowError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- data
+
+
+class TokenWindows:
+    """Random windows of `block_size + 1` tokens from memory-mapped shards; nothing is loaded whole."""
+
+    def __init__(self, shards_dir: Path, split: str, block_size: int):
+        index = json.loads((Path(shards_dir) / "index.json").read_text())
+        dtype = np.dtype(index["dtype"])
+        shards = index["splits"][split]["shards"]
+        self.arrays = [np.memmap(Path(shards_dir) / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.arrays = [a for a in self.arrays if len(a) > 1]
+        if not self.arrays:
+            raise GptflowError(f"no {split} tokens in {shards_dir}")
+        sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
+        self.p = sizes / sizes.sum()
+        self.T = block_size
+        self.tokens_per_byte = index["splits"][split]["tokens"] / max(index["splits"][split]["bytes"], 1)
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for shard in rng.choice(len(self.arrays), size=batch_size, p=self.p):
+            a = self.arrays[shard]
+            start = int(rng.integers(0, max(len(a) - self.T - 1, 0) + 1))
+            idx = (start + np.arange(self.T + 1)) % len(a)  # wraps only when a shard is shorter than a window
+            rows.append(np.asarray(a[idx], dtype=np.int64))
+        xy = torch.from_numpy(np.stack(rows))
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+
+# ---------------------------------------------------------------- data parallelism: DDP or FSDP2
+
+
+def _rank_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean of a scalar tensor over the data-parallel ranks (gloo has no AVG, so SUM / world); no host sync."""
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / world
+
+
+@contextmanager
+def _grad_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Gradients all-reduced in this backward (sync) or kept local for accumulation: DDP `no_sync`, FSDP2
+    `set_requires_gradient_sync(False)` (its reduce-scatter waits for the next synced backward)."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def _distribute(raw: torch.nn.Module, fsdp: bool, world: int) -> torch.nn.Module:
+    """DDP (Ray's `prepare_model`) or FSDP2: each block, then the rest (embeddings, head), sharded over ranks."""
+    import ray.train.torch
+
+    if world == 1:
+        return raw
+    if not fsdp:
+        return ray.train.torch.prepare_model(raw)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in raw.blocks:
+        fully_shard(block)
+    fully_shard(raw)
+    return raw
+
+
+def _full_state(raw: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state dicts, on the CPU under FSDP; a collective call there."""
+    if not fsdp:
+        return raw.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw, options=full), get_optimizer_state_dict(raw, opt, options=full)
+
+
+# ---------------------------------------------------------------- setup and restore
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's share of the run."""
+
+    cfg: PretrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    raw: torch.nn.Module  # the GPT itself: optimizer groups, state dicts, FLOPs per token
+    model: torch.nn.Module  # what runs forward and backward: DDP- or FSDP-wrapped, compiled when asked
+    opt: torch.optim.Optimizer
+    amp: Any  # bf16 autocast on GPU, a null context on CPU
+    start_step: int = 0
+    history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": [], "resumes": []})
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.strategy == "fsdp" and self.world > 1
+
+
+def setup_worker(cfg: PretrainConfig) -> Worker:
+    """This rank's model and optimizer, restored from Ray Train's latest checkpoint when there is one."""
+    import ray.train
+    import ray.train.torch
+
+    from models.checkpoint import load_model
+    from models.gpt import GPT
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw = GPT(cfg.model).to(device)
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout: a different stream per rank
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt is not None else nullcontext() as d:
+        if d is not None:
+            raw.load_state_dict(load_model(Path(d), device).state_dict())  # whole weights, before any sharding
+        model = _distribute(raw, fsdp, world)
+        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        w = Worker(cfg, rank, world, device, raw, model, opt, amp)
+        if d is not None:
+            _restore(w, Path(d))
+    if cfg.compile:
+        w.model = torch.compile(w.model)
+    return w
+
+
+def _restore(w: Worker, d: Path) -> None:
+    """AdamW moments and step, this rank's torch RNG, and the step and history (the step fixes the data)."""
+    meta = train_state.read_json(d / "train_state.json")
+    opt_state = train_state.load_optimizer_state(d / "optimizer.safetensors", meta["optimizer"])
+    if w.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(w.raw, w.opt, opt_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        w.opt.load_state_dict(opt_state)
+    train_state.load_rng(d / f"rng_rank{w.rank}.safetensors")
+    w.start_step, w.history = meta["step"], meta["history"]
+    w.history.setdefault("resumes", []).append(w.start_step)
+    if w.rank == 0:
+        log.info("[pretrain] resumed from checkpoint at step %d", w.start_step)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               n_micro: int, grad_clip: float, device: torch.device, amp: Any,
+               distributed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `n_micro` micro-batches; returns (mean loss, gradient norm before clipping) as
+    tensors on the device, so the host does not wait for the GPU: it samples and queues the next step meanwhile.
+
+    Gradients are all-reduced on the last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`).
+    """
+    to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        sync = not distributed or micro == n_micro - 1
+        with _grad_sync(model, sync), amp:
+            loss = model(to_device(x), to_device(y))[1] / n_micro
+            loss.backward()
+        loss_sum += loss.detach()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor norm
+        gnorm = gnorm.full_tensor()
+    return loss_sum, gnorm
+
+
+def _worker_step(w: Worker, train: TokenWindows, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step` (from 0) of this rank: its learning rate, its windows, one optimizer step."""
+    for group in w.opt.param_groups:
+        group["lr"] = lr
+    rng = np.random.default_rng([w.cfg.seed, step, w.rank])  # data position = (seed, step, rank): exact on resume
+    batches = (train.sample(rng, w.cfg.batch_size) for _ in range(w.cfg.accum_steps))
+    return train_step(w.model, w.opt, batches, w.cfg.accum_steps, w.cfg.grad_clip, w.device, w.amp, w.world > 1)
+
+
+def evaluate(w: Worker, val: TokenWindows) -> float:
+    """Validation loss, the mean over ranks (a collective call); the same windows at every evaluation."""
+    w.model.eval()
+    rng = np.random.default_rng([w.cfg.seed, 7777, w.rank])
+    losses = []
+    with torch.no_grad(), w.amp:
+        for _ in range(w.cfg.eval_batches):
+            x, y = val.sample(rng, w.cfg.batch_size)
+            losses.append(w.model(x.to(w.device), y.to(w.device))[1].item())
+    w.model.train()
+    return _rank_mean(torch.tensor(float(np.mean(losses)), device=w.device), w.world).item()
+
+
+# ---------------------------------------------------------------- metrics, progress and throughput
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured dense matmul throughput (FLOP/s) on this device: the denominator of MFU on CPU."""
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: the training RNG stream stays untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+class Meter:
+    """Tokens/s and MFU since the last log step, the metrics to MLflow, the log line and the driver's progress
+    bar. Only rank 0 logs, measures and draws; the other ranks' logger is a `NullLogger`.
+
+    MFU is per worker: each worker's model FLOP/s over the matmul throughput of one worker's CPUs (or GPU),
+    re-measured briefly at every log step and the best kept, so a busy moment at start-up does not inflate it.
+    On a GPU in the datasheet table, `perf/mfu_datasheet` divides by its bf16 peak instead, as papers report it.
+    """
+
+    def __init__(self, w: Worker, run: RunLink, progress: Any):
+        cfg = w.cfg
+        self.w, self.logger, self.progress = w, run.logger(w.rank), progress
+        self.peak_args = (torch.bfloat16, 4096) if w.device.type == "cuda" else (torch.float32, 1024)
+        self.peak = matmul_flops(w.device, *self.peak_args) if w.rank == 0 else math.nan
+        self.datasheet = peak_bf16_flops(torch.cuda.get_device_name(w.device)) if w.device.type == "cuda" else None
+        self.flops_per_token = w.raw.flops_per_token()
+        self.tokens_per_step = w.world * cfg.batch_size * cfg.accum_steps * cfg.model.block_size
+        self.progress_every = max(1, cfg.steps // 200)  # the driver's progress bar: ~200 updates in a run
+        if w.rank == 0:
+            log.info("[pretrain] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step", w.world,
+                     cfg.accum_steps, cfg.batch_size, cfg.model.block_size, f"{self.tokens_per_step:,}")
+        self.restart_clock(w.start_step)
+
+    def restart_clock(self, step: int) -> None:
+        """Tokens/s counts from here: evaluation and checkpoints stay out of it."""
+        self.t_last, self.step_last = time.perf_counter(), step
+
+    def progress_bar(self, step: int, loss: float | None) -> None:
+        """Move the driver's bar every `progress_every` steps, and at log steps with the loss."""
+        if self.w.rank == 0 and (step % self.progress_every == 0 or loss is not None):
+            report_progress(self.progress, step, **({"loss": loss} if loss is not None else {}))
+
+    def train_metrics(self, step: int, lr: float, loss: float, gnorm: torch.Tensor) -> dict[str, float]:
+        gnorm_value = gnorm.item()
+        tps = self.tokens_per_step * (step - self.step_last) / (time.perf_counter() - self.t_last)
+        if self.w.rank == 0:
+            self.peak = max(self.peak, matmul_flops(self.w.device, *self.peak_args, seconds=0.1))
+        worker_flops = tps / self.w.world * self.flops_per_token
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm_value, "perf/tokens_per_s": tps,
+                   "perf/mfu": worker_flops / self.peak}
+        if self.datasheet:
+            metrics["perf/mfu_datasheet"] = worker_flops / self.datasheet
+        return metrics
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not metrics:
+            return
+        self.logger.log(metrics, step)
+        if self.w.rank == 0:
+            # logging, not print: Ray Train V2 patches print() in workers to echo to stdout *and* to the
+            # root logger, and both are forwarded to the driver, so every printed line showed twice.
+            shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
+            steps = self.w.cfg.steps
+            log.info("[pretrain] step %d/%d (%.0f%%) %s", step, steps, 100 * step / steps, shown)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(w: Worker, step: int, loss: float, metrics: dict[str, float]) -> None:
+    """Report the step's metrics to Ray Train with a checkpoint: whole weights, AdamW state and history (rank 0)
+    and each rank's RNG; Ray merges the ranks' files into one checkpoint folder."""
+    import ray.train
+
+    from models.checkpoint import save_state_dict
+
+    report = {"step": step, "train_loss": loss, **{k.replace("/", "_"): v for k, v in metrics.items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        train_state.save_rng(d / f"rng_rank{w.rank}.safetensors")
+        model_sd, opt_sd = _full_state(w.raw, w.opt, w.fsdp)  # FSDP: gathered on every rank, kept by rank 0
+        if w.rank == 0:
+            save_state_dict(model_sd, w.cfg.model, d)
+            meta = {"step": step, "history": w.history,
+                    "optimizer": train_state.save_optimizer_state(opt_sd, d / "optimizer.safetensors")}
+            train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _flush(pending: list[tuple[int, torch.Tensor]], history: dict[str, list]) -> float:
+    """Copy the steps' losses to the host (one sync per log step) into the history; returns the latest."""
+    history["train"] += [[s, v.item()] for s, v in pending]
+    pending.clear()
+    return history["train"][-1][1]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's function on every worker. `config`: {"cfg": the PretrainConfig as JSON, "shards": the
+    shards folder, "run": a `RunLink` as a dict, "progress": the driver's progress queue}."""
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    w = setup_worker(cfg)
+    train = TokenWindows(Path(config["shards"]), "train", cfg.model.block_size)
+    val = TokenWindows(Path(config["shards"]), "val", cfg.model.block_size)
+    meter = Meter(w, RunLink.model_validate(config.get("run") or {}), config.get("progress"))
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
+    loss = math.nan
+    for step in range(w.start_step, cfg.steps):
+        lr = lr_at(step, cfg)
+        loss_t, gnorm_t = _worker_step(w, train, step, lr)
+        done, last = step + 1, step + 1 == cfg.steps
+        pending.append((done, _rank_mean(loss_t, w.world)))  # the whole global batch's loss, not rank 0's share
+        log_due, ckpt_due = done % cfg.log_every == 0 or last, done % cfg.ckpt_every == 0 or last
+        if log_due or ckpt_due:
+            loss = _flush(pending, w.history)
+        meter.progress_bar(done, loss if log_due else None)
+        metrics = meter.train_metrics(done, lr, loss, gnorm_t) if log_due else {}
+        if done % cfg.eval_every == 0 or last:
+            vloss = evaluate(w, val)
+            metrics.update({"val/loss": vloss, "val/bpb": vloss / math.log(2) * val.tokens_per_byte})
+            w.history["val"].append([done, vloss])
+        meter.log(metrics, done)
+        if ckpt_due:
+            save_checkpoint(w, done, loss, metrics)
+        if log_due:
+            meter.restart_clock(done)
