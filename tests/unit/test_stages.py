@@ -83,7 +83,7 @@ def base_model(tmp_path_factory) -> ModelRef:
 
 @pytest.mark.slow
 def test_data_task(root):
-    wet = "data/crawl/CC-MAIN-2024-22_whirlwind.warc.wet.gz"
+    wet = "data/crawl/CC-MAIN-2016-50_sparkwarc-sample.warc.wet.gz"  # 69 records, some English pages
     cfg = DataConfig(inputs=[wet], text_sources={}, minhash=False, sentence_dedup=False, tasks=1, workers=1)
     corpus = data_task.fn(cfg, root)
     assert isinstance(corpus, CorpusRef) and not corpus.cached and corpus.profile()["docs"] > 0
