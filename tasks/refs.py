@@ -62,9 +62,13 @@ class CorpusRef(Ref):
 
     dataset_name: ClassVar[str | None] = "corpus"
 
+    @property
+    def docs(self) -> int | None:
+        """Documents kept; None for a folder given by hand (`gptflow tokenizer --input`), which has no counts."""
+        return self.counts.get("totals", {}).get("docs_out")
+
     def profile(self) -> dict[str, Any]:
-        totals = self.counts.get("totals", {})  # a folder given by hand (`gptflow tokenizer --input`) has none
-        return {"docs": totals.get("docs_out"), "chars": totals.get("chars_out")}
+        return {"docs": self.docs, "chars": self.counts.get("totals", {}).get("chars_out")}
 
 
 class ShardsRef(Ref):

@@ -19,7 +19,7 @@ import pytest
 from tasks.data import DataConfig, build_corpus, crawl_inputs
 from tasks.refs import CorpusRef
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 SMALL = dict(
     inputs=["data/crawl/CC-MAIN-2024-22_whirlwind.warc.gz", "data/crawl/CC-MAIN-2016-50_sparkwarc-sample.warc.wet.gz"],

@@ -17,7 +17,7 @@ import pytest
 from infra import prefect_server
 from infra.env import REPO_ROOT as REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _servers_of(home: str) -> list[psutil.Process]:

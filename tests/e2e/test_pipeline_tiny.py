@@ -13,7 +13,7 @@ from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
 STAGES = ["data", "tokenizer", "pretrain", "sft", "align", "eval"]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from infra.env import REPO_ROOT as REPO
 from tasks.refs import CorpusRef
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

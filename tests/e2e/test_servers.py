@@ -13,7 +13,7 @@ import pytest
 
 from infra.env import REPO_ROOT as REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,8 @@ def reference_fsdp(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRe
     return out, pretrain_gpt(CFG_FSDP, ShardsRef(path=str(shards)), out)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_two_worker_run_learns_and_exports_the_model(reference):
     from models.checkpoint import load_model
 
@@ -235,6 +237,8 @@ def test_two_worker_run_learns_and_exports_the_model(reference):
     assert "pretrain: 100%" in bar and "30/30" in bar and "loss=" in bar, bar[-500:]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_fsdp_run_follows_the_ddp_run(reference, reference_fsdp):
     """Sharding changes where the state lives, not the arithmetic: the same loss curve as DDP (up to the order of
     floating-point sums in the collectives), and a whole, unsharded model in the usual safetensors files."""
@@ -277,6 +281,8 @@ def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float]
     return losses, model.state_dict()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, loss_chunk", [("ddp", 0), ("fsdp", 0), ("fsdp", 100)])
 def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, loss_chunk, shards, ray_session,
                                                                        tmp_path):
@@ -338,6 +344,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tmp_path):
     cfg = CFG if strategy == "ddp" else CFG_FSDP
