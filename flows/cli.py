@@ -76,18 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
     plan.add_argument("--preset", default="tiny", help="tiny, small, gpt2-124m, or the planning-only gpt3-175b, llama2-7b")
     plan.add_argument("--tokens", type=float, help="training tokens (default: Chinchilla-optimal, 20 per parameter)")
-    plan.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l4"], help="GPU whose dense bf16 peak sets the time")
+    plan.add_argument("--gpu", default="h100", help="GPU whose dense bf16 peak sets the time: h100, h200, a100, l4, a10g")
     plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
     return p
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from flows.plan import render_plan
+    from flows.plan import GPUS, render_plan
     from tasks.stage import GptflowError
 
     if not 0 < args.mfu <= 1 or args.gpus < 1:
         raise GptflowError("--mfu must be in (0, 1] and --gpus at least 1")
+    if args.gpu.lower() not in GPUS:
+        raise GptflowError(f"unknown --gpu '{args.gpu}'; choose one of: {', '.join(GPUS)}")
+    args.gpu = args.gpu.lower()
     print(render_plan(args.preset, int(args.tokens) if args.tokens else None, args.gpu, args.mfu, args.gpus))
     return 0
 

@@ -6,9 +6,9 @@ Presets: the pipeline presets' models, plus `gpt3-175b` and `llama2-7b` for plan
 from __future__ import annotations
 
 from models.config import GPTConfig
-from models.plan import matrix_weights, plan
+from models.plan import PEAK_BF16_FLOPS, matrix_weights, plan
 
-GPUS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12}  # dense bf16 peak FLOP/s
+GPUS = {name.lower(): flops for name, flops in PEAK_BF16_FLOPS.items()}  # `--gpu` choices: the one peak table
 
 PLAN_ONLY = {
     # Brown et al. 2020, table 2.1: 96 layers, d_model 12288, 96 heads, context 2048, GPT-2 BPE vocabulary.

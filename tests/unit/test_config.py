@@ -166,3 +166,20 @@ def test_the_data_cli_and_the_stage_flows_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_registered_model_is_named_after_the_preset_unless_set(name):
+    assert resolve(name).registration.model_name == f"gpt-{name}"
+    assert resolve(name, {"registry.model_name": "my-gpt"}).registration.model_name == "my-gpt"
+    assert resolve(name).registry.model_name is None  # not baked into the config a run logs
+
+
+def test_plan_takes_every_gpu_of_the_one_peak_table(capsys):
+    from models.plan import PEAK_BF16_FLOPS
+
+    for gpu in PEAK_BF16_FLOPS:
+        assert main(["plan", "--preset", "tiny", "--gpu", gpu]) == 0
+        assert f"x {gpu.upper()} at" in capsys.readouterr().out
+    assert main(["plan", "--preset", "tiny", "--gpu", "tpu"]) == 2
+    assert "unknown --gpu 'tpu'; choose one of: h100" in capsys.readouterr().err
