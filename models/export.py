@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 from models.checkpoint import load_model
 from models.gpt import GPT, GPTConfig
-from models.tokens import EOT
+from models.tokens import CHAT_TEMPLATE, EOT
 
 
 def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into out_dir; returns out_dir."""
+    """Write config.json, model.safetensors and tokenizer files (with our chat template) into out_dir."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer_json = Path(tokenizer_json)
@@ -32,6 +32,7 @@ def export_hf(model_dir: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOT)
+    tokenizer.chat_template = CHAT_TEMPLATE  # the one template: `apply_chat_template` and lm-eval format as SFT did
     eos_id = tokenizer.eos_token_id
     if eos_id is not None and eos_id >= model.config.vocab_size:  # the tokenizer lacked it and added it
         eos_id = None

@@ -83,3 +83,34 @@ def test_bad_files_name_the_file(tmp_path):
     with pytest.raises(GptflowError, match=r"bad\.jsonl: record 0"):
         read_sft(bad)
     assert SPECIAL_TOKENS[0] == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("source", ["trained", "gpt2"])
+def test_render_equals_apply_chat_template_of_the_saved_and_exported_tokenizer(source, tmp_path):
+    """One chat template everywhere: SFT's rendering, `transformers`' `apply_chat_template` on the tokenizer the
+    tokenizer stage saves, and on the Hugging Face export (what lm-eval's `--apply_chat_template` uses)."""
+    from transformers import AutoTokenizer
+
+    from models.checkpoint import save_model
+    from models.export import export_hf
+    from models.gpt import GPT, GPTConfig
+    from tasks.bpe import load_gpt2, save_tokenizer
+
+    texts = ["You are terse. What is two plus two? Four. And three? Three, of course."] * 20
+    tok = load_gpt2() if source == "gpt2" else train_bpe(iter(texts), TokenizerConfig(vocab_size=300, min_frequency=1))
+    save_tokenizer(tok, tmp_path / "tok")
+    convo = [{"role": "system", "content": "You are terse."},
+             {"role": "user", "content": "What is two plus two?"},
+             {"role": "assistant", "content": "Four."},
+             {"role": "user", "content": " And three?"},
+             {"role": "assistant", "content": "Three, of course.\n"}]
+    ours, _ = render(convo, tok, block_size=1024)
+    save_model(GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=16, n_layer=1, n_head=1, n_embd=8)),
+               tmp_path / "model")
+    export_hf(tmp_path / "model", tmp_path / "tok" / "tokenizer.json", tmp_path / "hf")
+    for folder in (tmp_path / "tok", tmp_path / "hf"):
+        theirs = AutoTokenizer.from_pretrained(folder).apply_chat_template(convo, tokenize=True, return_dict=True)
+        assert list(theirs["input_ids"]) == ours, folder.name
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(convo[:2], tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert prompt == "<|system|>You are terse.<|end|><|user|>What is two plus two?<|end|><|assistant|>"
