@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="folder with tokenizer.json")
         if name == "export":
             sp.add_argument("--out", required=True, metavar="DIR", help="output folder for the Hugging Face model")
+    imp = sub.add_parser("import", help="import a Hugging Face GPT-2 or Llama folder as our model",
+                         description="Turn a Hugging Face GPT2LMHeadModel or LlamaForCausalLM folder (config.json and "
+                                     "safetensors; pickles are refused) into our model folder, the base for sft/align.")
+    imp.add_argument("--model", required=True, metavar="HF_DIR", help="Hugging Face model folder")
+    imp.add_argument("--out", required=True, metavar="DIR", help="output folder (model.safetensors + config.json)")
     plan = sub.add_parser("plan", help="parameters, FLOPs, memory and time of a model, from its config",
                           description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
@@ -92,6 +97,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise GptflowError(f"unknown --gpu '{args.gpu}'; choose one of: {', '.join(GPUS)}")
     args.gpu = args.gpu.lower()
     print(render_plan(args.preset, int(args.tokens) if args.tokens else None, args.gpu, args.mfu, args.gpus))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from models.hf_import import import_hf
+    from tasks.stage import GptflowError
+
+    try:
+        out = import_hf(Path(require(args.model, "Hugging Face model folder")), Path(args.out))
+    except ValueError as e:  # an unsupported config, unmapped weights, a pickle: one line naming the file
+        raise GptflowError(str(e)) from e
+    print(f"imported {args.model} as our model in {out}")
     return 0
 
 
@@ -271,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "import":
+            return cmd_import(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
     except (GptflowError, FileNotFoundError) as e:
         print(f"gptflow: error: {e}", file=sys.stderr)

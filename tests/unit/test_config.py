@@ -134,12 +134,12 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert '"steps": 5' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export", "plan"])
+@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export", "import", "plan"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert ("--set" if command != "plan" else "--mfu") in capsys.readouterr().out
+    assert {"plan": "--mfu", "import": "--out"}.get(command, "--set") in capsys.readouterr().out
 
 
 def test_plan_reproduces_the_gpt3_seed_figures(capsys):
