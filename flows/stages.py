@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
 from infra.env import runs_dir
 from tasks import tracking
@@ -33,7 +34,7 @@ from tasks.stage import as_input, run_stage
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 
-def tracked_stage(stage: str, cfg: Any, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
+def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
                   root: str, parent_run_id: str | None) -> Ref:
     """Run `core(out_dir, run_link)` through `run_stage` inside the stage's MLflow run; log what it made."""
     with tracking.stage_run(stage, parent_run_id) as run_id:

@@ -1,8 +1,9 @@
 """Start-up speed work, in one place: what we do so that a run's first seconds go to its work, not to imports.
 
 Each function says what it saves and what it cost before, measured on our shared 2-core machine. None of them
-changes a result, and each may be called more than once. Only the standard library is imported here at the top
-(datatrove and multiprocess inside the functions that need them), and nothing from `tasks/` or `flows/`:
+changes a result, and each may be called more than once. Only light standard-library modules are imported here at the
+top (urllib, importlib.metadata, datatrove and multiprocess inside the functions that need them: every `gptflow`
+command imports this module, `gptflow plan` and `--help` included), and nothing from `tasks/` or `flows/`:
 `infra` is a leaf.
 """
 
@@ -10,11 +11,8 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.metadata
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +59,8 @@ def distribution_installed(name: str) -> bool | None:
     answers, but by a lookup of its name. datatrove's parses the metadata of every installed package for each name
     it checks (~0.17 s a name here, ~1.6 s for the data stage's blocks), and does so in every process that builds
     or unpickles a block, each worker included."""
+    import importlib.metadata
+
     try:
         importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
@@ -95,6 +95,9 @@ def patch_datatrove_dependency_check() -> Callable[[str], Any] | None:
 
 def http_status(url: str, timeout: float = 2) -> int | None:
     """The HTTP status of a GET on `url`, None when nothing answers; never through a proxy."""
+    import urllib.error
+    import urllib.request
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=timeout) as response:

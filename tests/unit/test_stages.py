@@ -7,7 +7,6 @@ Run: `.venv/bin/python -m pytest tests/unit/test_stages.py` (the pretrain task s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.stages import align_task, data_task, eval_task, pretrain_task, register_task, sft_task, tokenizer_task
 from infra.env import DATA_DIR
-from models.checkpoint import save_model
+from models.checkpoint import load_model, save_model
 from models.config import GPTConfig
 from models.gpt import GPT
 from tasks.align import AlignConfig
@@ -38,16 +37,13 @@ VOCAB = 320
 @pytest.fixture(scope="module", autouse=True)
 def sqlite_mlflow(tmp_path_factory):
     """A fresh MLflow store for this module, restored afterwards."""
-    before_env, before_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    before = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if before_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before_env
-    mlflow.set_tracking_uri(before_uri)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    mlflow.set_tracking_uri(before)
 
 
 def stage_run(stage: str):
@@ -129,7 +125,8 @@ def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
                                                for i in range(20)])
     chat = sft_task.fn(SFTConfig(data=sft_data, steps=2, batch_size=4), base_model, tokenizer, root)
     run = stage_run("sft")
-    assert chat.path != base_model.path and "sft/val_loss_after" in run.data.metrics
+    tuned, base = load_model(Path(chat.path)).state_dict(), load_model(Path(base_model.path)).state_dict()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base) and "sft/val_loss_after" in run.data.metrics
     assert {"manifest.json", "loss_curve.png"} <= artifacts(run)
     pairs = _jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: {i}?\n\nAssistant: yes.",
                                                "rejected": f"\n\nHuman: {i}?\n\nAssistant: no."} for i in range(12)])
