@@ -1,0 +1,426 @@
+"""Chat data through Hugging Face `datasets`: SFT conversations and preference pairs from local files or the Hub.
+
+A source is a local JSON, JSONL or Parquet file (gzipped too; Alpaca's JSON array file as well) or a Hub dataset
+name, loaded with `datasets.load_dataset` (its cache lives in the workspace, `infra.env`). Small adapters map its
+records to conversations, lists of `{"role", "content"}` messages:
+
+- SFT: Alpaca (`instruction`/`input`/`output`), OpenAssistant trees (`prompt` -> `replies`; the best-ranked path or
+  every path), ShareGPT (`conversations` of `from`/`value`), `messages` lists (`role`/`content`).
+- Preferences, as (prompt messages, chosen reply, rejected reply): HH-RLHF (`chosen`/`rejected` dialogue strings),
+  ShareGPT pairs (`conversations` + `chosen`/`rejected` turns), OpenAssistant sibling replies ranked by people.
+
+The layout is found from the columns or given by `format`. A conversation the model cannot learn from is counted by
+reason (`dropped/no_assistant_turn`, ...), never silently dropped; a file in no known layout, a missing or
+unreadable file, or a malformed record is a one-line `GptflowError` naming the file and the record or field.
+`load_mixture` samples several sources by weight and reports the realised shares (`mix/<source>_share`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.env import resolve_path, setup_env
+from tasks.stage import GptflowError
+
+if TYPE_CHECKING:
+    import datasets
+
+Message = dict[str, str]
+Pair = tuple[list[Message], str, str]
+ROLES = ("system", "user", "assistant")
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+# ShareGPT speaker names seen in the wild (LLaMA-Factory, FastChat); anything else (tool calls, observations) is
+# an unknown role, counted, because our template has no token for it.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+class RecordError(ValueError):
+    """A record that does not have the layout's fields; the loader names the file and the record."""
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="A local JSON/JSONL/Parquet file (gzipped too; repo-relative or absolute) or a Hugging Face Hub dataset name (needs the network: HF_HUB_OFFLINE=0).")
+    weight: float = Field(1.0, gt=0, description="Share of the mixture, relative to the other sources' weights.")
+    max_records: int | None = Field(None, ge=1, description="Read at most this many records from the top of the source (None: all).")
+    split: str = Field("train", description="The split to read from a Hub dataset (a local file is one 'train' split).")
+
+    @property
+    def label(self) -> str:
+        """A short name for counts and metrics: the file name without its suffixes, or the Hub name."""
+        name = Path(self.path).name if _is_file_like(self.path) else self.path
+        for suffix in (".gz", ".bz2", *FILE_SUFFIXES):
+            name = name.removesuffix(suffix)
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class SFTSource(_Source):
+    format: Literal["auto", "alpaca", "oasst", "sharegpt", "messages"] = Field("auto", description="Record layout; 'auto' finds it from the columns.")
+    oasst_paths: Literal["best", "all"] = Field("best", description="OpenAssistant trees: follow the best-ranked reply at each turn (one conversation per tree), or every root-to-leaf path.")
+
+
+class PreferenceSource(_Source):
+    format: Literal["auto", "hh", "sharegpt", "oasst"] = Field("auto", description="Record layout; 'auto' finds it from the columns.")
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+def _is_file_like(path: str) -> bool:
+    name = path.removesuffix(".gz").removesuffix(".bz2")
+    return name.endswith(FILE_SUFFIXES) or Path(path).is_absolute() or path.startswith(".")
+
+
+def load_records(path: str, split: str = "train", max_records: int | None = None) -> datasets.Dataset:
+    """The records of a local file or a Hub dataset, as a `datasets.Dataset`; every failure is one line."""
+    setup_env()  # the datasets cache in the workspace and the offline switches, before `datasets` is imported
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = resolve_path(path)
+    if local.is_file():
+        ds = _load_file(local)
+    elif local.exists():
+        raise GptflowError(f"chat data path is a folder, not a file: {local}")
+    elif _is_file_like(path):
+        raise GptflowError(f"chat data file does not exist: {local}")
+    else:
+        ds = _load_hub(path, split)
+    if len(ds) == 0:
+        raise GptflowError(f"{path}: no records")
+    return ds.select(range(min(max_records, len(ds)))) if max_records else ds
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    import datasets
+
+    name = path.name.removesuffix(".gz").removesuffix(".bz2")
+    builder = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
+    if builder is None:
+        raise GptflowError(f"{path}: not a .json, .jsonl or .parquet file (gzipped or not)")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except StopIteration as e:  # the json builder's way of saying the file holds nothing
+        raise GptflowError(f"{path}: no records") from e
+    except Exception as e:  # datasets wraps the parser's error; the cause says what and where
+        cause = e.__cause__ or e
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise GptflowError(f"{path}: not readable as {builder.upper()} ({first})") from e
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " Hugging Face Hub access is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0 to download, or give a local file." if datasets.config.HF_HUB_OFFLINE else ""
+        raise GptflowError(f"{name}: not a local file, and not loadable from the Hub ({first}).{hint}") from e
+
+
+def _records(ds: datasets.Dataset) -> Iterator[tuple[int, dict[str, Any]]]:
+    yield from enumerate(ds.to_list())
+
+
+# ---- SFT adapters --------------------------------------------------------------------------------------------
+
+
+def _field(r: dict, name: str, kind: type = str) -> Any:
+    value = r.get(name)
+    if not isinstance(value, kind):
+        raise RecordError(f"field '{name}' is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _alpaca(r: dict) -> Iterator[list[Message]]:
+    prompt = _field(r, "instruction") + (f"\n\n{r['input']}" if r.get("input") else "")
+    yield [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.get("output") or ""}]
+
+
+def _turns(turns: Any, field: str, role_key: str, text_key: str, roles: dict[str, str] | None) -> list[Message]:
+    if not isinstance(turns, list):
+        raise RecordError(f"field '{field}' is {type(turns).__name__}, not a list")
+    out = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get(role_key), str) or not isinstance(t.get(text_key), str):
+            raise RecordError(f"{field}[{j}] has no string '{role_key}' and '{text_key}'")
+        role = roles.get(t[role_key], t[role_key]) if roles else t[role_key]
+        out.append({"role": role, "content": t[text_key]})
+    return out
+
+
+def _sharegpt(r: dict) -> Iterator[list[Message]]:
+    yield _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def _messages(r: dict) -> Iterator[list[Message]]:
+    yield _turns(r.get("messages"), "messages", "role", "content", None)
+
+
+def _oasst_node(node: Any) -> tuple[Message, list[dict]]:
+    if not isinstance(node, dict) or not isinstance(node.get("text"), str) or node.get("role") not in ("prompter", "assistant"):
+        raise RecordError("an OpenAssistant message has no 'text' or a 'role' other than prompter/assistant")
+    role = "user" if node["role"] == "prompter" else "assistant"
+    return {"role": role, "content": node["text"]}, _by_rank(node.get("replies") or [])
+
+
+def _by_rank(replies: list[dict]) -> list[dict]:
+    """Replies best first (rank 0 is the best); unranked replies last, in file order."""
+    return sorted(replies, key=lambda n: (n.get("rank") is None, n.get("rank") or 0))
+
+
+def _oasst_paths(node: dict, prefix: list[Message], every: bool) -> Iterator[list[Message]]:
+    """The conversations of an OpenAssistant tree: each root-to-leaf path, or only the best-ranked one."""
+    message, replies = _oasst_node(node)
+    convo = prefix + [message]
+    if not replies:
+        yield convo
+    for reply in replies if every else replies[:1]:
+        yield from _oasst_paths(reply, convo, every)
+
+
+def _oasst(every: bool):
+    def adapt(r: dict) -> Iterator[list[Message]]:
+        yield from _oasst_paths(_field(r, "prompt", dict), [], every)
+    return adapt
+
+
+def _sft_format(ds: datasets.Dataset, path: str) -> str:
+    cols = set(ds.column_names)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "prompt" in cols and isinstance(ds[0]["prompt"], dict):
+        return "oasst"
+    raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the SFT layouts (Alpaca instruction/output, "
+                       "OpenAssistant prompt tree, ShareGPT conversations, messages)")
+
+
+def check_conversation(convo: list[Message]) -> tuple[list[Message], str | None, bool]:
+    """(the conversation cut after its last assistant turn, the drop reason or None, whether turns were cut)."""
+    if any(m["role"] not in ROLES for m in convo):
+        return convo, "unknown_role", False
+    last = max((i for i, m in enumerate(convo) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return convo, "no_assistant_turn", False
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in convo):
+        return convo, "empty_assistant", False
+    return convo[: last + 1], None, last + 1 < len(convo)
+
+
+def load_sft(source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
+    """The usable conversations of one source, and its counts: records, conversations, kept, dropped/<reason>,
+    trimmed/trailing_turns (conversations that ended with user turns, which teach nothing, cut after the last
+    assistant turn)."""
+    ds = load_records(source.path, source.split, source.max_records)
+    fmt = _sft_format(ds, source.path) if source.format == "auto" else source.format
+    adapt = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages,
+             "oasst": _oasst(source.oasst_paths == "all")}[fmt]
+    counts: Counter[str] = Counter(records=len(ds))
+    out = []
+    for i, r in _records(ds):
+        try:
+            convos = list(adapt(r))
+        except RecordError as e:
+            raise GptflowError(f"{source.path}: record {i} ({fmt}): {e}") from e
+        for convo in convos:
+            counts["conversations"] += 1
+            convo, reason, trimmed = check_conversation(convo)
+            if reason:
+                counts[f"dropped/{reason}"] += 1
+                continue
+            counts["trimmed/trailing_turns"] += trimmed
+            out.append(convo)
+    counts["kept"] = len(out)
+    return out, dict(counts)
+
+
+# ---- preference adapters -------------------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_messages(text: str) -> list[Message]:
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)[1:]
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[::2], parts[1::2], strict=False)]
+
+
+def _hh(r: dict) -> Iterator[Pair | str]:
+    chosen, rejected = _hh_messages(_field(r, "chosen")), _hh_messages(_field(r, "rejected"))
+    if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+        yield "no_assistant_reply"  # the dialogue does not end with a reply to compare
+    elif chosen[:-1] != rejected[:-1]:
+        yield "prompt_mismatch"
+    else:
+        yield chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _reply(r: dict, name: str) -> str:
+    value = r.get(name)
+    if isinstance(value, dict) and isinstance(value.get("value"), str):
+        return value["value"]
+    if isinstance(value, str):
+        return value
+    raise RecordError(f"field '{name}' is neither a {{from, value}} turn nor a string")
+
+
+def _sharegpt_pair(r: dict) -> Iterator[Pair | str]:
+    prompt = _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    yield prompt, _reply(r, "chosen"), _reply(r, "rejected")
+
+
+def _oasst_pairs(node: dict, prefix: list[Message]) -> Iterator[Pair | str]:
+    """At each prompter turn with two or more ranked replies: every (better, worse) pair of them. Unranked
+    replies among such siblings are counted; they cannot be ordered."""
+    message, replies = _oasst_node(node)
+    convo = prefix + [message]
+    ranked = [n for n in replies if n.get("rank") is not None]
+    if message["role"] == "user" and len(replies) >= 2:
+        yield from ["unranked_reply"] * (len(replies) - len(ranked))
+        texts = [_oasst_node(n)[0]["content"] for n in ranked]
+        yield from ((convo, texts[a], texts[b]) for a in range(len(texts)) for b in range(a + 1, len(texts)))
+    for reply in replies:
+        yield from _oasst_pairs(reply, convo)
+
+
+def _oasst_pref(r: dict) -> Iterator[Pair | str]:
+    items = list(_oasst_pairs(_field(r, "prompt", dict), []))
+    yield from items if any(isinstance(x, tuple) for x in items) else [*items, "no_ranked_siblings"]
+
+
+def _pref_format(ds: datasets.Dataset, path: str) -> str:
+    cols = set(ds.column_names)
+    if {"conversations", "chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= cols and isinstance(ds[0]["chosen"], str):
+        return "hh"
+    if "prompt" in cols and isinstance(ds[0]["prompt"], dict):
+        return "oasst"
+    raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the preference layouts (HH-RLHF "
+                       "chosen/rejected dialogues, ShareGPT conversations + chosen/rejected, OpenAssistant prompt tree)")
+
+
+def check_pair(pair: Pair) -> str | None:
+    """The reason a preference pair cannot be trained on, or None."""
+    prompt, chosen, rejected = pair
+    if any(m["role"] not in ROLES for m in prompt):
+        return "unknown_role"
+    if not prompt or prompt[-1]["role"] != "user":
+        return "prompt_not_ending_with_user"
+    if not chosen.strip() or not rejected.strip():
+        return "empty_reply"
+    return "identical_replies" if chosen == rejected else None
+
+
+def load_pairs(source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
+    """The usable preference pairs of one source, and its counts: records, pairs (built from the records), kept,
+    dropped/<reason> (of a record, a pair or an OpenAssistant reply)."""
+    ds = load_records(source.path, source.split, source.max_records)
+    fmt = _pref_format(ds, source.path) if source.format == "auto" else source.format
+    adapt = {"hh": _hh, "sharegpt": _sharegpt_pair, "oasst": _oasst_pref}[fmt]
+    counts: Counter[str] = Counter(records=len(ds))
+    out = []
+    for i, r in _records(ds):
+        try:
+            items = list(adapt(r))
+        except RecordError as e:
+            raise GptflowError(f"{source.path}: record {i} ({fmt}): {e}") from e
+        for item in items:
+            counts["pairs"] += isinstance(item, tuple)
+            reason = check_pair(item) if isinstance(item, tuple) else item
+            if reason:
+                counts[f"dropped/{reason}"] += 1
+            else:
+                out.append(item)
+    counts["kept"] = len(out)
+    return out, dict(counts)
+
+
+# ---- mixtures ------------------------------------------------------------------------------------------------
+
+
+def allocate(available: list[int], weights: list[float], n: int) -> list[int]:
+    """How many items to take from each source: `n` split by weight (largest remainder), a source's shortfall
+    given to the others by their weights, never more than a source has."""
+    take = [0] * len(available)
+    while (left := min(n, sum(available)) - sum(take)) > 0:
+        open_ = [i for i in range(len(available)) if take[i] < available[i]]
+        total = sum(weights[i] for i in open_)
+        quota = {i: left * weights[i] / total for i in open_}
+        give = {i: min(int(quota[i]), available[i] - take[i]) for i in open_}
+        if not any(give.values()):  # fewer items left than sources: one to the largest remainder
+            give = {max(open_, key=lambda i: quota[i]): 1}
+        for i, k in give.items():
+            take[i] += k
+    return take
+
+
+def _mix(items: list[list], labels: list[str], weights: list[float], n: int, seed: int) -> tuple[list, dict]:
+    rng = random.Random(seed)
+    take = allocate([len(x) for x in items], weights, n)
+    out, counts = [], {}
+    for label, xs, w, k in zip(labels, items, weights, take, strict=True):
+        order = list(range(len(xs)))
+        rng.shuffle(order)
+        out += [xs[j] for j in sorted(order[:k])]
+        counts[f"mix/{label}_weight"] = w / sum(weights)
+        counts[f"mix/{label}_selected"] = k
+    rng.shuffle(out)
+    for label, k in zip(labels, take, strict=True):
+        counts[f"mix/{label}_share"] = k / max(len(out), 1)
+    counts["selected"] = len(out)
+    return out, counts
+
+
+def _labels(sources: list[_Source]) -> list[str]:
+    seen: Counter[str] = Counter()
+    labels = []
+    for s in sources:
+        seen[s.label] += 1
+        labels.append(s.label if seen[s.label] == 1 else f"{s.label}_{seen[s.label]}")
+    return labels
+
+
+def _merge(per_source: list[dict[str, int]], labels: list[str]) -> dict[str, float]:
+    """Totals over the sources (`dropped/<reason>`, `records`, ...) and each source's own (`source/<label>/...`)."""
+    totals: Counter[str] = Counter()
+    out: dict[str, float] = {}
+    for label, counts in zip(labels, per_source, strict=True):
+        totals.update(counts)
+        out.update({f"source/{label}/{k}": v for k, v in counts.items()})
+    return {**dict(totals), **out}
+
+
+def load_mixture(sources: list[SFTSource], max_examples: int, seed: int) -> tuple[list[list[Message]], dict[str, float]]:
+    """Up to `max_examples` conversations drawn from `sources` by weight, shuffled with `seed`; the counts hold
+    each source's loading counts, the totals, and the target and realised shares (`mix/<label>_weight`, `_share`)."""
+    if not sources:
+        raise GptflowError("no SFT data sources given")
+    labels = _labels(sources)
+    loaded = [load_sft(s) for s in sources]
+    convos, mix = _mix([c for c, _ in loaded], labels, [s.weight for s in sources], max_examples, seed)
+    return convos, {**_merge([c for _, c in loaded], labels), **mix}
+
+
+def load_preference_mixture(sources: list[PreferenceSource], max_pairs: int, seed: int) -> tuple[list[Pair], dict[str, float]]:
+    """Up to `max_pairs` preference pairs drawn from `sources` by weight; counts as `load_mixture`'s."""
+    if not sources:
+        raise GptflowError("no preference data sources given")
+    labels = _labels(sources)
+    loaded = [load_pairs(s) for s in sources]
+    pairs, mix = _mix([p for p, _ in loaded], labels, [s.weight for s in sources], max_pairs, seed)
+    return pairs, {**_merge([c for _, c in loaded], labels), **mix}
