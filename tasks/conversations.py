@@ -242,7 +242,8 @@ def load_sft(source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
             if reason:
                 counts[f"dropped/{reason}"] += 1
                 continue
-            counts["trimmed/trailing_turns"] += trimmed
+            if trimmed:
+                counts["trimmed/trailing_turns"] += 1
             out.append(convo)
     counts["kept"] = len(out)
     return out, dict(counts)
@@ -340,7 +341,8 @@ def load_pairs(source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
         except RecordError as e:
             raise GptflowError(f"{source.path}: record {i} ({fmt}): {e}") from e
         for item in items:
-            counts["pairs"] += isinstance(item, tuple)
+            if isinstance(item, tuple):
+                counts["pairs"] += 1
             reason = check_pair(item) if isinstance(item, tuple) else item
             if reason:
                 counts[f"dropped/{reason}"] += 1
