@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.env import resolve_path
-from tasks.chat import read_preferences
+from tasks.conversations import PreferenceSource, load_pairs
 from tasks.plots import plot_loss
 from tasks.refs import ModelRef, TokenizerRef
 from tasks.stage import GptflowError
@@ -64,7 +64,7 @@ def align_dpo(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, out_di
     tok = load_tokenizer(Path(tokenizer.path))
     pad_id = tok.token_to_id("<|pad|>")
     data = resolve_path(cfg.data)
-    pairs = read_preferences(data)
+    pairs, data_counts = load_pairs(PreferenceSource(path=str(data)))  # drops by reason, for the manifest
     random.Random(cfg.seed).shuffle(pairs)
     pairs = pairs[: cfg.max_pairs]
     encoded = encode_pairs(pairs, tok, policy.config.block_size)
@@ -80,7 +80,7 @@ def align_dpo(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, out_di
     (out_dir / "history.json").write_text(json.dumps(history))
     plot_loss(history, out_dir / "loss_curve.png", "DPO")
     counts = {"pairs": len(pairs), "kept": len(encoded), "dropped_truncated": len(pairs) - len(encoded),
-              "train": len(train), "val": len(val)}
+              "train": len(train), "val": len(val), **{f"data/{k}": v for k, v in data_counts.items()}}
     metrics = {**{f"align/val_{k}_before": v for k, v in before.items()},
                **{f"align/val_{k}_after": v for k, v in after.items()},
                "align/final_train_loss": history["train"][-1][1]}

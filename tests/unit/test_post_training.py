@@ -52,6 +52,7 @@ def test_dpo_moves_towards_chosen_replies(tmp_path):
     r = align_dpo(AlignConfig(data=str(data), steps=40, batch_size=8, lr=3e-3, val_fraction=0.2), base, tok,
                   tmp_path / "dpo")
     assert r.path == str(tmp_path / "dpo" / "model") and r.file("history").exists()
+    assert r.counts["data/records"] == r.counts["data/kept"] == 30  # the loader's counts reach the manifest
     m = r.metrics
     assert m["align/val_reward_acc_before"] == 0.0  # the policy starts as the reference: no margin yet
     assert m["align/val_reward_acc_after"] == 1.0
