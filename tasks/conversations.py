@@ -39,7 +39,7 @@ FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 # ShareGPT speaker names seen in the wild (LLaMA-Factory, FastChat); anything else (tool calls, observations) is
 # an unknown role, counted, because our template has no token for it.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
 
 
 class RecordError(ValueError):
@@ -142,9 +142,19 @@ def _field(r: dict, name: str, kind: type = str) -> Any:
     return value
 
 
+def _system(r: dict) -> list[Message]:
+    """A `system` column (LLaMA-Factory's Alpaca and ShareGPT layouts) as the opening system turn."""
+    return [{"role": "system", "content": r["system"]}] if isinstance(r.get("system"), str) and r["system"] else []
+
+
 def _alpaca(r: dict) -> Iterator[list[Message]]:
+    """instruction (+ input) -> output, after the optional `system` and `history` ([[question, answer], ...])."""
     prompt = _field(r, "instruction") + (f"\n\n{r['input']}" if r.get("input") else "")
-    yield [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.get("output") or ""}]
+    history = r.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise RecordError("field 'history' is not a list of [question, answer] pairs")
+    earlier = [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
+    yield _system(r) + earlier + [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.get("output") or ""}]
 
 
 def _turns(turns: Any, field: str, role_key: str, text_key: str, roles: dict[str, str] | None) -> list[Message]:
@@ -160,7 +170,7 @@ def _turns(turns: Any, field: str, role_key: str, text_key: str, roles: dict[str
 
 
 def _sharegpt(r: dict) -> Iterator[list[Message]]:
-    yield _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    yield _system(r) + _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def _messages(r: dict) -> Iterator[list[Message]]:
@@ -280,7 +290,7 @@ def _reply(r: dict, name: str) -> str:
 
 
 def _sharegpt_pair(r: dict) -> Iterator[Pair | str]:
-    prompt = _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    prompt = _system(r) + _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
     yield prompt, _reply(r, "chosen"), _reply(r, "rejected")
 
 

@@ -247,3 +247,15 @@ def test_preference_mixture():
                PreferenceSource(path=str(OASST), weight=1.0)]
     got, counts = load_preference_mixture(sources, max_pairs=90, seed=0)
     assert len(got) == 90 and {counts[f"mix/{s.label}_selected"] for s in sources} == {30}
+
+
+def test_system_and_history_columns(tmp_path):
+    """LLaMA-Factory's optional columns: `system` (Alpaca and ShareGPT) and Alpaca's `history` of earlier turns."""
+    f = write_jsonl(tmp_path / "a.jsonl", [{"system": "be brief", "history": [["hi", "hello"]], "instruction": "add",
+                                            "input": "2 and 2", "output": "4"}])
+    assert sft(f)[0] == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "add\n\n2 and 2"},
+                          {"role": "assistant", "content": "4"}]]
+    g = write_jsonl(tmp_path / "s.jsonl", [{"system": "be brief", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    assert roles(sft(g)[0][0]) == ["system", "user", "assistant"]
