@@ -4,8 +4,8 @@ A source is a local JSON, JSONL or Parquet file (gzipped too; Alpaca's JSON arra
 name, loaded with `datasets.load_dataset` (its cache lives in the workspace, `infra.env`). Small adapters map its
 records to conversations, lists of `{"role", "content"}` messages:
 
-- SFT: Alpaca (`instruction`/`input`/`output`), OpenAssistant trees (`prompt` -> `replies`; the best-ranked path or
-  every path), ShareGPT (`conversations` of `from`/`value`), `messages` lists (`role`/`content`).
+- SFT: Alpaca (`instruction`/`input`/`output`), OpenAssistant trees (`prompt` -> `replies`, or the flat export of
+  one row per message; the best-ranked path or every path), ShareGPT (`conversations` of `from`/`value`), `messages` lists (`role`/`content`).
 - Preferences, as (prompt messages, chosen reply, rejected reply): HH-RLHF (`chosen`/`rejected` dialogue strings),
   ShareGPT pairs (`conversations` + `chosen`/`rejected` turns), OpenAssistant sibling replies ranked by people.
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 Message = dict[str, str]
 Pair = tuple[list[Message], str, str]
 ROLES = ("system", "user", "assistant")
+OASST_FLAT = {"message_id", "parent_id", "role", "text"}  # OpenAssistant's flat export: one row per message
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 # ShareGPT speaker names seen in the wild (LLaMA-Factory, FastChat); anything else (tool calls, observations) is
 # an unknown role, counted, because our template has no token for it.
@@ -128,8 +129,33 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
         raise GptflowError(f"{name}: not a local file, and not loadable from the Hub ({first}).{hint}") from e
 
 
-def _records(ds: datasets.Dataset) -> Iterator[tuple[int, dict[str, Any]]]:
-    yield from enumerate(ds.to_list())
+def _records(ds: datasets.Dataset, fmt: str, counts: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The records as dicts; OpenAssistant's flat export (one row per message) first assembled into trees."""
+    rows = ds.to_list()
+    if fmt == "oasst" and "prompt" not in ds.column_names and OASST_FLAT <= set(ds.column_names):
+        rows = _oasst_trees(rows, counts)
+    yield from enumerate(rows)
+
+
+def _oasst_trees(rows: list[dict], counts: Counter[str]) -> list[dict]:
+    """The trees of OpenAssistant's flat export (the Hub's OpenAssistant/oasst1 and oasst2: `message_id`,
+    `parent_id`, ...) in the tree export's layout, `{"prompt": root}`. A message whose parent is not among the
+    rows (cut off by `max_records`) is counted as `dropped/orphan_message`, and so are its replies."""
+    nodes = {r["message_id"]: {**r, "replies": []} for r in rows}
+    roots, orphans = [], []
+    for node in nodes.values():
+        parent = nodes.get(node["parent_id"]) if node["parent_id"] else None
+        if node["parent_id"] and parent is None:
+            orphans.append(node)
+        else:
+            (parent["replies"] if parent else roots).append(node)
+    if orphans:
+        counts["dropped/orphan_message"] += sum(_tree_size(n) for n in orphans)
+    return [{"prompt": root} for root in roots]
+
+
+def _tree_size(node: dict) -> int:
+    return 1 + sum(_tree_size(r) for r in node["replies"])
 
 
 # ---- SFT adapters --------------------------------------------------------------------------------------------
@@ -213,7 +239,7 @@ def _sft_format(ds: datasets.Dataset, path: str) -> str:
         return "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    if "prompt" in cols and isinstance(ds[0]["prompt"], dict):
+    if ("prompt" in cols and isinstance(ds[0]["prompt"], dict)) or OASST_FLAT <= cols:
         return "oasst"
     raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the SFT layouts (Alpaca instruction/output, "
                        "OpenAssistant prompt tree, ShareGPT conversations, messages)")
@@ -241,7 +267,7 @@ def load_sft(source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
              "oasst": _oasst(source.oasst_paths == "all")}[fmt]
     counts: Counter[str] = Counter(records=len(ds))
     out = []
-    for i, r in _records(ds):
+    for i, r in _records(ds, fmt, counts):
         try:
             convos = list(adapt(r))
         except RecordError as e:
@@ -319,7 +345,7 @@ def _pref_format(ds: datasets.Dataset, path: str) -> str:
         return "sharegpt"
     if {"chosen", "rejected"} <= cols and isinstance(ds[0]["chosen"], str):
         return "hh"
-    if "prompt" in cols and isinstance(ds[0]["prompt"], dict):
+    if ("prompt" in cols and isinstance(ds[0]["prompt"], dict)) or OASST_FLAT <= cols:
         return "oasst"
     raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the preference layouts (HH-RLHF "
                        "chosen/rejected dialogues, ShareGPT conversations + chosen/rejected, OpenAssistant prompt tree)")
@@ -345,7 +371,7 @@ def load_pairs(source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
     adapt = {"hh": _hh, "sharegpt": _sharegpt_pair, "oasst": _oasst_pref}[fmt]
     counts: Counter[str] = Counter(records=len(ds))
     out = []
-    for i, r in _records(ds):
+    for i, r in _records(ds, fmt, counts):
         try:
             items = list(adapt(r))
         except RecordError as e:

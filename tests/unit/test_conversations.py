@@ -259,3 +259,25 @@ def test_system_and_history_columns(tmp_path):
     g = write_jsonl(tmp_path / "s.jsonl", [{"system": "be brief", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
     assert roles(sft(g)[0][0]) == ["system", "user", "assistant"]
+
+
+def test_oasst_flat_export_reads_as_the_trees(tmp_path):
+    """The Hub's OpenAssistant/oasst1 layout (one row per message, `parent_id` links), here made from the
+    bundled trees and written as Parquet, gives the same conversations and pairs as the tree export."""
+    import datasets
+
+    def rows(node, parent=None):
+        me = {"message_id": node["message_id"], "parent_id": parent, "role": node["role"], "text": node["text"],
+              "rank": node.get("rank")}
+        return [me] + [r for reply in node.get("replies", []) for r in rows(reply, node["message_id"])]
+
+    flat = [r for line in gzip.open(OASST, "rt") for r in rows(json.loads(line)["prompt"])]
+    datasets.Dataset.from_list(flat).to_parquet(str(tmp_path / "oasst.parquet"))
+    for paths in ("best", "all"):
+        assert sft(tmp_path / "oasst.parquet", oasst_paths=paths)[0] == sft(OASST, oasst_paths=paths)[0]
+    assert pairs(tmp_path / "oasst.parquet")[0] == pairs(OASST)[0]
+    # Without the first tree's root: its other messages lost their parent, and are counted, not silently lost.
+    datasets.Dataset.from_list(flat[1:]).to_parquet(str(tmp_path / "cut.parquet"))
+    convos, counts = sft(tmp_path / "cut.parquet")
+    first_tree = len(rows(json.loads(gzip.open(OASST, "rt").readline())["prompt"]))
+    assert counts["dropped/orphan_message"] == first_tree - 1 and len(convos) == 9
