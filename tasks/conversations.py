@@ -5,7 +5,8 @@ name, loaded with `datasets.load_dataset` (its cache lives in the workspace, `in
 records to conversations, lists of `{"role", "content"}` messages:
 
 - SFT: Alpaca (`instruction`/`input`/`output`), OpenAssistant trees (`prompt` -> `replies`, or the flat export of
-  one row per message; the best-ranked path or every path), ShareGPT (`conversations` of `from`/`value`), `messages` lists (`role`/`content`).
+  one row per message; the best-ranked path or every path), ShareGPT (`conversations` of `from`/`value`),
+  `messages` lists (`role`/`content`).
 - Preferences, as (prompt messages, chosen reply, rejected reply): HH-RLHF (`chosen`/`rejected` dialogue strings),
   ShareGPT pairs (`conversations` + `chosen`/`rejected` turns), OpenAssistant sibling replies ranked by people.
 
@@ -50,7 +51,7 @@ class RecordError(ValueError):
 class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str = Field(description="A local JSON/JSONL/Parquet file (gzipped too; repo-relative or absolute) or a Hugging Face Hub dataset name (needs the network: HF_HUB_OFFLINE=0).")
+    path: str = Field(description="A local JSON/JSONL/Parquet file (.gz or .bz2 too; repo-relative or absolute) or a Hugging Face Hub dataset name (needs the network: HF_HUB_OFFLINE=0).")
     weight: float = Field(1.0, gt=0, description="Share of the mixture, relative to the other sources' weights.")
     max_records: int | None = Field(None, ge=1, description="Read at most this many records from the top of the source (None: all).")
     split: str = Field("train", description="The split to read from a Hub dataset (a local file is one 'train' split).")
@@ -94,8 +95,8 @@ def load_records(path: str, split: str = "train", max_records: int | None = None
         raise GptflowError(f"chat data path is a folder, not a file: {local}")
     elif _is_file_like(path):
         raise GptflowError(f"chat data file does not exist: {local}")
-    else:
-        ds = _load_hub(path, split)
+    else:  # only the first `max_records` rows of a Hub split are downloaded and prepared
+        return _load_hub(path, f"{split}[:{max_records}]" if max_records else split)
     if len(ds) == 0:
         raise GptflowError(f"{path}: no records")
     return ds.select(range(min(max_records, len(ds)))) if max_records else ds
@@ -107,7 +108,7 @@ def _load_file(path: Path) -> datasets.Dataset:
     name = path.name.removesuffix(".gz").removesuffix(".bz2")
     builder = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
     if builder is None:
-        raise GptflowError(f"{path}: not a .json, .jsonl or .parquet file (gzipped or not)")
+        raise GptflowError(f"{path}: not a .json, .jsonl or .parquet file (optionally .gz or .bz2)")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except StopIteration as e:  # the json builder's way of saying the file holds nothing
@@ -122,11 +123,14 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " Hugging Face Hub access is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0 to download, or give a local file." if datasets.config.HF_HUB_OFFLINE else ""
         raise GptflowError(f"{name}: not a local file, and not loadable from the Hub ({first}).{hint}") from e
+    if len(ds) == 0:
+        raise GptflowError(f"{name}: no records in split '{split}'")
+    return ds
 
 
 def _records(ds: datasets.Dataset, fmt: str, counts: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:

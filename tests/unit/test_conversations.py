@@ -193,7 +193,7 @@ def test_unknown_layout_and_malformed_records_name_file_record_and_field(tmp_pat
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("broken.jsonl", '{"messages": []}\n{not json\n', r"broken\.jsonl: not readable as JSON \(.*\)$"),
     ("empty.jsonl", "", r"empty\.jsonl: no records"),
-    ("notes.txt", "hello", r"notes\.txt: not a \.json, \.jsonl or \.parquet file"),
+    ("notes.txt", "hello", r"notes\.txt: not a \.json, \.jsonl or \.parquet file \(optionally \.gz or \.bz2\)"),
 ])
 def test_unreadable_files_are_one_line_errors(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
