@@ -1,7 +1,7 @@
 """Chat data through Hugging Face `datasets`: SFT conversations and preference pairs from local files or the Hub.
 
-A source is a local JSON, JSONL or Parquet file (gzipped too; Alpaca's JSON array file as well) or a Hub dataset
-name, loaded with `datasets.load_dataset` (its cache lives in the workspace, `infra.env`). Small adapters map its
+A source is a local JSON, JSONL or Parquet file (gzipped too; Alpaca's JSON array file as well), a Hub dataset
+name or a folder laid out like one (a downloaded snapshot), loaded with `datasets.load_dataset` (its cache lives in the workspace, `infra.env`). Small adapters map its
 records to conversations, lists of `{"role", "content"}` messages:
 
 - SFT: Alpaca (`instruction`/`input`/`output`), OpenAssistant trees (`prompt` -> `replies`, or the flat export of
@@ -51,7 +51,7 @@ class RecordError(ValueError):
 class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str = Field(description="A local JSON/JSONL/Parquet file (.gz or .bz2 too; repo-relative or absolute) or a Hugging Face Hub dataset name (needs the network: HF_HUB_OFFLINE=0).")
+    path: str = Field(description="A local JSON/JSONL/Parquet file (.gz or .bz2 too; repo-relative or absolute), a folder laid out like a Hub dataset, or a Hugging Face Hub dataset name (needs the network: HF_HUB_OFFLINE=0).")
     weight: float = Field(1.0, gt=0, description="Share of the mixture, relative to the other sources' weights.")
     max_records: int | None = Field(None, ge=1, description="Read at most this many records from the top of the source (None: all).")
     split: str = Field("train", description="The split to read from a Hub dataset (a local file is one 'train' split).")
@@ -91,12 +91,11 @@ def load_records(path: str, split: str = "train", max_records: int | None = None
     local = resolve_path(path)
     if local.is_file():
         ds = _load_file(local)
-    elif local.exists():
-        raise GptflowError(f"chat data path is a folder, not a file: {local}")
-    elif _is_file_like(path):
+    elif _is_file_like(path) and not local.exists():
         raise GptflowError(f"chat data file does not exist: {local}")
-    else:  # only the first `max_records` rows of a Hub split are downloaded and prepared
-        return _load_hub(path, f"{split}[:{max_records}]" if max_records else split)
+    else:  # a Hub name, or a folder laid out like a Hub dataset; only the first `max_records` rows are prepared
+        name = str(local) if local.is_dir() else path
+        return _load_named(name, f"{split}[:{max_records}]" if max_records else split)
     if len(ds) == 0:
         raise GptflowError(f"{path}: no records")
     return ds.select(range(min(max_records, len(ds)))) if max_records else ds
@@ -119,13 +118,16 @@ def _load_file(path: Path) -> datasets.Dataset:
         raise GptflowError(f"{path}: not readable as {builder.upper()} ({first})") from e
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
+def _load_named(name: str, split: str) -> datasets.Dataset:
+    """A Hub dataset, or a local folder in a Hub dataset's layout (a downloaded snapshot: data files by split)."""
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name).is_dir():
+            raise GptflowError(f"{name}: a folder that datasets cannot read as a dataset ({first})") from e
         hint = " Hugging Face Hub access is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0 to download, or give a local file." if datasets.config.HF_HUB_OFFLINE else ""
         raise GptflowError(f"{name}: not a local file, and not loadable from the Hub ({first}).{hint}") from e
     if len(ds) == 0:
@@ -159,7 +161,7 @@ def _oasst_trees(rows: list[dict], counts: Counter[str]) -> list[dict]:
 
 
 def _tree_size(node: dict) -> int:
-    return 1 + sum(_tree_size(r) for r in node["replies"])
+    return 1 + sum(_tree_size(r) for r in node.get("replies") or [])
 
 
 # ---- SFT adapters --------------------------------------------------------------------------------------------
@@ -229,9 +231,23 @@ def _oasst_paths(node: dict, prefix: list[Message], every: bool) -> Iterator[lis
         yield from _oasst_paths(reply, convo, every)
 
 
+def _oasst_kept(node: dict, drops: list[str]) -> dict | None:
+    """The tree without messages marked deleted or rejected by review (`review_result` false), as OpenAssistant's
+    own training data leaves them out; each one cut, with its replies, adds a drop reason."""
+    if node.get("deleted") or node.get("review_result") is False:
+        drops += ["oasst_deleted_or_rejected"] * _tree_size(node)
+        return None
+    replies = [kept for r in node.get("replies") or [] if (kept := _oasst_kept(r, drops)) is not None]
+    return {**node, "replies": replies}
+
+
 def _oasst(every: bool):
-    def adapt(r: dict) -> Iterator[list[Message]]:
-        yield from _oasst_paths(_field(r, "prompt", dict), [], every)
+    def adapt(r: dict) -> Iterator[list[Message] | str]:
+        drops: list[str] = []
+        root = _oasst_kept(_field(r, "prompt", dict), drops)
+        yield from drops
+        if root is not None:
+            yield from _oasst_paths(root, [], every)
     return adapt
 
 
@@ -277,6 +293,9 @@ def load_sft(source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
         except RecordError as e:
             raise GptflowError(f"{source.path}: record {i} ({fmt}): {e}") from e
         for convo in convos:
+            if isinstance(convo, str):  # a message the adapter left out, by reason
+                counts[f"dropped/{convo}"] += 1
+                continue
             counts["conversations"] += 1
             convo, reason, trimmed = check_conversation(convo)
             if reason:
@@ -339,7 +358,9 @@ def _oasst_pairs(node: dict, prefix: list[Message]) -> Iterator[Pair | str]:
 
 
 def _oasst_pref(r: dict) -> Iterator[Pair | str]:
-    items = list(_oasst_pairs(_field(r, "prompt", dict), []))
+    drops: list[str] = []
+    root = _oasst_kept(_field(r, "prompt", dict), drops)
+    items = drops + (list(_oasst_pairs(root, [])) if root is not None else [])
     yield from items if any(isinstance(x, tuple) for x in items) else [*items, "no_ranked_siblings"]
 
 

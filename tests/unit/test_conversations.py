@@ -281,3 +281,36 @@ def test_oasst_flat_export_reads_as_the_trees(tmp_path):
     convos, counts = sft(tmp_path / "cut.parquet")
     first_tree = len(rows(json.loads(gzip.open(OASST, "rt").readline())["prompt"]))
     assert counts["dropped/orphan_message"] == first_tree - 1 and len(convos) == 9
+
+
+def test_a_folder_in_hub_layout_loads_by_split(tmp_path):
+    """A downloaded Hub snapshot (data files named by split) goes through the same `load_dataset(name, split)`
+    call as a Hub name, so this checks that path without the network."""
+    import datasets
+
+    convos, _ = sft(SHAREGPT)
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for split, part in (("train", convos[:20]), ("test", convos[20:])):
+        datasets.Dataset.from_list([{"messages": c} for c in part]).to_parquet(
+            str(tmp_path / "snap" / "data" / f"{split}-00000-of-00001.parquet"))
+    assert sft(tmp_path / "snap")[0] == convos[:20]
+    assert sft(tmp_path / "snap", split="test")[0] == convos[20:]
+    assert sft(tmp_path / "snap", max_records=4)[1]["records"] == 4
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(GptflowError, match=r"bare: a folder that datasets cannot read as a dataset \("):
+        sft(tmp_path / "bare")
+
+
+def test_oasst_deleted_and_rejected_messages_are_cut_and_counted(tmp_path):
+    tree = {"prompt": {"role": "prompter", "text": "Q", "replies": [
+        {"role": "assistant", "text": "spam", "rank": 0, "review_result": False, "replies": [
+            {"role": "prompter", "text": "under spam", "replies": []}]},
+        {"role": "assistant", "text": "good", "rank": 1, "deleted": False},
+        {"role": "assistant", "text": "gone", "rank": 2, "deleted": True}]}}
+    gone = {"prompt": {"role": "prompter", "text": "Q", "deleted": True, "replies": []}}
+    f = write_jsonl(tmp_path / "t.jsonl", [tree, gone])
+    convos, counts = sft(f, format="oasst", oasst_paths="all")
+    assert convos == [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}]]
+    assert counts["dropped/oasst_deleted_or_rejected"] == 4 and counts["kept"] == 1
+    got, counts = pairs(f, format="oasst")
+    assert got == [] and counts["dropped/oasst_deleted_or_rejected"] == 4 and counts["dropped/no_ranked_siblings"] == 2
