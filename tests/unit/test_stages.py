@@ -133,6 +133,7 @@ def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
     aligned = align_task.fn(AlignConfig(data=pairs, steps=2, batch_size=2, max_pairs=12), chat, tokenizer, root)
     run = stage_run("align")
     assert isinstance(aligned, ModelRef) and "align/val_dpo_loss_after" in run.data.metrics
+    assert run.data.metrics["align/data/records"] == run.data.metrics["align/data/kept"] == 12  # loader counts
     manifest = json.loads(Path(aligned.manifest).read_text())
     assert manifest["inputs"]["model"]["sha256"] == chat.sha256  # lineage: the SFT model's hash, not re-derived
 
