@@ -135,10 +135,9 @@ def _load_named(name: str, split: str) -> datasets.Dataset:
     return ds
 
 
-def _records(ds: datasets.Dataset, fmt: str, counts: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The records as dicts; OpenAssistant's flat export (one row per message) first assembled into trees."""
-    rows = ds.to_list()
-    if fmt == "oasst" and "prompt" not in ds.column_names and OASST_FLAT <= set(ds.column_names):
+def _records(rows: list[dict], columns: list[str], fmt: str, counts: Counter[str]) -> Iterator[tuple[int, dict]]:
+    """The records; OpenAssistant's flat export (one row per message) first assembled into trees."""
+    if fmt == "oasst" and "prompt" not in columns and OASST_FLAT <= set(columns):
         rows = _oasst_trees(rows, counts)
     yield from enumerate(rows)
 
@@ -251,15 +250,15 @@ def _oasst(every: bool):
     return adapt
 
 
-def _sft_format(ds: datasets.Dataset, path: str) -> str:
-    cols = set(ds.column_names)
+def _sft_format(columns: list[str], first: dict, path: str) -> str:
+    cols = set(columns)
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
         return "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    if ("prompt" in cols and isinstance(ds[0]["prompt"], dict)) or OASST_FLAT <= cols:
+    if ("prompt" in cols and isinstance(first.get("prompt"), dict)) or OASST_FLAT <= cols:
         return "oasst"
     raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the SFT layouts (Alpaca instruction/output, "
                        "OpenAssistant prompt tree, ShareGPT conversations, messages)")
@@ -282,12 +281,17 @@ def load_sft(source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
     trimmed/trailing_turns (conversations that ended with user turns, which teach nothing, cut after the last
     assistant turn)."""
     ds = load_records(source.path, source.split, source.max_records)
-    fmt = _sft_format(ds, source.path) if source.format == "auto" else source.format
+    return adapt_sft(ds.to_list(), ds.column_names, source)
+
+
+def adapt_sft(rows: list[dict], columns: list[str], source: SFTSource) -> tuple[list[list[Message]], dict[str, int]]:
+    """`load_sft` on records already read (`columns`: their fields, as `datasets` gives them)."""
+    fmt = _sft_format(columns, rows[0], source.path) if source.format == "auto" else source.format
     adapt = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages,
              "oasst": _oasst(source.oasst_paths == "all")}[fmt]
-    counts: Counter[str] = Counter(records=len(ds))
+    counts: Counter[str] = Counter(records=len(rows))
     out = []
-    for i, r in _records(ds, fmt, counts):
+    for i, r in _records(rows, columns, fmt, counts):
         try:
             convos = list(adapt(r))
         except RecordError as e:
@@ -364,13 +368,13 @@ def _oasst_pref(r: dict) -> Iterator[Pair | str]:
     yield from items if any(isinstance(x, tuple) for x in items) else [*items, "no_ranked_siblings"]
 
 
-def _pref_format(ds: datasets.Dataset, path: str) -> str:
-    cols = set(ds.column_names)
+def _pref_format(columns: list[str], first: dict, path: str) -> str:
+    cols = set(columns)
     if {"conversations", "chosen", "rejected"} <= cols:
         return "sharegpt"
-    if {"chosen", "rejected"} <= cols and isinstance(ds[0]["chosen"], str):
+    if {"chosen", "rejected"} <= cols and isinstance(first.get("chosen"), str):
         return "hh"
-    if ("prompt" in cols and isinstance(ds[0]["prompt"], dict)) or OASST_FLAT <= cols:
+    if ("prompt" in cols and isinstance(first.get("prompt"), dict)) or OASST_FLAT <= cols:
         return "oasst"
     raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the preference layouts (HH-RLHF "
                        "chosen/rejected dialogues, ShareGPT conversations + chosen/rejected, OpenAssistant prompt tree)")
@@ -392,11 +396,16 @@ def load_pairs(source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
     """The usable preference pairs of one source, and its counts: records, pairs (built from the records), kept,
     dropped/<reason> (of a record, a pair or an OpenAssistant reply)."""
     ds = load_records(source.path, source.split, source.max_records)
-    fmt = _pref_format(ds, source.path) if source.format == "auto" else source.format
+    return adapt_pairs(ds.to_list(), ds.column_names, source)
+
+
+def adapt_pairs(rows: list[dict], columns: list[str], source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
+    """`load_pairs` on records already read (`columns`: their fields, as `datasets` gives them)."""
+    fmt = _pref_format(columns, rows[0], source.path) if source.format == "auto" else source.format
     adapt = {"hh": _hh, "sharegpt": _sharegpt_pair, "oasst": _oasst_pref}[fmt]
-    counts: Counter[str] = Counter(records=len(ds))
+    counts: Counter[str] = Counter(records=len(rows))
     out = []
-    for i, r in _records(ds, fmt, counts):
+    for i, r in _records(rows, columns, fmt, counts):
         try:
             items = list(adapt(r))
         except RecordError as e:
