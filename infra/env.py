@@ -42,6 +42,7 @@ def defaults(home: Path) -> dict[str, str]:
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",  # datasets' own ping (a HEAD request per load) when the Hub is on
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TLDEXTRACT_CACHE": str(home / "cache" / "tldextract"),

@@ -211,10 +211,13 @@ def test_missing_file_and_offline_hub_name_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_datasets_cache_is_in_the_workspace():
+def test_datasets_cache_is_in_the_workspace_and_loads_send_nothing():
+    import datasets
+
     sft(OASST)
     cache = Path(os.environ["HF_HOME"]) / "datasets"
     assert cache.is_relative_to(workspace()) and any(cache.rglob("*.arrow"))
+    assert datasets.config.HF_HUB_OFFLINE and not datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
 
 
 # ---- mixtures -----------------------------------------------------------------------------------------------
