@@ -8,7 +8,8 @@ records to conversations, lists of `{"role", "content"}` messages:
   one row per message; the best-ranked path or every path), ShareGPT (`conversations` of `from`/`value`),
   `messages` lists (`role`/`content`).
 - Preferences, as (prompt messages, chosen reply, rejected reply): HH-RLHF (`chosen`/`rejected` dialogue strings),
-  ShareGPT pairs (`conversations` + `chosen`/`rejected` turns), OpenAssistant sibling replies ranked by people.
+  ShareGPT pairs (`conversations` + `chosen`/`rejected` turns), `chosen`/`rejected` message lists (TRL's layout),
+  OpenAssistant sibling replies ranked by people.
 
 The layout is found from the columns or given by `format`. A conversation the model cannot learn from is counted by
 reason (`dropped/no_assistant_turn`, ...), never silently dropped; a file in no known layout, a missing or
@@ -71,7 +72,7 @@ class SFTSource(_Source):
 
 
 class PreferenceSource(_Source):
-    format: Literal["auto", "hh", "sharegpt", "oasst"] = Field("auto", description="Record layout; 'auto' finds it from the columns.")
+    format: Literal["auto", "hh", "sharegpt", "messages", "oasst"] = Field("auto", description="Record layout; 'auto' finds it from the columns.")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -323,14 +324,27 @@ def _hh_messages(text: str) -> list[Message]:
             for who, body in zip(parts[::2], parts[1::2], strict=False)]
 
 
-def _hh(r: dict) -> Iterator[Pair | str]:
-    chosen, rejected = _hh_messages(_field(r, "chosen")), _hh_messages(_field(r, "rejected"))
+def _split_pair(chosen: list[Message], rejected: list[Message]) -> Pair | str:
+    """Two whole dialogues that differ in their last reply, as (shared prompt, chosen reply, rejected reply)."""
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
-        yield "no_assistant_reply"  # the dialogue does not end with a reply to compare
-    elif chosen[:-1] != rejected[:-1]:
-        yield "prompt_mismatch"
-    else:
-        yield chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+        return "no_assistant_reply"  # the dialogue does not end with a reply to compare
+    if chosen[:-1] != rejected[:-1]:
+        return "prompt_mismatch"
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _hh(r: dict) -> Iterator[Pair | str]:
+    yield _split_pair(_hh_messages(_field(r, "chosen")), _hh_messages(_field(r, "rejected")))
+
+
+def _messages_pair(r: dict) -> Iterator[Pair | str]:
+    """TRL's conversational layout (UltraFeedback and others): `chosen` and `rejected` message lists, whole
+    dialogues or only the replies after an optional `prompt` (a string or a message list)."""
+    prompt = r.get("prompt")
+    prefix = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+              else _turns(prompt, "prompt", "role", "content", None) if prompt is not None else [])
+    yield _split_pair(prefix + _turns(r.get("chosen"), "chosen", "role", "content", None),
+                      prefix + _turns(r.get("rejected"), "rejected", "role", "content", None))
 
 
 def _reply(r: dict, name: str) -> str:
@@ -374,10 +388,13 @@ def _pref_format(columns: list[str], first: dict, path: str) -> str:
         return "sharegpt"
     if {"chosen", "rejected"} <= cols and isinstance(first.get("chosen"), str):
         return "hh"
+    if {"chosen", "rejected"} <= cols and isinstance(first.get("chosen"), list):
+        return "messages"
     if ("prompt" in cols and isinstance(first.get("prompt"), dict)) or OASST_FLAT <= cols:
         return "oasst"
     raise GptflowError(f"{path}: record 0 has fields {sorted(cols)}: none of the preference layouts (HH-RLHF "
-                       "chosen/rejected dialogues, ShareGPT conversations + chosen/rejected, OpenAssistant prompt tree)")
+                       "chosen/rejected dialogues, ShareGPT conversations + chosen/rejected, chosen/rejected message "
+                       "lists, OpenAssistant prompt tree)")
 
 
 def check_pair(pair: Pair) -> str | None:
@@ -402,7 +419,7 @@ def load_pairs(source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
 def adapt_pairs(rows: list[dict], columns: list[str], source: PreferenceSource) -> tuple[list[Pair], dict[str, int]]:
     """`load_pairs` on records already read (`columns`: their fields, as `datasets` gives them)."""
     fmt = _pref_format(columns, rows[0], source.path) if source.format == "auto" else source.format
-    adapt = {"hh": _hh, "sharegpt": _sharegpt_pair, "oasst": _oasst_pref}[fmt]
+    adapt = {"hh": _hh, "sharegpt": _sharegpt_pair, "messages": _messages_pair, "oasst": _oasst_pref}[fmt]
     counts: Counter[str] = Counter(records=len(rows))
     out = []
     for i, r in _records(rows, columns, fmt, counts):

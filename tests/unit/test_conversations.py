@@ -317,3 +317,18 @@ def test_oasst_deleted_and_rejected_messages_are_cut_and_counted(tmp_path):
     assert counts["dropped/oasst_deleted_or_rejected"] == 4 and counts["kept"] == 1
     got, counts = pairs(f, format="oasst")
     assert got == [] and counts["dropped/oasst_deleted_or_rejected"] == 4 and counts["dropped/no_ranked_siblings"] == 2
+
+
+def test_message_list_pairs_read_as_the_same_pairs(tmp_path):
+    """TRL's conversational preference layout (whole dialogues, or replies after a `prompt`), made from the
+    bundled ShareGPT pairs, gives the same pairs; a dialogue whose prompt differs is counted."""
+    want, _ = pairs(DPO)
+    whole = [{"chosen": p + [{"role": "assistant", "content": c}], "rejected": p + [{"role": "assistant", "content": r}]}
+             for p, c, r in want]
+    split = [{"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in want]
+    assert pairs(write_jsonl(tmp_path / "whole.jsonl", whole))[0] == want
+    assert pairs(write_jsonl(tmp_path / "split.jsonl", split))[0] == want
+    odd = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+           "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
+    assert pairs(write_jsonl(tmp_path / "odd.jsonl", [odd]))[1]["dropped/prompt_mismatch"] == 1
