@@ -78,9 +78,23 @@ def test_oasst_best_path_vs_every_path():
 
 
 @needs_shared
-def test_oasst_shared_trees():
-    assert len(sft(SHARED / "sft" / "oasst_en_100_tree.jsonl.gz")[0]) == 100
-    assert len(sft(SHARED / "sft" / "oasst_en_100_tree.jsonl.gz", oasst_paths="all")[0]) == 626
+@pytest.mark.parametrize(("name", "options", "kept"), [
+    ("sft/llamafactory_alpaca_en_demo.json.gz", {}, 999),
+    ("sft/oasst_en_100_tree.jsonl.gz", {}, 100),
+    ("sft/oasst_en_100_tree.jsonl.gz", {"oasst_paths": "all"}, 626),
+    ("preference/llamafactory_dpo_en_demo.json.gz", {"format": "sharegpt"}, 106),
+])
+def test_sft_adapters_on_the_shared_files(name, options, kept):
+    convos, counts = sft(SHARED / name, **options)
+    assert counts["kept"] == len(convos) == kept
+    assert all(c[-1]["role"] == "assistant" and {m["role"] for m in c} <= {"system", "user", "assistant"} for c in convos)
+
+
+@needs_shared
+def test_a_shared_file_in_no_known_layout_is_named():
+    """Self-Instruct's seed tasks (`instruction` + `instances`) are none of the layouts: one line says so."""
+    with pytest.raises(GptflowError, match=r"stanford_alpaca_seed_tasks\.jsonl: record 0 has fields \['id', 'instances'"):
+        sft(SHARED / "sft" / "stanford_alpaca_seed_tasks.jsonl")
 
 
 def test_sharegpt_keeps_system_turns():
@@ -127,10 +141,13 @@ def test_hh_pairs_and_their_drops(tmp_path):
 
 
 @needs_shared
-def test_hh_shared_file_counts_its_malformed_dialogues():
+def test_preference_adapters_on_the_shared_files():
     _, counts = pairs(SHARED / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz")
-    assert counts["records"] == 2312 and counts["kept"] == 2303
-    assert counts["dropped/empty_reply"] == 4 and counts["dropped/prompt_mismatch"] == 5
+    assert counts["records"] == 2312 and counts["kept"] == 2303  # 9 malformed dialogues, counted by reason:
+    assert counts["dropped/empty_reply"] == 4 and counts["dropped/prompt_mismatch"] == 5  # a reply with "Human:"
+    assert pairs(SHARED / "preference" / "llamafactory_dpo_en_demo.json.gz")[1]["kept"] == 300
+    got, counts = pairs(SHARED / "sft" / "oasst_en_100_tree.jsonl.gz")
+    assert counts["kept"] == len(got) == 754 and counts["dropped/unranked_reply"] == 6
 
 
 def test_sharegpt_pairs_keep_system_turns():
