@@ -94,7 +94,7 @@ def load_records(path: str, split: str = "train", max_records: int | None = None
         ds = _load_file(local)
     elif _is_file_like(path) and not local.exists():
         raise GptflowError(f"chat data file does not exist: {local}")
-    else:  # a Hub name, or a folder laid out like a Hub dataset; only the first `max_records` rows are prepared
+    else:  # a Hub name, or a folder laid out like a Hub dataset; `train[:N]` is datasets' split slicing
         name = str(local) if local.is_dir() else path
         return _load_named(name, f"{split}[:{max_records}]" if max_records else split)
     if len(ds) == 0:
@@ -459,16 +459,15 @@ def allocate(available: list[int], weights: list[float], n: int) -> list[int]:
 
 
 def _mix(items: list[list], labels: list[str], weights: list[float], n: int, seed: int) -> tuple[list, dict]:
-    rng = random.Random(seed)
+    """`allocate`'s share of each source, a sample seeded by `seed` and the source's label (so that a source's
+    sample does not depend on the sources before it), all shuffled together."""
     take = allocate([len(x) for x in items], weights, n)
     out, counts = [], {}
     for label, xs, w, k in zip(labels, items, weights, take, strict=True):
-        order = list(range(len(xs)))
-        rng.shuffle(order)
-        out += [xs[j] for j in sorted(order[:k])]
+        out += [xs[j] for j in sorted(random.Random(f"{seed}/{label}").sample(range(len(xs)), k))]
         counts[f"mix/{label}_weight"] = w / sum(weights)
         counts[f"mix/{label}_selected"] = k
-    rng.shuffle(out)
+    random.Random(seed).shuffle(out)
     for label, k in zip(labels, take, strict=True):
         counts[f"mix/{label}_share"] = k / max(len(out), 1)
     counts["selected"] = len(out)
