@@ -54,8 +54,8 @@ def chat(model, tok, opts: Sampling, system: str | None = None, stdin: TextIO = 
 def _read(stdin: TextIO, stdout: TextIO) -> str | None:
     """One line from the user; None at end of input (Ctrl-D) or Ctrl-C at the prompt."""
     try:
-        if stdin is sys.stdin and stdin.isatty():
-            return input(YOU)  # line editing and history through readline
+        if stdin is sys.stdin and stdin.isatty() and _readline():
+            return input(YOU)  # line editing and history; the prompt goes to stdout only once readline is loaded
         stdout.write(YOU)
         stdout.flush()
         line = stdin.readline()
@@ -80,3 +80,11 @@ def _answer(model, tok, history, opts: Sampling, stdout: TextIO) -> str | None:
         stdout.write(" (stopped)")
     stdout.write("\n")
     return "".join(pieces)
+
+
+def _readline() -> bool:
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows: read plain lines
+        return False
+    return True

@@ -33,6 +33,8 @@ def resolve_model(spec: str, tokenizer: str | None = None) -> tuple[Path, Path |
             raise GptflowError(str(e)) from e
     else:
         path = resolve_path(spec)
+        if not path.exists():
+            raise GptflowError(f"model folder does not exist: {spec}")
         if not (path / "config.json").is_file():
             raise GptflowError(f"--model {spec}: not a model folder (no config.json), nor models:/NAME@ALIAS")
         model = import_hf_cached(path) if is_hf_folder(path) else path

@@ -11,12 +11,14 @@ import io
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from flows.chat import ASSISTANT, chat
+from flows.chat import ASSISTANT, YOU, chat
 from infra.env import REPO_ROOT
 from models.checkpoint import load_model, save_model
 from models.generate import generate, stream
@@ -202,3 +204,49 @@ def test_pyfunc_answers_messages_and_streams(registered, model, tok):
     assert len(chunks) > 1 and "".join(chunks) == want
     (short,) = pyfunc.predict(["Hello there"], params={"max_new_tokens": 2})
     assert short == expected_answer(model, tok, [user("Hello there")], Sampling(max_tokens=2, temperature=0.0))
+
+
+def test_stage_commands_take_any_model_source(registered, folder, tmp_path):
+    """`gptflow sft|align|eval --model`: a registered model brings its tokenizer; a bare folder needs --tokenizer."""
+    from flows.cli import build_parser, model_source
+
+    model_dir, tok_dir = map(Path, model_source(build_parser().parse_args(["sft", "--model", registered])))
+    assert (tok_dir / "tokenizer.json").is_file() and (model_dir / "model.safetensors").is_file()
+    bare = tmp_path / "bare"
+    save_model(load_model(folder), bare)
+    with pytest.raises(GptflowError, match="pass --tokenizer"):
+        model_source(build_parser().parse_args(["eval", "--model", str(bare)]))
+    args = build_parser().parse_args(["align", "--model", str(bare), "--tokenizer", str(folder)])
+    assert model_source(args) == (str(bare), str(folder))
+    with pytest.raises(GptflowError, match="not a model folder"):
+        model_source(build_parser().parse_args(["sft", "--model", str(tmp_path)]))
+
+
+def test_gptflow_chat_in_a_terminal(folder, model, tok):
+    """Through a pseudo-terminal (line editing with readline): a turn, /reset, then Ctrl-D ends with status 0."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "flows.cli", "chat", "--model", str(folder), "--temperature", "0", "--max-tokens", "6"]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=os.environ)
+    os.close(slave)
+    seen, typed = b"", [b"Hello there\n", b"/reset\n", b"\x04"]  # \x04: Ctrl-D at an empty prompt
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child has gone: the terminal is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if typed and seen.count(YOU.encode()) > 3 - len(typed):
+            os.write(master, typed.pop(0))
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    text = seen.decode().replace("\r\n", "\n")
+    greedy = Sampling(max_tokens=6, temperature=0.0)
+    assert f"{ASSISTANT}{expected_answer(model, tok, [user('Hello there')], greedy)}\n" in text
+    assert "(new conversation)" in text
