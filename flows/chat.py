@@ -57,8 +57,9 @@ def _read(stdin: TextIO, stdout: TextIO) -> str | None:
         if stdin is sys.stdin and stdin.isatty() and _readline():
             return input(YOU)  # line editing and history; the prompt goes to stdout only once readline is loaded
         stdout.write(YOU)
-        stdout.flush()
         line = stdin.readline()
+        stdout.write(line)  # echoed, as a terminal would: the transcript reads as a conversation
+        stdout.flush()
         return line or None
     except (EOFError, KeyboardInterrupt):
         return None
