@@ -97,9 +97,12 @@ MODEL_HELP = ("our model folder (model.safetensors + config.json), a Hugging Fac
               "into the workspace), or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def add_chat_parser(sub) -> None:
-    from tasks.conversation import CUT_RULE
+# The rule `tasks/conversation.py` applies (not imported here: `gptflow --help` should not load tokenizers).
+CUT_RULE = ("the answer always has room for min(--max-tokens, block_size/2) tokens of the model's context: while "
+            "the conversation leaves less, its oldest turns are dropped (the system prompt is kept)")
 
+
+def add_chat_parser(sub) -> None:
     chat = sub.add_parser("chat", help="talk to a model in the terminal, answers streamed as they are sampled",
                           description="A multi-turn conversation in the chat template the model was fine-tuned on.",
                           epilog=f"Commands: /reset starts a new conversation; /quit or Ctrl-D ends; Ctrl-C stops an "

@@ -3,9 +3,10 @@ as text. Shared by `gptflow chat` (`flows/chat.py`) and the registered model's `
 (`tasks/pyfunc_model.py`); no MLflow, no terminal.
 
 The prompt is the conversation rendered as SFT renders it (`tasks/chat.py`), then `<|assistant|>`; the answer
-ends at `<|end|>` (or `<|endoftext|>`), which is not shown. When the prompt and `max_tokens` new tokens would
-outgrow the model's `block_size`, the oldest messages are dropped first (the system message is kept); if the
-system message and the newest message alone do not fit, that is an error naming the numbers.
+ends at `<|end|>` (or `<|endoftext|>`), which is not shown. The answer always has room for
+min(`max_tokens`, block_size / 2) tokens: while the prompt leaves less, the oldest messages are dropped (the
+system message is kept); if the system message and the newest message alone leave less, that is an error naming
+the numbers. The answer then gets `max_tokens`, or what is left of the context if that is less.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from tokenizers import Tokenizer
 from models.tokens import END, EOT, role_token
 from tasks.chat import Message, render
 from tasks.stage import GptflowError
-
-CUT_RULE = ("when the conversation and --max-tokens outgrow the model's context (block_size), the oldest turns "
-            "are dropped first; the system prompt is kept")
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,8 @@ def prompt_ids(messages: list[Message], tok: Tokenizer, budget: int) -> list[int
         turns = turns[1:]  # the oldest turn goes first
     ids = system + [i for t in turns for i in t] + [opener]
     if len(ids) > budget:
-        raise GptflowError(f"the system prompt and the last message are {len(ids)} tokens; with the answer's "
-                           f"max tokens they must fit in {budget} (block_size + 1 - max tokens)")
+        raise GptflowError(f"the system prompt and the last message are {len(ids)} tokens; with room for the "
+                           f"answer they must fit in {budget}")
     return ids
 
 
@@ -86,8 +84,9 @@ def stream_answer(model, tok: Tokenizer, messages: list[Message], opts: Sampling
     """The assistant's answer to `messages`, in chunks of text as the tokens are sampled."""
     from models.generate import stream
 
-    max_new = min(opts.max_tokens, model.config.block_size)
-    ids = prompt_ids(messages, tok, budget=model.config.block_size + 1 - max_new)
+    T = model.config.block_size
+    ids = prompt_ids(messages, tok, budget=T + 1 - min(opts.max_tokens, T // 2))
+    max_new = min(opts.max_tokens, T + 1 - len(ids))  # the last sampled token is never fed back
     text = TextStream(tok)
     for token in stream(model, ids, max_new, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                         stop_ids=stop_ids(tok), seed=opts.seed):

@@ -2,7 +2,8 @@
 decoding, the cut to the context, `--model` sources (our folder, a Hugging Face folder, `models:/NAME@ALIAS`) and
 the MLflow pyfunc's chat messages and `predict_stream`, against a throwaway sqlite MLflow.
 
-Run: `.venv/bin/python -m pytest tests/unit/test_chat_cli.py -q`.
+Run: `.venv/bin/python -m pytest tests/unit/test_chat_cli.py -q` (~30 s; the MLflow registration and the
+`gptflow chat` subprocess on a Hugging Face folder are marked `slow`).
 """
 
 from __future__ import annotations
@@ -133,10 +134,11 @@ def test_chat_second_answer_is_conditioned_on_the_first_and_reset_clears(model, 
 
 def test_chat_says_when_a_message_cannot_fit(model, tok):
     stdout = io.StringIO()
-    (convo,) = chat(model, tok, Sampling(max_tokens=120), stdin=io.StringIO("Hello there " * 10 + "\n"), stdout=stdout)
+    (convo,) = chat(model, tok, Sampling(max_tokens=120), stdin=io.StringIO("Hello there " * 40 + "\n"), stdout=stdout)
     assert convo == [] and "(not sent:" in stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_gptflow_chat_through_stdin_with_a_hugging_face_folder(tok, tmp_path):
     """The real command, on a random `transformers` GPT-2 folder (imported once into the workspace cache)."""
     transformers = pytest.importorskip("transformers")
@@ -182,6 +184,7 @@ def registered(folder, tmp_path_factory):
     mlflow.set_tracking_uri(before)
 
 
+@pytest.mark.slow
 def test_model_source_downloads_a_registered_model(registered, model):
     model_dir, tok_dir = resolve_model(registered)
     assert (tok_dir / "tokenizer.json").is_file()
@@ -192,6 +195,7 @@ def test_model_source_downloads_a_registered_model(registered, model):
         resolve_model("models:/gpt-chat-test@nope")
 
 
+@pytest.mark.slow
 def test_pyfunc_answers_messages_and_streams(registered, model, tok):
     pyfunc = mlflow.pyfunc.load_model(registered)
     messages = [{"role": "system", "content": "Be brief."}, user("Hello there"),
@@ -206,6 +210,7 @@ def test_pyfunc_answers_messages_and_streams(registered, model, tok):
     assert short == expected_answer(model, tok, [user("Hello there")], Sampling(max_tokens=2, temperature=0.0))
 
 
+@pytest.mark.slow
 def test_stage_commands_take_any_model_source(registered, folder, tmp_path):
     """`gptflow sft|align|eval --model`: a registered model brings its tokenizer; a bare folder needs --tokenizer."""
     from flows.cli import build_parser, model_source
@@ -250,3 +255,14 @@ def test_gptflow_chat_in_a_terminal(folder, model, tok):
     greedy = Sampling(max_tokens=6, temperature=0.0)
     assert f"{ASSISTANT}{expected_answer(model, tok, [user('Hello there')], greedy)}\n" in text
     assert "(new conversation)" in text
+
+
+def test_a_long_conversation_is_answered_on_its_newest_turns(model, tok):
+    """block_size 128 and max_tokens 1000: the prompt keeps 65 tokens at most, the answer fills the rest."""
+    turns = [user("Hello there, how are you? " * 2), {"role": "assistant", "content": "I am fine, thank you. " * 2}] * 3
+    messages = [{"role": "system", "content": "Be brief."}, *turns, user("What is two plus two?")]
+    cut = prompt_ids(messages, tok, budget=65)
+    assert len(prompt_ids(messages, tok, budget=10**6)) > 65 >= len(cut)
+    opts = Sampling(max_tokens=1000, temperature=1.0, seed=1)
+    want = generate(model, [cut], 129 - len(cut), temperature=1.0, stop_ids=stop_ids(tok), seed=1)[0]
+    assert "".join(stream_answer(model, tok, messages, opts)) == tok.decode(want)
