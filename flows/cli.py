@@ -132,7 +132,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from flows.chat import chat
     from models.checkpoint import load_model
     from tasks.bpe import load_tokenizer
-    from tasks.conversation import Sampling
+    from tasks.conversation import Sampling, check_chat_tokenizer
     from tasks.stage import GptflowError
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1 or args.top_k < 0:
@@ -140,7 +140,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model_dir, tok_dir = model_source(args)
     opts = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
                     top_p=args.top_p, seed=args.seed)
-    chat(load_model(model_dir).eval(), load_tokenizer(tok_dir), opts, system=args.system)
+    model, tok = load_model(model_dir).eval(), load_tokenizer(tok_dir)
+    check_chat_tokenizer(tok, model.config.vocab_size, tok_dir)
+    chat(model, tok, opts, system=args.system)
     return 0
 
 

@@ -38,6 +38,15 @@ def stop_ids(tok: Tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+def check_chat_tokenizer(tok: Tokenizer, vocab_size: int, where: str) -> None:
+    """A one-line error, before the first message, for a tokenizer that cannot talk with this model."""
+    missing = [t for t in (role_token("user"), role_token("assistant"), END) if tok.token_to_id(t) is None]
+    if missing:
+        raise GptflowError(f"{where}: the tokenizer has no {', '.join(missing)}: not a gptflow chat tokenizer")
+    if tok.get_vocab_size() > vocab_size:
+        raise GptflowError(f"{where}: the tokenizer has {tok.get_vocab_size()} tokens, the model {vocab_size}")
+
+
 def prompt_ids(messages: list[Message], tok: Tokenizer, budget: int) -> list[int]:
     """Token ids of `messages` plus `<|assistant|>`, at most `budget` long, by the cut rule in the module doc."""
     opener = tok.token_to_id(role_token("assistant"))

@@ -238,7 +238,7 @@ def _chat_signature():
 
 def download_model(uri: str, cache: Path) -> tuple[Path, Path]:
     """The model and tokenizer folders of a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`),
-    downloaded once per name and version into `cache`. An unknown name, alias or version is a ValueError."""
+    downloaded once per store, name and version into `cache`. An unknown name, alias or version is a ValueError."""
     import yaml
 
     client = MlflowClient()
@@ -251,7 +251,11 @@ def download_model(uri: str, cache: Path) -> tuple[Path, Path]:
             version = client.get_model_version(name, number)
     except MlflowException as e:
         raise ValueError(f"{uri}: no such registered model version ({e.message.splitlines()[0]})") from e
-    dest = Path(cache) / f"{metric_name(name)}-v{version.version}"
+    import hashlib
+
+    # The registry's own name for the version's files: another tracking server's "v1" is another folder.
+    where = hashlib.sha256(f"{tracking_uri()}\0{version.source}\0{version.run_id}".encode()).hexdigest()[:12]
+    dest = Path(cache) / f"{metric_name(name)}-v{version.version}-{where}"
     if not (dest / "_SUCCESS").exists():
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dest))
         (dest / "_SUCCESS").write_text(uri + "\n")

@@ -266,3 +266,16 @@ def test_a_long_conversation_is_answered_on_its_newest_turns(model, tok):
     opts = Sampling(max_tokens=1000, temperature=1.0, seed=1)
     want = generate(model, [cut], 129 - len(cut), temperature=1.0, stop_ids=stop_ids(tok), seed=1)[0]
     assert "".join(stream_answer(model, tok, messages, opts)) == tok.decode(want)
+
+
+def test_chat_refuses_a_tokenizer_without_chat_tokens(folder, tmp_path, capsys):
+    import tokenizers
+
+    from flows.cli import main
+
+    plain = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(50)}, unk_token="t0"))
+    plain.save(str(tmp_path / "tokenizer.json"))
+    assert main(["chat", "--model", str(folder), "--tokenizer", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no <|user|>, <|assistant|>, <|end|>: not a gptflow chat tokenizer" in err and "Traceback" not in err
+    assert main(["chat", "--model", str(folder), "--top-p", "0"]) == 2
