@@ -21,11 +21,13 @@ COMMANDS = "/reset starts a new conversation; /quit or Ctrl-D ends"
 YOU, ASSISTANT = "you> ", "assistant> "
 
 
-def chat(model, tok, opts: Sampling, system: str | None = None, stdin: TextIO = sys.stdin,
-         stdout: TextIO = sys.stdout) -> list[list[dict[str, str]]]:
-    """Talk until /quit or end of input; returns the conversations (a /reset starts the next one).
+def chat(model, tok, opts: Sampling, system: str | None = None, stdin: TextIO | None = None,
+         stdout: TextIO | None = None) -> list[list[dict[str, str]]]:
+    """Talk until /quit or end of input (default: the process's stdin and stdout); returns the conversations
+    (a /reset starts the next one).
 
     Turn n of a conversation samples with seed `opts.seed + n`, so a conversation replays the same with a seed."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     start = [{"role": "system", "content": system}] if system else []
     convos = [list(start)]
     turn = 0

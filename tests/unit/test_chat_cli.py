@@ -279,3 +279,14 @@ def test_chat_refuses_a_tokenizer_without_chat_tokens(folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no <|user|>, <|assistant|>, <|end|>: not a gptflow chat tokenizer" in err and "Traceback" not in err
     assert main(["chat", "--model", str(folder), "--top-p", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_gptflow_chat_loads_a_registered_model(registered, model, tok, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/quit\n"))
+    assert main(["chat", "--model", registered, "--temperature", "0", "--max-tokens", "5", "--system", "Be brief."]) == 0
+    want = expected_answer(model, tok, [{"role": "system", "content": "Be brief."}, user("Hello there")],
+                           Sampling(max_tokens=5, temperature=0.0))
+    assert f"{YOU}Hello there\n{ASSISTANT}{want}\n{YOU}/quit\n" in capsys.readouterr().out
