@@ -4,7 +4,8 @@
     gptflow data [--input PATH ...] [--set key=value ...]
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
-    gptflow sft|align|eval --model MODEL_DIR --tokenizer TOKENIZER_DIR
+    gptflow sft|align|eval --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
 
 Errors the user can fix (unknown preset or key, malformed --set, missing input) are printed as one line,
@@ -67,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format")):
         sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")
         common(sp, f"preset whose {name} config is the base")
-        sp.add_argument("--model", required=True, metavar="MODEL_DIR", help="folder with model.safetensors and config.json")
-        sp.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="folder with tokenizer.json")
+        if name == "export":
+            sp.add_argument("--model", required=True, metavar="MODEL_DIR", help="folder with model.safetensors and config.json")
+        else:
+            sp.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
+        sp.add_argument("--tokenizer", required=name == "export", metavar="TOKENIZER_DIR",
+                        help="folder with tokenizer.json" + ("" if name == "export" else " (default: the model's own)"))
         if name == "export":
             sp.add_argument("--out", required=True, metavar="DIR", help="output folder for the Hugging Face model")
     imp = sub.add_parser("import", help="import a Hugging Face GPT-2 or Llama folder as our model",
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "safetensors; pickles are refused) into our model folder, the base for sft/align.")
     imp.add_argument("--model", required=True, metavar="HF_DIR", help="Hugging Face model folder")
     imp.add_argument("--out", required=True, metavar="DIR", help="output folder (model.safetensors + config.json)")
+    add_chat_parser(sub)
     plan = sub.add_parser("plan", help="parameters, FLOPs, memory and time of a model, from its config",
                           description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
@@ -85,6 +91,59 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
     return p
+
+
+MODEL_HELP = ("our model folder (model.safetensors + config.json), a Hugging Face GPT-2/Llama folder (imported once "
+              "into the workspace), or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+# The rule `tasks/chat_session.py` applies (not imported here: `gptflow --help` should not load tokenizers).
+CUT_RULE = ("the answer always has room for min(--max-tokens, block_size/2) tokens of the model's context: while "
+            "the conversation leaves less, its oldest turns are dropped (the system prompt is kept)")
+
+
+def add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="talk to a model in the terminal, answers streamed as they are sampled",
+                          description="A multi-turn conversation in the chat template the model was fine-tuned on.",
+                          epilog=f"Commands: /reset starts a new conversation; /quit or Ctrl-D ends; Ctrl-C stops an "
+                                 f"answer. Context: {CUT_RULE}. Turn n samples with seed S+n.")
+    chat.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
+    chat.add_argument("--tokenizer", metavar="TOKENIZER_DIR", help="folder with tokenizer.json (default: the model's own)")
+    chat.add_argument("--system", metavar="TEXT", help="system prompt, kept at the start of every conversation")
+    chat.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6)")
+    chat.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0: all (default 50)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    chat.add_argument("--seed", type=int, help="seed for repeatable sampling (default: fresh randomness)")
+
+
+def model_source(args: argparse.Namespace) -> tuple[str, str]:
+    """--model (any source `tasks.model_source` takes) and --tokenizer as folders; a tokenizer is required."""
+    from tasks.model_source import resolve_model
+    from tasks.stage import GptflowError
+
+    model, tok = resolve_model(args.model, args.tokenizer)
+    if tok is None:
+        raise GptflowError(f"no tokenizer.json comes with {args.model}: pass --tokenizer DIR")
+    return str(model), str(tok)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from flows.chat import chat
+    from models.checkpoint import load_model
+    from tasks.bpe import load_tokenizer
+    from tasks.chat_session import Sampling, check_chat_tokenizer
+    from tasks.stage import GptflowError
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1 or args.top_k < 0:
+        raise GptflowError("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-tokens >= 1")
+    model_dir, tok_dir = model_source(args)
+    opts = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, seed=args.seed)
+    model, tok = load_model(model_dir).eval(), load_tokenizer(tok_dir)
+    check_chat_tokenizer(tok, model.config.vocab_size, tok_dir)
+    chat(model, tok, opts, system=args.system)
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -213,7 +272,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif args.command == "pretrain":
         params["shards"] = require(args.input, "shards folder")
     elif args.command in ("sft", "align", "eval"):
-        params.update(model=require(args.model, "model folder"), tokenizer=require(args.tokenizer, "tokenizer folder"))
+        params.update(zip(("model", "tokenizer"), model_source(args), strict=True))
     warm = None
     if args.command == "data":  # the workers' forkserver and the stage's imports, while Prefect's server starts
         from tasks.data import warm_up
@@ -290,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "import":
             return cmd_import(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
     except (GptflowError, FileNotFoundError) as e:
         print(f"gptflow: error: {e}", file=sys.stderr)

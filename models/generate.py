@@ -4,12 +4,14 @@
 are left-padded into one batch and decoded one token per step through a `KVCache`; with `use_cache=False` each
 prompt is decoded alone by re-running the full sequence every step (the slow, obviously-correct reference).
 Both give the same tokens: every prompt draws its random numbers from its own generator seeded with
-`seed + i`, one uniform number per step, so batching does not change what a row samples.
+`seed + i`, one uniform number per step, so batching does not change what a row samples. `stream(model, prompt,
+...)` yields one prompt's new tokens as they are sampled (a chat window prints them at once); it draws the same
+random numbers as row 0 of `generate`, so both give the same tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -190,3 +192,36 @@ def _generate_cached(model, prompts, max_new_tokens, generators, device, tempera
             break
         logits, _ = model(nxt.view(B, 1), kv_cache=cache)  # (B, 1, V)
     return out
+
+
+@torch.no_grad()
+def stream(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """One prompt's new tokens, yielded as they are sampled (KV cache); a stop id ends it and is not yielded."""
+    _check_args(model, [prompt], max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    generators = [_generator(seed, 0, device)]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device=device,
+                        dtype=next(model.parameters()).dtype)
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
+        for step in range(max_new_tokens):
+            logits, _ = model(idx, kv_cache=cache)  # prefill (1, P, V), then one step (1, 1, V)
+            nxt = sample(logits[:, -1], temperature, top_k, top_p, generators)  # (1,)
+            if nxt.item() in stop_ids:
+                return
+            yield nxt.item()
+            if step < max_new_tokens - 1:
+                idx = nxt.view(1, 1)
+    finally:
+        model.train(was_training)

@@ -1,12 +1,17 @@
 """The registered model as MLflow loads it: code, not a pickle (MLflow "models from code").
 
-The model's artifacts are the safetensors weights with their `config.json` and the tokenizer folder;
-`predict` takes a list of prompts and returns the assistant's completions (greedy unless `params` says
-otherwise: `max_new_tokens`, `temperature`, `top_k`, `top_p`).
+The model's artifacts are the safetensors weights with their `config.json` and the tokenizer folder.
+`predict` takes a string, a list of strings (each one user message), one conversation (a list of
+`{"role", "content"}` messages), `{"messages": [...]}`, or a list of conversations, and returns the assistant's
+answers: a string for one conversation, else a list. `predict_stream` takes one of them (a string, a
+`{"messages": [...]}` dict, or a conversation wrapped in a list: MLflow passes streams one input) and yields the
+answer in chunks of text as it is sampled. Greedy unless `params` says otherwise: `max_new_tokens`,
+`temperature`, `top_k`, `top_p`, `seed`. A conversation longer than the context is cut by `tasks/chat_session.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -23,17 +28,38 @@ class GPTChatModel(PythonModel):
         self.model.eval()
         self.tok = Tokenizer.from_file(f"{context.artifacts['tokenizer']}/tokenizer.json")
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from models.generate import generate
+    # No type hint on the input: MLflow would infer a schema from it and reject the other accepted shapes.
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        from tasks.chat_session import as_conversations
 
-        params = params or {}
-        prompts = list(model_input)
-        ids = [[self.tok.token_to_id("<|user|>")] + self.tok.encode(p, add_special_tokens=False).ids
-               + [self.tok.token_to_id("<|end|>"), self.tok.token_to_id("<|assistant|>")] for p in prompts]
-        out = generate(self.model, ids, max_new_tokens=int(params.get("max_new_tokens", 64)),
-                       temperature=float(params.get("temperature", 0.0)), top_k=params.get("top_k"),
-                       top_p=params.get("top_p"), stop_ids=[self.tok.token_to_id("<|end|>")], seed=0)
-        return [self.tok.decode(o) for o in out]
+        convos, single = as_conversations(_unwrap(model_input))
+        answers = ["".join(self._stream(c, params)) for c in convos]
+        return answers[0] if single else answers
+
+    def predict_stream(self, context, model_input, params: dict[str, Any] | None = None) -> Iterator[str]:
+        from tasks.chat_session import as_conversations
+
+        convos, _ = as_conversations(_unwrap(model_input))
+        if len(convos) != 1:
+            raise ValueError(f"predict_stream answers one conversation; got {len(convos)}")
+        yield from self._stream(convos[0], params)
+
+    def _stream(self, messages, params: dict[str, Any] | None) -> Iterator[str]:
+        from tasks.chat_session import Sampling, stream_answer
+
+        p = params or {}
+        opts = Sampling(max_tokens=int(p.get("max_new_tokens", 64)), temperature=float(p.get("temperature", 0.0)),
+                        top_k=int(p.get("top_k") or 0) or None, top_p=float(p.get("top_p") or 1.0),
+                        seed=int(p.get("seed", 0)))
+        return stream_answer(self.model, self.tok, messages, opts)
+
+
+def _unwrap(data):
+    """A pandas frame (MLflow's serving turns JSON lists into one) back into Python lists."""
+    if hasattr(data, "to_dict"):
+        cols = list(data.columns)
+        data = data[cols[0]].tolist() if len(cols) == 1 else data.to_dict(orient="records")
+    return data
 
 
 mlflow.models.set_model(GPTChatModel())

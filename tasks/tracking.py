@@ -213,6 +213,7 @@ def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: R
             pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
                               f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
             registered_model_name=cfg.model_name,
+            signature=_chat_signature(),
         )
     client = MlflowClient()
     version = info.registered_model_version
@@ -222,6 +223,44 @@ def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: R
         client.set_model_version_tag(cfg.model_name, version, metric_name(k), str(v))
     return RegisteredModel(name=cfg.model_name, version=int(version), model_uri=info.model_uri,
                            aliases=list(cfg.aliases))
+
+
+def _chat_signature():
+    """Only the params (MLflow ignores params a signature does not list); no input schema, because `predict` takes
+    strings, message lists and lists of conversations (`tasks/pyfunc_model.py`). top_k 0 and top_p 1 mean off."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(params=ParamSchema([
+        ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
+        ParamSpec("top_k", "long", 0), ParamSpec("top_p", "double", 1.0), ParamSpec("seed", "long", 0)]))
+
+
+def download_model(uri: str, cache: Path) -> tuple[Path, Path]:
+    """The model and tokenizer folders of a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`),
+    downloaded once per store, name and version into `cache`. An unknown name, alias or version is a ValueError."""
+    import yaml
+
+    client = MlflowClient()
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as e:
+        raise ValueError(f"{uri}: no such registered model version ({e.message.splitlines()[0]})") from e
+    import hashlib
+
+    # The registry's own name for the version's files: another tracking server's "v1" is another folder.
+    where = hashlib.sha256(f"{tracking_uri()}\0{version.source}\0{version.run_id}".encode()).hexdigest()[:12]
+    dest = Path(cache) / f"{metric_name(name)}-v{version.version}-{where}"
+    if not (dest / "_SUCCESS").exists():
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dest))
+        (dest / "_SUCCESS").write_text(uri + "\n")
+    arts = yaml.safe_load((dest / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    return dest / arts["model"]["path"], dest / arts["tokenizer"]["path"]
 
 
 def _version(pkg: str) -> str:
