@@ -26,8 +26,8 @@ class GPTClassifierModel(PythonModel):
         self.tok = Tokenizer.from_file(f"{context.artifacts['tokenizer']}/tokenizer.json")
         self.tok.encode_special_tokens = True  # special-token strings inside a passage are text
 
-    def predict(self, context, model_input: list[dict[str, str]], params: dict[str, Any] | None = None
-                ) -> list[dict[str, str | float]]:
+    def predict(self, context, model_input: list[dict[str, str]], params: dict[str, Any] | None = None):
+        """[{"passage", "question"}, ...] -> [{"label": "yes" or "no", "probability": float}, ...]."""
         import torch
 
         from models.classifier import pair_input
