@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BOOLQ = DATA_DIR / "benchmarks" / "boolq.jsonl.gz"
 VOCAB = 320
-FAST = {"max_examples": 120, "steps": 30, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "eval_every": 15}
+FAST = {"max_examples": 120, "steps": 12, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "eval_every": 12}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_head_training_lowers_held_out_loss_and_saves_a_loadable_classifier(base
     learnable.write_text("".join(json.dumps(r | {"label": int(bool(re.search(r"\d", r["passage"][:120])))}) + "\n"
                                  for r in read_boolq(BOOLQ)))
     cfg = ClassifyConfig(**(FAST | {"data": str(learnable), "max_examples": None, "lm_weight": 0.0, "steps": 60,
-                                    "lr": 3e-3}))
+                                    "lr": 3e-3, "eval_every": 60}))
     r = finetune_classifier(cfg, base, tok_ref, tmp_path)
     m = r.metrics
     assert m["classify/heldout_task_loss"] < 0.9 * m["classify/heldout_task_loss_before"]
@@ -105,8 +105,9 @@ def test_head_training_lowers_held_out_loss_and_saves_a_loadable_classifier(base
 
 
 def test_lm_weight_adds_a_real_lm_term(base, tok_ref, tmp_path):
-    off = finetune_classifier(ClassifyConfig(lm_weight=0.0, **FAST), base, tok_ref, tmp_path / "off")
-    on = finetune_classifier(ClassifyConfig(lm_weight=0.5, **FAST), base, tok_ref, tmp_path / "on")
+    fast = FAST | {"steps": 24, "eval_every": 24}
+    off = finetune_classifier(ClassifyConfig(lm_weight=0.0, **fast), base, tok_ref, tmp_path / "off")
+    on = finetune_classifier(ClassifyConfig(lm_weight=0.5, **fast), base, tok_ref, tmp_path / "on")
     (h_off, h_on) = (json.loads(r.file("history").read_text()) for r in (off, on))
     step, total, task, lm = h_on["train"][0]
     assert lm > 1.0 and total == pytest.approx(task + 0.5 * lm, rel=1e-5)
