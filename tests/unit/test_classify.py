@@ -175,3 +175,16 @@ def test_classify_task_logs_its_run_and_registers_a_loadable_classifier(base, to
     p = torch.softmax(clf(x, last)[0], -1)
     assert [o["label"] for o in out] == [clf.labels[k] for k in p.argmax(-1).tolist()]
     assert [o["probability"] for o in out] == pytest.approx(p.max(-1).values.tolist(), abs=1e-5)
+
+
+def test_the_pipeline_runs_the_stage_only_when_asked():
+    from flows.presets import resolve
+
+    assert resolve("tiny").run_classify is False
+    cfg = resolve("tiny", {"run_classify": True, "classify.lm_weight": 0.0})
+    assert cfg.run_classify and cfg.classify.lm_weight == 0.0 and cfg.classify.model_name == "gpt-boolq"
+
+
+def test_a_plain_model_folder_is_not_a_classifier(base):
+    with pytest.raises(ValueError, match="not a classifier folder, missing .*head.safetensors"):
+        load_classifier(base.path)
