@@ -37,6 +37,11 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, "align": aligned, "eval": report}
         tags = version_tags(preset, sha, parent, refs, report)
         registered, times["register"] = timed(register_task, cfg.registration, aligned, tok, tags, parent)
+        if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
+            from flows.stages import classify_task
+
+            classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
+            tracking.log_metrics(parent, classifier.metrics)
         times["total"] = sum(times.values())
         tracking.log_metrics(parent, {f"time/{k}_s": v for k, v in times.items()})
         tracking.log_metrics(parent, base.metrics | chat.metrics | aligned.metrics | report.metrics)

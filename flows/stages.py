@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from infra.env import runs_dir
 from tasks import tracking
 from tasks.align import AlignConfig
+from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig, build_corpus, crawl_inputs
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
@@ -84,6 +85,21 @@ def align_task(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, root:
                          root, parent_run_id)
 
 
+@task(name="classify", cache_policy=NO_CACHE)
+def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+                  parent_run_id: str | None = None) -> ModelRef:
+    """GPT-1 task fine-tuning in its own run, the classifier registered from that run as `cfg.model_name`."""
+    from tasks.classify import finetune_classifier
+
+    inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
+    with tracking.stage_run("classify", parent_run_id) as run_id:
+        ref = run_stage("classify", cfg, inputs, lambda out: finetune_classifier(cfg, model, tokenizer, out), Path(root))
+        tracking.log_stage(run_id, ref, cfg, inputs)
+        registered = tracking.register_classifier(run_id, ref, tokenizer, cfg.model_name, {"stage_key": ref.key})
+        print(f"[classify] registered {registered.name} version {registered.version}: models:/{registered.name}@candidate")
+        return ref
+
+
 @task(name="eval", cache_policy=NO_CACHE)
 def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
               parent_run_id: str | None = None) -> EvalReport:
@@ -132,6 +148,12 @@ def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdi
 @flow(name="align", log_prints=True)
 def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> ModelRef:
     return align_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@flow(name="classify", log_prints=True)
+def classify_flow(model: str, tokenizer: str, config: ClassifyConfig = ClassifyConfig(),
+                  workdir: str | None = None) -> ModelRef:
+    return classify_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="eval", log_prints=True)

@@ -290,6 +290,26 @@ class GPT(nn.Module):
         loss = None if targets is None else self.loss(logits, targets)
         return logits, loss
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> the final norm's output (B, T, C), without the output head: what a task head reads
+        (`models.classifier`), at no (B, T, V) cost. The body of `forward` without a KV cache; a test checks
+        that `lm_head(hidden_states(idx))` equals `forward(idx)`'s logits."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = self._positions(idx, None)  # (1, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (1, 1, T, hd)
+        x = self.drop(x)
+        mask = self._attention_mask(idx, None)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, None, layer)
+        return self.ln_f(x)
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over targets != -100 (0, not NaN, when every target is ignored)."""

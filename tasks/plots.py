@@ -24,3 +24,31 @@ def plot_loss(history: dict[str, list], png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def plot_classify(history: dict[str, list], baseline: float, png: Path, title: str) -> None:
+    """Task-head fine-tuning (`tasks/classify.py`): train and held-out task loss on the left, held-out accuracy
+    beside the majority-class baseline on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    held = history["held_out"]
+    if history["train"]:
+        steps, _, task, _ = zip(*history["train"], strict=True)
+        left.plot(steps, task, "-", label="train (task)", alpha=0.6)
+    left.plot([h["step"] for h in held], [h["task_loss"] for h in held], "o-", label="held-out (task)", markersize=3)
+    left.set_xlabel("step")
+    left.set_ylabel("cross-entropy (nats)")
+    left.legend()
+    right.plot([h["step"] for h in held], [h["acc"] for h in held], "o-", label="held-out accuracy", markersize=3)
+    right.axhline(baseline, color="gray", linestyle="--", label=f"majority class ({baseline:.3f})")
+    right.set_xlabel("step")
+    right.set_ylabel("accuracy")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

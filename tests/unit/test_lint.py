@@ -47,6 +47,7 @@ def test_a_crossed_boundary_fails_the_lint(filename, source):
 @pytest.mark.parametrize("filename, source", [
     ("tasks/tracking.py", "import mlflow\nfrom prefect.runtime import flow_run\n"),
     ("tasks/pyfunc_model.py", "import mlflow.pyfunc\n"),
+    ("tasks/pyfunc_classifier.py", "import mlflow.pyfunc\n"),
     ("flows/stages.py", "from prefect import flow\nfrom flows.presets import tiny\n"),
     ("tasks/pretrain.py", "import ray.train\nfrom models.gpt import GPT\nfrom eval.lm import GPTFlowLM\n"),
     ("eval/lm.py", "from models.gpt import GPT\n"),
