@@ -11,6 +11,7 @@ labels (`tasks.chat.render`); padding carries none.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -68,18 +69,31 @@ def fit_rows(rows: list[Row], block_size: int, eot_id: int,
 
 
 def pack(rows: list[Row], block_size: int, pad_id: int) -> Windows:
-    """Greedy packing in order: a conversation goes into the current window while it fits, else opens the next
-    (rows from `fit_rows`, each at most `block_size + 1` tokens). The last tokens of a window may be padding."""
+    """Best fit: each conversation (from `fit_rows`, at most `block_size + 1` tokens) goes into the open window it
+    fills most tightly, or opens a new one. On the tiny preset's Alpaca sample it leaves ~3% padding where
+    filling windows in order left ~14%. The windows' order does not matter: training draws them shuffled."""
     T1 = block_size + 1
-    windows: list[list[Row]] = [[]]
-    used = 0
+    windows: list[list[Row]] = []
+    by_room: dict[int, list[int]] = {}  # free tokens -> the windows with that many
+    rooms: list[int] = []  # the keys of by_room, sorted
     for row in rows:
-        if used + len(row[0]) > T1:
+        n = len(row[0])
+        i = bisect.bisect_left(rooms, n)
+        if i < len(rooms):  # the tightest window with room for it
+            room = rooms[i]
+            w = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room], rooms[i]
+        else:
+            room, w = T1, len(windows)
             windows.append([])
-            used = 0
-        windows[-1].append(row)
-        used += len(row[0])
-    groups = [([t for ids, _ in w for t in ids], [t for _, labels in w for t in labels]) for w in windows if w]
+        windows[w].append(row)
+        if room - n > 0:
+            if room - n not in by_room:
+                by_room[room - n] = []
+                bisect.insort(rooms, room - n)
+            by_room[room - n].append(w)
+    groups = [([t for ids, _ in w for t in ids], [t for _, labels in w for t in labels]) for w in windows]
     return _stack(groups, T1, pad_id, {"windows": len(groups), "conversations": len(rows)})
 
 

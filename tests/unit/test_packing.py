@@ -130,10 +130,17 @@ def test_too_long_conversations_are_truncated_or_skipped_and_counted(tok):
 
 def test_packing_needs_less_padding_than_one_conversation_per_window(tok, tmp_path):
     eot, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
-    rows, _ = fit_rows([render(_chat(i), tok, 10**9) for i in range(20)], 128, eot, "truncate")
+    chats = [_chat(i) if i % 3 else _chat(i)[:3] for i in range(20)]  # one turn or two: rows of two lengths
+    rows, _ = fit_rows([render(c, tok, 10**9) for c in chats], 128, eot, "truncate")
     packed, padded = pack(rows, 128, pad), pad_rows(rows, 128, pad)
     assert packed.pad_share < 0.3 < padded.pad_share
     assert packed.lengths.sum() == padded.lengths.sum() == sum(len(r[0]) for r in rows)  # nothing dropped
+    pieces = []  # every conversation exactly once, whole, with its labels: the windows cut at each eot
+    for ids, labels, n in zip(packed.ids.tolist(), packed.labels.tolist(), packed.lengths.tolist(), strict=True):
+        ends = [i + 1 for i, t in enumerate(ids[:n]) if t == eot]
+        pieces += [(ids[a:b], labels[a:b]) for a, b in zip([0] + ends[:-1], ends, strict=True)]
+        assert ends[-1] == n and all(t == pad for t in ids[n:])
+    assert sorted(pieces) == sorted(rows)
     packed.save(tmp_path)
     again = Windows.load(tmp_path)
     assert np.array_equal(again.ids, packed.ids) and np.array_equal(again.labels, packed.labels)

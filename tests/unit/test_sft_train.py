@@ -103,6 +103,16 @@ def test_two_worker_sft_run_learns_logs_and_exports(reference, inputs, mlflow_ru
     assert "sft: 100%" in bar and "24/24" in bar and "loss=" in bar, bar[-500:]
 
 
+def test_fsdp_sft_run_follows_the_ddp_run(reference, inputs, tmp_path):
+    """Sharding changes where the state lives, not the arithmetic (the per-token weights included)."""
+    finetune_sft(CFG.model_copy(update={"strategy": "fsdp"}), *inputs, tmp_path)
+    ddp = json.loads((reference[0] / "history.json").read_text())
+    fsdp = json.loads((tmp_path / "history.json").read_text())
+    for split in ("train", "val"):
+        assert [s for s, _ in fsdp[split]] == [s for s, _ in ddp[split]]
+        np.testing.assert_allclose([v for _, v in fsdp[split]], [v for _, v in ddp[split]], rtol=0, atol=1e-4)
+
+
 _DRIVER = """
 import sys
 from pathlib import Path
