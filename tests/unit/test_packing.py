@@ -146,6 +146,17 @@ def test_packing_needs_less_padding_than_one_conversation_per_window(tok, tmp_pa
     assert np.array_equal(again.ids, packed.ids) and np.array_equal(again.labels, packed.labels)
 
 
+def test_padded_batches_hold_one_conversation_per_row_trimmed_to_the_longest(tok):
+    eot, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
+    rows, _ = fit_rows([render(_chat(1)[:3], tok, 10**9), render(_chat(2), tok, 10**9)], 128, eot, "truncate")
+    windows = pad_rows(rows, 128, pad)
+    x, y = batch(windows, np.array([0]))
+    assert x.shape == (1, len(rows[0][0]) - 1)  # trimmed to the row itself: no padding at all
+    x, y = batch(windows, np.array([0, 1]))
+    short = len(rows[0][0])
+    assert x.shape == (2, len(rows[1][0]) - 1) and (x[0, short:] == pad).all() and (y[0, short - 1:] == IGNORE).all()
+
+
 # ---------------------------------------------------------------- SFT batches: order and per-token weights
 
 
