@@ -7,14 +7,26 @@ of every stage as `time/<stage>_s` metrics on the parent, the model registered a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from flows.presets import PresetName, resolve
-from flows.stages import align_task, data_task, eval_task, pretrain_task, register_task, sft_task, timed, tokenizer_task
+from flows.stages import (
+    align_task,
+    classify_task,
+    data_task,
+    eval_task,
+    pretrain_task,
+    register_task,
+    sft_task,
+    timed,
+    tokenizer_task,
+)
 from infra.env import runs_dir
+from infra.ray_cluster import ray_session
 from tasks import tracking
 from tasks.registry import version_tags
 
@@ -30,18 +42,21 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
     with tracking.pipeline_run(f"{preset}-{sha}", cfg.model_dump(mode="json"), {"preset": preset}) as parent:
         corpus, times["data"] = timed(data_task, cfg.data, root, parent)
         tok, times["tokenizer"] = timed(tokenizer_task, cfg.tokenizer, corpus, root, parent)
-        base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
-        chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
-        aligned, times["align"] = timed(align_task, cfg.align, chat, tok, root, parent)
-        report, times["eval"] = timed(eval_task, cfg.eval, aligned, tok, root, parent)
-        refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, "align": aligned, "eval": report}
-        tags = version_tags(preset, sha, parent, refs, report)
-        registered, times["register"] = timed(register_task, cfg.registration, aligned, tok, tags, parent)
-        if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
-            from flows.stages import classify_task
-
-            classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
-            tracking.log_metrics(parent, classifier.metrics)
+        # Ray starts once, here, for every Ray Train stage after it (each stage's own ray_session joins it), and
+        # not before: the data stage forks (datatrove), which a local Ray's gRPC threads do not survive.
+        start = time.perf_counter()
+        with ray_session():
+            times["ray_start"] = time.perf_counter() - start
+            base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
+            chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
+            aligned, times["align"] = timed(align_task, cfg.align, chat, tok, root, parent)
+            report, times["eval"] = timed(eval_task, cfg.eval, aligned, tok, root, parent)
+            refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, "align": aligned, "eval": report}
+            tags = version_tags(preset, sha, parent, refs, report)
+            registered, times["register"] = timed(register_task, cfg.registration, aligned, tok, tags, parent)
+            if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
+                classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
+                tracking.log_metrics(parent, classifier.metrics)
         times["total"] = sum(times.values())
         tracking.log_metrics(parent, {f"time/{k}_s": v for k, v in times.items()})
         tracking.log_metrics(parent, base.metrics | chat.metrics | aligned.metrics | report.metrics)

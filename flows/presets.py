@@ -35,7 +35,9 @@ def tiny() -> PipelineConfig:
             steps=80, batch_size=8, lr=3e-3, warmup_steps=8, num_workers=2,
             log_every=10, eval_every=40, eval_batches=4, ckpt_every=40,
         ),
-        sft=SFTConfig(max_examples=400, steps=40, batch_size=8, lr=1e-3, log_every=10),
+        # 2 workers x 4 packed windows x 128 tokens = 1,024 tokens (~30 conversations) per step
+        sft=SFTConfig(max_examples=400, steps=40, batch_size=4, lr=1e-3, warmup_steps=4, log_every=10,
+                      eval_every=20, ckpt_every=40),
         align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),
         eval=EvalConfig(limit=20, batch_size=32),
     )
@@ -52,7 +54,7 @@ def small() -> PipelineConfig:
             steps=2000, batch_size=16, grad_accum=2, lr=1e-3, warmup_steps=100, num_workers=2,
             log_every=20, eval_every=200, ckpt_every=200,
         ),
-        "sft": SFTConfig(steps=300, batch_size=16, lr=3e-4),
+        "sft": SFTConfig(steps=300, batch_size=8, lr=3e-4, warmup_steps=30),  # 2 x 8 x 256 = 4,096 tokens/step
         "align": AlignConfig(steps=200, batch_size=8, lr=5e-5),
         "eval": EvalConfig(limit=None),
     })

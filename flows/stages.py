@@ -71,7 +71,7 @@ def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str
     from tasks.sft import finetune_sft
 
     inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
-    return tracked_stage("sft", cfg, inputs, lambda out, _: finetune_sft(cfg, model, tokenizer, out),
+    return tracked_stage("sft", cfg, inputs, lambda out, run: finetune_sft(cfg, model, tokenizer, out, run),
                          root, parent_run_id)
 
 

@@ -42,7 +42,9 @@ def ray_init(num_cpus: int | None = None) -> None:
 @contextmanager
 def ray_session(num_cpus: int | None = None) -> Iterator[None]:
     """Ray for the length of one job. A local Ray that this call started is shut down afterwards: its gRPC
-    threads do not survive a later fork of this process (datatrove, Trafilatura), which hung the next job."""
+    threads do not survive a later fork of this process (datatrove, Trafilatura), which hung the next job.
+    Inside an outer session (the pipeline holds one from after its forking stages to its end) it joins that Ray
+    and leaves it running, so the Ray Train stages share one start-up."""
     import ray
 
     started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")

@@ -321,11 +321,21 @@ class GPT(nn.Module):
         return total / count
 
     def _positions(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
-        """Position ids (1, T), or (B, T) when a cached batch is left-padded (each row starts at 0)."""
+        """Position ids (1, T), or (B, T) when a cached batch is left-padded (each row starts at 0) or documents
+        are masked: with doc_mask each document's positions start again at 0 (the token after an eot opens a
+        new one), so a conversation packed into a window gets the logits it gets alone; with a KV cache too,
+        from the cached tokens, so cached generation equals the full forward."""
         past = 0 if kv_cache is None else kv_cache.pos
         pos = torch.arange(past, past + idx.size(1), device=idx.device).unsqueeze(0)  # (1, T)
         if kv_cache is not None and kv_cache.padded:
             pos = (pos - kv_cache.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+        if self.config.doc_mask:
+            tokens = idx if kv_cache is None else torch.cat([kv_cache.tokens[:, :past], idx], dim=1)  # (B, L)
+            full = torch.arange(tokens.size(1), device=idx.device).expand_as(tokens)  # (B, L)
+            after_eot = torch.zeros_like(tokens, dtype=torch.bool)
+            after_eot[:, 1:] = tokens[:, :-1] == self.config.eot_id
+            starts = torch.where(after_eot, full, torch.zeros_like(full)).cummax(dim=1).values  # (B, L)
+            pos = torch.minimum(pos, (full - starts)[:, past:])  # (B, T): the later of pad end and doc start
         return pos
 
     def _attention_mask(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor | BlockMask | None:

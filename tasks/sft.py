@@ -1,8 +1,16 @@
-"""SFT stage: supervised fine-tuning of the pretrained GPT on chat data, loss on assistant tokens only.
+"""SFT stage: supervised fine-tuning of the pretrained GPT on chat data, on Ray Train workers, loss on assistant
+tokens only.
 
 In: a pretrained `model/` folder, the tokenizer, a chat file (Alpaca, OpenAssistant or `messages` JSONL).
-Out: `model/` (safetensors + config), `history.json`, `loss_curve.png`. Runs in the driver process on one
-device (the small models of the presets need no more). Run alone: `gptflow sft --model DIR --tokenizer DIR`.
+Out: `model/` (safetensors + config, the base model's own architecture settings), `history.json`,
+`loss_curve.png`, the token windows in `windows/` and Ray Train checkpoints under `ray/`. The driver renders the
+conversations with the chat template and packs them into windows (`tasks/packing.py`); the workers run the loop
+pretraining runs (`tasks/train_worker.py`, here through `tasks/sft_worker.py`): DDP or FSDP, gradient
+accumulation, warmup + cosine, clipping, checkpoints with exact resume. Run alone:
+`gptflow sft --model DIR --tokenizer DIR`.
+
+Loss: the sum of the token losses over every assistant token of the optimizer step (all micro-batches, all
+ranks) divided by their number, so a long answer weighs as many tokens as it has, whatever micro-batch holds it.
 
 torch is imported inside the functions: the CLI, the presets and Prefect's parameter schemas import `SFTConfig`.
 """
@@ -10,23 +18,24 @@ torch is imported inside the functions: the CLI, the presets and Prefect's param
 from __future__ import annotations
 
 import json
-import logging
+import math
 import random
+import shutil
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.env import resolve_path
 from tasks.chat import IGNORE, read_sft, render
 from tasks.plots import plot_loss
-from tasks.refs import ModelRef, TokenizerRef
+from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 
 class SFTConfig(BaseModel):
@@ -36,15 +45,61 @@ class SFTConfig(BaseModel):
     max_examples: int = Field(1000, ge=1, description="Use at most this many conversations (after a seeded shuffle).")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Conversations held out to measure validation loss.")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Conversations per step.")
-    lr: float = Field(3e-4, gt=0, description="Learning rate (constant after a 10% warmup).")
+    batch_size: int = Field(4, ge=1, description="Windows (packed) or conversations (padded) per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
+    batch_tokens: int | None = Field(
+        None, ge=1,
+        description="Tokens per optimizer step; grad_accum then follows as batch_tokens / (num_workers * batch_size * "
+        "block_size of the base model), which must be a whole number. None: use grad_accum.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for fine-tuning).")
-    seed: int = Field(1337, description="Shuffles and samples the data.")
-    log_every: int = Field(10, ge=1, description="Print and record the loss every N steps.")
+    beta1: float = Field(0.9, description="AdamW beta1.")
+    beta2: float = Field(0.95, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
+    seed: int = Field(1337, description="Shuffles the data and orders the windows: same seed, same run.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model and optimizer. fsdp: weights, gradients and AdamW "
+        "states sharded over the workers (PyTorch FSDP2, one unit per block).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_every: int = Field(50, ge=1, description="Validation loss on every held-out window every N steps (and at the end).")
+    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    packing: bool = Field(
+        True, description="Pack several conversations into each window of block_size+1 tokens, each closed by "
+        "<|endoftext|>, with the document mask on (no conversation attends to another, positions restart). False: "
+        "one conversation per row, padded (batches trimmed to their longest row).")
+    too_long: Literal["truncate", "skip"] = Field(
+        "truncate", description="A conversation longer than the context (block_size tokens before its eot): truncate "
+        "keeps its first block_size tokens (a cut answer still trains; one left without assistant tokens is "
+        "skipped), skip leaves it out. Either way it is counted in the stage's counts.")
+
+    @model_validator(mode="after")
+    def _check_accum(self) -> SFTConfig:
+        if self.batch_tokens is not None and self.grad_accum != 1:
+            raise ValueError("set batch_tokens or grad_accum, not both")
+        return self
+
+    def accum_steps(self, block_size: int) -> int:
+        """Micro-batches per optimizer step on each worker, for the base model's block size."""
+        if self.batch_tokens is None:
+            return self.grad_accum
+        per_micro = self.num_workers * self.batch_size * block_size
+        if self.batch_tokens % per_micro:
+            raise GptflowError(f"sft.batch_tokens ({self.batch_tokens:,}) must be a multiple of num_workers * "
+                               f"batch_size * block_size ({per_micro:,})")
+        return self.batch_tokens // per_micro
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (ids, labels) rows into inputs x = ids[:-1] and targets y = labels[1:] (pad targets ignored)."""
+    """Right-pad (ids, labels) rows into inputs x = ids[:-1] and targets y = labels[1:] (pad targets ignored);
+    the preference stage's batches."""
     import torch
 
     T = max(len(ids) for ids, _ in rows) - 1
@@ -58,11 +113,13 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
 
 
 def load_examples(cfg: SFTConfig, data: Path, tok, block_size: int) -> tuple[list, list, dict]:
+    """Read `data`, shuffle, keep `max_examples`, render each conversation whole (longer than the context too:
+    `tasks.packing.fit_rows` applies `too_long`), and split off the validation conversations."""
     convos = read_sft(data)
     rng = random.Random(cfg.seed)
     rng.shuffle(convos)
     convos = convos[: cfg.max_examples]
-    rows = [render(c, tok, block_size) for c in convos]
+    rows = [render(c, tok, sys.maxsize) for c in convos]
     kept = [r for r in rows if any(label != IGNORE for label in r[1][1:])]
     n_val = max(1, int(len(kept) * cfg.val_fraction))
     counts = {"conversations": len(convos), "kept": len(kept), "dropped_no_assistant_tokens": len(rows) - len(kept),
@@ -72,76 +129,114 @@ def load_examples(cfg: SFTConfig, data: Path, tok, block_size: int) -> tuple[lis
     return kept[n_val:], kept[:n_val], counts
 
 
-def mean_loss(model, rows, pad_id: int, batch_size: int) -> float:
-    """Loss per assistant token over `rows`, in evaluation mode and without gradients."""
-    import torch
+def make_windows(cfg: SFTConfig, train: list, val: list, tok, block_size: int, out: Path) -> dict[str, Any]:
+    """Fit each conversation to the context, pack (or pad) them into windows saved under `out/{train,val}`;
+    returns the counts by reason and the padding shares (the packed layout, and one conversation per window)."""
+    from models.tokens import EOT, PAD
+    from tasks.packing import fit_rows, pack, pad_rows
 
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            x, y = pad_batch(rows[i : i + batch_size], pad_id)
-            k = int((y != IGNORE).sum())
-            total += model(x, y)[1].item() * k
-            n += k
-    model.train()
-    return total / max(n, 1)
+    eot, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").write_text(json.dumps({"eot_id": eot, "pad_id": pad, "block_size": block_size,
+                                               "packing": cfg.packing}))
+    counts: dict[str, Any] = {}
+    for split, rows in (("train", train), ("val", val)):
+        fitted, fit_counts = fit_rows(rows, block_size, eot, cfg.too_long)
+        if not fitted:
+            raise GptflowError(f"{cfg.data}: no {split} conversation fits the context of {block_size} tokens")
+        windows = pack(fitted, block_size, pad) if cfg.packing else pad_rows(fitted, block_size, pad)
+        windows.save(out / split)
+        counts |= {f"{split}_{k}": v for k, v in fit_counts.items()}
+        counts |= {f"{split}_windows": len(windows.lengths),
+                   f"{split}_assistant_tokens": int((windows.labels != IGNORE).sum())}
+        if split == "train":
+            counts["pad_share"] = windows.pad_share
+            counts["pad_share_one_per_window"] = pad_rows(fitted, block_size, pad).pad_share
+    return counts
 
 
-def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path) -> ModelRef:
-    """Fine-tune `model` on `cfg.data` rendered with the chat template; save the model and its loss curve.
+# ---------------------------------------------------------------- the driver
+
+
+def _fit(cfg: SFTConfig, base: Path, windows: Path, out_dir: Path, run: RunLink, progress: Any = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tasks.sft_worker import sft_loop_per_worker
+
+    trainer = TorchTrainer(
+        sft_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
+                           "windows": str(windows.resolve()), "run": run.model_dump(), "progress": progress},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        # as pretraining: the same name and storage path on a rerun resume from the latest checkpoint
+        run_config=RunConfig(name="sft", storage_path=str((out_dir / "ray").resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    return trainer.fit()
+
+
+def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path, run: RunLink | None = None,
+                 progress_file: IO[str] | None = None) -> ModelRef:
+    """Fine-tune `model` on `cfg.data` rendered with the chat template, on Ray Train workers; save the model and
+    its loss curve.
 
     Args:
         cfg: the stage's config; `cfg.data` is resolved as `infra.env.resolve_path` resolves a user path.
         model: the pretrained model folder.
-        tokenizer: the tokenizer folder (its `<|pad|>` and chat tokens).
-        out_dir: the stage folder: `model/`, `history.json`, `loss_curve.png`.
+        tokenizer: the tokenizer folder (its `<|endoftext|>`, `<|pad|>` and chat tokens).
+        out_dir: the stage folder: `model/`, `history.json`, `loss_curve.png`, `windows/`, `ray/`.
+        run: the MLflow run rank 0 logs its per-step metrics to; None logs nothing.
+        progress_file: where the progress bar is drawn (None: stderr, when it is a terminal).
 
     Returns:
-        The fine-tuned model folder, with the data's counts and the losses before and after.
+        The fine-tuned model folder, with the data's counts, the losses before and after, tokens/s and the
+        padding share.
     """
-    import torch
-
-    from models.checkpoint import load_model, save_model
+    from infra.progress import ray_progress
+    from infra.ray_cluster import ray_session
+    from models.checkpoint import load_config
     from tasks.bpe import load_tokenizer
 
-    torch.manual_seed(cfg.seed)
-    gpt = load_model(Path(model.path))
+    base = Path(model.path)
+    block_size = load_config(base).block_size
+    cfg.accum_steps(block_size)  # a batch_tokens that does not divide fails here, before Ray starts
     tok = load_tokenizer(Path(tokenizer.path))
-    pad_id = tok.token_to_id("<|pad|>")
-    train, val, counts = load_examples(cfg, resolve_path(cfg.data), tok, gpt.config.block_size)
-    history = _train(cfg, gpt, train, val, pad_id)
-    save_model(gpt, out_dir / "model")
-    (out_dir / "history.json").write_text(json.dumps(history))
+    train, val, counts = load_examples(cfg, resolve_path(cfg.data), tok, block_size)
+    counts |= make_windows(cfg, train, val, tok, block_size, out_dir / "windows")
+    start = time.perf_counter()
+    with ray_session(), ray_progress(cfg.steps, "sft", progress_file) as progress:
+        result = _fit(cfg, base, out_dir / "windows", out_dir, run or RunLink(), progress)
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        history = _export(Path(d), out_dir)
     plot_loss(history, out_dir / "loss_curve.png", "SFT (assistant tokens)")
-    metrics = {"sft/val_loss_before": history["val"][0][1], "sft/val_loss_after": history["val"][-1][1],
-               "sft/final_train_loss": history["train"][-1][1]}
-    return ModelRef(path=str(out_dir / "model"), counts=counts, metrics=metrics, artifacts=["loss_curve", "history"],
-                    files={"model": str(out_dir / "model"), "loss_curve": str(out_dir / "loss_curve.png"),
-                           "history": str(out_dir / "history.json")})
+    return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds)
 
 
-def _train(cfg: SFTConfig, model, train: list, val: list, pad_id: int) -> dict[str, list]:
-    """AdamW with a linear warmup over the first 10% of steps; returns the loss history."""
-    import torch
-
-    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    history: dict[str, list] = {"train": [], "val": [[0, mean_loss(model, val, pad_id, cfg.batch_size)]]}
-    warmup = max(1, cfg.steps // 10)
-    model.train()
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
-        x, y = pad_batch(rng.sample(train, min(cfg.batch_size, len(train))), pad_id)
-        loss = model(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history["train"].append([step + 1, loss.item()])
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log.info("sft step %d/%d loss %.4f", step + 1, cfg.steps, loss.item())
-            print(f"[sft] step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
-    history["val"].append([cfg.steps, mean_loss(model, val, pad_id, cfg.batch_size)])
+def _export(checkpoint: Path, out_dir: Path) -> dict[str, list]:
+    """The model and the history of the last checkpoint into the stage folder; returns the history. Adapters
+    (LoRA) would be merged into the weights here, so that `model/` stays a plain model."""
+    model_dir = out_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(checkpoint / name, model_dir / name)
+    history = json.loads((checkpoint / "train_state.json").read_text())["history"]
+    (out_dir / "history.json").write_text(json.dumps(history))
     return history
+
+
+def _model_ref(cfg: SFTConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],
+               final: dict[str, Any], seconds: float) -> ModelRef:
+    metrics = {"sft/val_loss_before": history["val"][0][1], "sft/val_loss_after": history["val"][-1][1],
+               "sft/final_train_loss": history["train"][-1][1],
+               "sft/tokens_per_s": final.get("perf_tokens_per_s", math.nan), "sft/fit_seconds": seconds,
+               "sft/pad_share": counts["pad_share"], "sft/pad_share_one_per_window": counts["pad_share_one_per_window"]}
+    files = {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json"}
+    counts = {k: v for k, v in counts.items() if not k.startswith("pad_share")} | {"steps": cfg.steps}
+    return ModelRef(path=str(out_dir / "model"), counts=counts, metrics=metrics,
+                    files={k: str(v) for k, v in files.items()}, artifacts=["loss_curve", "history"])

@@ -1,5 +1,6 @@
 """The loop each Ray Train worker runs: set up (or restore) its rank's model, then step, log, evaluate and
-checkpoint until the last step.
+checkpoint until the last step. Shared by pretraining (`train_loop_per_worker`) and SFT (`tasks/sft_worker.py`):
+a stage gives `setup_worker` how its initial weights are made and `run_loop` where its batches come from.
 
 Exact resume: a checkpoint holds the whole weights, the AdamW state, each rank's torch RNG and the step, and
 the data windows of a step are a function of (seed, step, rank), so a resumed run draws what the killed one
@@ -15,16 +16,17 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from infra.progress import report_progress
+from models.config import GPTConfig
 from models.plan import peak_bf16_flops
 from tasks import train_state
 from tasks.pretrain import PretrainConfig, lr_at
@@ -130,7 +132,7 @@ def _full_state(raw: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) ->
 class Worker:
     """One Ray Train worker's share of the run."""
 
-    cfg: PretrainConfig
+    cfg: Any  # the stage's config (PretrainConfig, SFTConfig): seed, lr, steps, batch_size, strategy, ...
     rank: int
     world: int
     device: torch.device
@@ -138,6 +140,9 @@ class Worker:
     model: torch.nn.Module  # what runs forward and backward: DDP- or FSDP-wrapped, compiled when asked
     opt: torch.optim.Optimizer
     amp: Any  # bf16 autocast on GPU, a null context on CPU
+    accum: int  # micro-batches per optimizer step on this worker
+    save_config: GPTConfig  # the architecture written beside the weights in every checkpoint
+    stage: str = "pretrain"  # names the log lines
     start_step: int = 0
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": [], "resumes": []})
 
@@ -146,8 +151,20 @@ class Worker:
         return self.cfg.strategy == "fsdp" and self.world > 1
 
 
-def setup_worker(cfg: PretrainConfig) -> Worker:
-    """This rank's model and optimizer, restored from Ray Train's latest checkpoint when there is one."""
+def setup_worker(cfg: Any, stage: str = "pretrain",
+                 make_model: Callable[[torch.device], torch.nn.Module] | None = None,
+                 save_config: GPTConfig | None = None, accum: int | None = None) -> Worker:
+    """This rank's model and optimizer, restored from Ray Train's latest checkpoint when there is one.
+
+    Args:
+        cfg: the stage's config.
+        stage: the stage's name in log lines.
+        make_model: the initial model on the device (seeded the same on every rank); default a fresh
+            `GPT(cfg.model)`. SFT loads the base model's weights here (and is where adapters would wrap it):
+            whatever it returns is what gets restored, distributed and optimized.
+        save_config: the architecture saved with each checkpoint; default `cfg.model`.
+        accum: micro-batches per optimizer step; default `cfg.accum_steps`.
+    """
     import ray.train
     import ray.train.torch
 
@@ -160,7 +177,7 @@ def setup_worker(cfg: PretrainConfig) -> Worker:
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw = GPT(cfg.model).to(device)
+    raw = make_model(device) if make_model is not None else GPT(cfg.model).to(device)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout: a different stream per rank
     fsdp = cfg.strategy == "fsdp" and world > 1
     ckpt = ray.train.get_checkpoint()
@@ -170,7 +187,8 @@ def setup_worker(cfg: PretrainConfig) -> Worker:
         model = _distribute(raw, fsdp, world)
         opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        w = Worker(cfg, rank, world, device, raw, model, opt, amp)
+        w = Worker(cfg, rank, world, device, raw, model, opt, amp, accum or cfg.accum_steps,
+                   save_config or cfg.model, stage)
         if d is not None:
             _restore(w, Path(d))
     if cfg.compile:
@@ -192,26 +210,29 @@ def _restore(w: Worker, d: Path) -> None:
     w.start_step, w.history = meta["step"], meta["history"]
     w.history.setdefault("resumes", []).append(w.start_step)
     if w.rank == 0:
-        log.info("[pretrain] resumed from checkpoint at step %d", w.start_step)
+        log.info("[%s] resumed from checkpoint at step %d", w.stage, w.start_step)
 
 
 # ---------------------------------------------------------------- one step
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, ...]],
                n_micro: int, grad_clip: float, device: torch.device, amp: Any,
                distributed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `n_micro` micro-batches; returns (mean loss, gradient norm before clipping) as
     tensors on the device, so the host does not wait for the GPU: it samples and queues the next step meanwhile.
 
-    Gradients are all-reduced on the last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`).
+    A micro-batch is (x, y), whose mean loss counts 1/n_micro, or (x, y, scale), whose mean loss is multiplied
+    by `scale` (SFT weighs each by its share of the step's assistant tokens). Gradients are all-reduced on the
+    last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`).
     """
     to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
     loss_sum = torch.zeros((), device=device)
-    for micro, (x, y) in enumerate(batches):
+    for micro, (x, y, *scale) in enumerate(batches):
         sync = not distributed or micro == n_micro - 1
         with _grad_sync(model, sync), amp:
-            loss = model(to_device(x), to_device(y))[1] / n_micro
+            loss = model(to_device(x), to_device(y))[1]
+            loss = loss * scale[0] if scale else loss / n_micro
             loss.backward()
         loss_sum += loss.detach()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -222,13 +243,36 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iter
     return loss_sum, gnorm
 
 
-def _worker_step(w: Worker, train: TokenWindows, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step `step` (from 0) of this rank: its learning rate, its windows, one optimizer step."""
+class Batches(Protocol):
+    """Where a stage's batches come from: a step's micro-batches on this rank, and the validation metrics."""
+
+    def micro_batches(self, w: Worker, step: int) -> Iterable[tuple[torch.Tensor, ...]]: ...
+
+    def evaluate(self, w: Worker) -> dict[str, float]: ...  # holds "val/loss"; a collective call
+
+
+class PretrainBatches:
+    """Pretraining's batches: random windows of the token shards, a function of (seed, step, rank)."""
+
+    def __init__(self, shards: Path, block_size: int):
+        self.train = TokenWindows(shards, "train", block_size)
+        self.val = TokenWindows(shards, "val", block_size)
+
+    def micro_batches(self, w: Worker, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([w.cfg.seed, step, w.rank])  # data position = (seed, step, rank): exact on resume
+        return (self.train.sample(rng, w.cfg.batch_size) for _ in range(w.accum))
+
+    def evaluate(self, w: Worker) -> dict[str, float]:
+        vloss = evaluate(w, self.val)
+        return {"val/loss": vloss, "val/bpb": vloss / math.log(2) * self.val.tokens_per_byte}
+
+
+def _worker_step(w: Worker, data: Batches, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step` (from 0) of this rank: its learning rate, its micro-batches, one optimizer step."""
     for group in w.opt.param_groups:
         group["lr"] = lr
-    rng = np.random.default_rng([w.cfg.seed, step, w.rank])  # data position = (seed, step, rank): exact on resume
-    batches = (train.sample(rng, w.cfg.batch_size) for _ in range(w.cfg.accum_steps))
-    return train_step(w.model, w.opt, batches, w.cfg.accum_steps, w.cfg.grad_clip, w.device, w.amp, w.world > 1)
+    batches = data.micro_batches(w, step)
+    return train_step(w.model, w.opt, batches, w.accum, w.cfg.grad_clip, w.device, w.amp, w.world > 1)
 
 
 def evaluate(w: Worker, val: TokenWindows) -> float:
@@ -278,11 +322,12 @@ class Meter:
         self.peak = matmul_flops(w.device, *self.peak_args) if w.rank == 0 else math.nan
         self.datasheet = peak_bf16_flops(torch.cuda.get_device_name(w.device)) if w.device.type == "cuda" else None
         self.flops_per_token = w.raw.flops_per_token()
-        self.tokens_per_step = w.world * cfg.batch_size * cfg.accum_steps * cfg.model.block_size
+        block_size = w.raw.config.block_size
+        self.tokens_per_step = w.world * cfg.batch_size * w.accum * block_size
         self.progress_every = max(1, cfg.steps // 200)  # the driver's progress bar: ~200 updates in a run
         if w.rank == 0:
-            log.info("[pretrain] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step", w.world,
-                     cfg.accum_steps, cfg.batch_size, cfg.model.block_size, f"{self.tokens_per_step:,}")
+            log.info("[%s] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step", w.stage, w.world,
+                     w.accum, cfg.batch_size, block_size, f"{self.tokens_per_step:,}")
         self.restart_clock(w.start_step)
 
     def restart_clock(self, step: int) -> None:
@@ -315,7 +360,7 @@ class Meter:
             # root logger, and both are forwarded to the driver, so every printed line showed twice.
             shown = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
             steps = self.w.cfg.steps
-            log.info("[pretrain] step %d/%d (%.0f%%) %s", step, steps, 100 * step / steps, shown)
+            log.info("[%s] step %d/%d (%.0f%%) %s", self.w.stage, step, steps, 100 * step / steps, shown)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -334,7 +379,7 @@ def save_checkpoint(w: Worker, step: int, loss: float, metrics: dict[str, float]
         train_state.save_rng(d / f"rng_rank{w.rank}.safetensors")
         model_sd, opt_sd = _full_state(w.raw, w.opt, w.fsdp)  # FSDP: gathered on every rank, kept by rank 0
         if w.rank == 0:
-            save_state_dict(model_sd, w.cfg.model, d)
+            save_state_dict(model_sd, w.save_config, d)
             meta = {"step": step, "history": w.history,
                     "optimizer": train_state.save_optimizer_state(opt_sd, d / "optimizer.safetensors")}
             train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
@@ -353,18 +398,28 @@ def _flush(pending: list[tuple[int, torch.Tensor]], history: dict[str, list]) ->
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's function on every worker. `config`: {"cfg": the PretrainConfig as JSON, "shards": the
-    shards folder, "run": a `RunLink` as a dict, "progress": the driver's progress queue}."""
+    """Ray Train's function on every pretraining worker. `config`: {"cfg": the PretrainConfig as JSON,
+    "shards": the shards folder, "run": a `RunLink` as a dict, "progress": the driver's progress queue}."""
     cfg = PretrainConfig.model_validate(config["cfg"])
     w = setup_worker(cfg)
-    train = TokenWindows(Path(config["shards"]), "train", cfg.model.block_size)
-    val = TokenWindows(Path(config["shards"]), "val", cfg.model.block_size)
-    meter = Meter(w, RunLink.model_validate(config.get("run") or {}), config.get("progress"))
+    data = PretrainBatches(Path(config["shards"]), cfg.model.block_size)
+    run_loop(w, data, RunLink.model_validate(config.get("run") or {}), config.get("progress"))
+
+
+def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: bool = False) -> None:
+    """Step from `w.start_step` to `w.cfg.steps`: learning rate `lr_at`, log every `log_every`, evaluate every
+    `eval_every`, checkpoint every `ckpt_every` (each also at the last step). `eval_first`: a validation loss at
+    step 0 too (fine-tuning's "before"); not repeated on resume."""
+    cfg = w.cfg
+    meter = Meter(w, run, progress)
+    if eval_first and w.start_step == 0:
+        w.history["val"].append([0, data.evaluate(w)["val/loss"]])
+        meter.restart_clock(0)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
     loss = math.nan
     for step in range(w.start_step, cfg.steps):
         lr = lr_at(step, cfg)
-        loss_t, gnorm_t = _worker_step(w, train, step, lr)
+        loss_t, gnorm_t = _worker_step(w, data, step, lr)
         done, last = step + 1, step + 1 == cfg.steps
         pending.append((done, _rank_mean(loss_t, w.world)))  # the whole global batch's loss, not rank 0's share
         log_due, ckpt_due = done % cfg.log_every == 0 or last, done % cfg.ckpt_every == 0 or last
@@ -373,9 +428,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meter.progress_bar(done, loss if log_due else None)
         metrics = meter.train_metrics(done, lr, loss, gnorm_t) if log_due else {}
         if done % cfg.eval_every == 0 or last:
-            vloss = evaluate(w, val)
-            metrics.update({"val/loss": vloss, "val/bpb": vloss / math.log(2) * val.tokens_per_byte})
-            w.history["val"].append([done, vloss])
+            metrics.update(data.evaluate(w))
+            w.history["val"].append([done, metrics["val/loss"]])
         meter.log(metrics, done)
         if ckpt_due:
             save_checkpoint(w, done, loss, metrics)

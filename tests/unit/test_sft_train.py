@@ -1,0 +1,185 @@
+"""SFT on real Ray Train workers: a 2-worker run on the bundled Alpaca sample learns, logs per-step metrics to a
+sqlite MLflow run and exports the base model's architecture; a killed run resumes to the same loss curve.
+Run: `pytest tests/unit/test_sft_train.py -q` (about 2 minutes: Ray start-up and three fits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from infra.env import DATA_DIR, REPO_ROOT
+from models.checkpoint import load_config, load_model, save_model
+from models.gpt import GPT, GPTConfig
+from tasks.bpe import save_tokenizer, train_bpe
+from tasks.chat import read_sft
+from tasks.refs import ModelRef, RunLink, ShardsRef, TokenizerRef
+from tasks.sft import SFTConfig, finetune_sft
+from tasks.tokenizer import TokenizerConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+DATA = DATA_DIR / "sft" / "alpaca_en_demo.json.gz"
+# 2 workers x 2 packed windows x 128 tokens = 512 tokens per step; dropout makes the resume depend on each rank's
+# RNG; 24 steps with a checkpoint every 4: Ray records a report only every ~2 s, so a kill after the second
+# recorded checkpoint lands mid-run.
+CFG = SFTConfig(data=str(DATA), max_examples=200, val_fraction=0.1, steps=24, batch_size=2, lr=3e-3,
+                warmup_steps=2, log_every=2, eval_every=12, ckpt_every=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef]:
+    """A BPE trained on the sample's own texts and a random llama-style base model (doc_mask off)."""
+    root = tmp_path_factory.mktemp("inputs")
+    texts = [m["content"] for c in read_sft(DATA) for m in c]
+    tok = train_bpe(iter(texts), TokenizerConfig(vocab_size=512), parallel=False)
+    save_tokenizer(tok, root / "tok")
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32,
+                             dropout=0.1)), root / "base")
+    return ModelRef(path=str(root / "base")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path=""))
+
+
+@pytest.fixture(scope="module")
+def ray_once():
+    """One Ray for the module's fits (each finetune_sft joins it), as the pipeline runs them."""
+    import ray
+
+    from infra.ray_cluster import ray_init
+
+    ray_init()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_run(tmp_path_factory) -> RunLink:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("sft-test"))
+    return RunLink(run_id=run.info.run_id, tracking_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, ray_once, mlflow_run, tmp_path_factory) -> tuple[Path, ModelRef]:
+    out = tmp_path_factory.mktemp("reference")
+    with open(out / "progress.txt", "w") as bar:
+        return out, finetune_sft(CFG, *inputs, out, mlflow_run, progress_file=bar)
+
+
+def test_two_worker_sft_run_learns_logs_and_exports(reference, inputs, mlflow_run):
+    from mlflow.tracking import MlflowClient
+
+    out, ref = reference
+    history = json.loads((out / "history.json").read_text())
+    assert [s for s, _ in history["train"]] == list(range(1, 25))
+    assert [s for s, _ in history["val"]] == [0, 12, 24]  # before, mid-run, after
+    assert ref.metrics["sft/val_loss_after"] < ref.metrics["sft/val_loss_before"] - 0.5, history["val"]
+    assert ref.metrics["sft/val_loss_before"] == history["val"][0][1] and ref.metrics["sft/tokens_per_s"] > 0
+    c = ref.counts
+    assert c["train"] + c["val"] == c["kept"] and c["train_truncated"] > 0  # Alpaca answers outgrow 128 tokens
+    assert c["train_windows"] < c["train"]  # several conversations per window
+    assert 0 <= ref.metrics["sft/pad_share"] < ref.metrics["sft/pad_share_one_per_window"]
+    assert load_config(Path(ref.path)) == load_config(Path(inputs[0].path))  # the base's config: doc_mask off
+    before, after = load_model(Path(inputs[0].path)).state_dict(), load_model(Path(ref.path)).state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in ("wte.weight", "blocks.0.attn.c_attn.weight"))
+    client = MlflowClient(mlflow_run.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(mlflow_run.run_id, "train/loss")]
+    assert steps == list(range(2, 25, 2))
+    assert [m.step for m in client.get_metric_history(mlflow_run.run_id, "val/loss")] == [12, 24]
+    bar = (out / "progress.txt").read_text()
+    assert "sft: 100%" in bar and "24/24" in bar and "loss=" in bar, bar[-500:]
+
+
+def test_fsdp_sft_run_follows_the_ddp_run(reference, inputs, tmp_path):
+    """Sharding changes where the state lives, not the arithmetic (the per-token weights included)."""
+    finetune_sft(CFG.model_copy(update={"strategy": "fsdp"}), *inputs, tmp_path)
+    ddp = json.loads((reference[0] / "history.json").read_text())
+    fsdp = json.loads((tmp_path / "history.json").read_text())
+    for split in ("train", "val"):
+        assert [s for s, _ in fsdp[split]] == [s for s, _ in ddp[split]]
+        np.testing.assert_allclose([v for _, v in fsdp[split]], [v for _, v in ddp[split]], rtol=0, atol=1e-4)
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from infra.env import setup_env
+setup_env()
+from tasks.refs import ModelRef, ShardsRef, TokenizerRef
+from tasks.sft import SFTConfig, finetune_sft
+finetune_sft(SFTConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2]),
+             TokenizerRef(path=sys.argv[3], shards=ShardsRef(path="")), Path(sys.argv[4]))
+"""
+
+
+def _registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
+        return 0
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its own Ray included), each by its pid, as when the
+    machine dies; then wait until they are gone."""
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_path):
+    base, tok = inputs
+    out = tmp_path / "stage"
+    home = tempfile.mkdtemp(prefix="gptflow-sft-killed-")  # a short folder: Ray's socket paths stay < 108 bytes
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), base.path, tok.path, str(out)],
+                                cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh,
+                                stderr=subprocess.STDOUT)
+    run_dir = out / "ray" / "sft"
+    deadline = time.monotonic() + 300
+    try:
+        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
+            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        _kill_tree(proc)
+        shutil.rmtree(home, ignore_errors=True)
+    killed_at = _registered_step(run_dir)
+    assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+
+    finetune_sft(CFG, base, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)
+
+    history = json.loads((out / "history.json").read_text())
+    assert history["resumes"] == [killed_at]
+    expected = json.loads((reference[0] / "history.json").read_text())
+    for split in ("train", "val"):
+        steps, losses = np.array(history[split]).T
+        ref_steps, ref_losses = np.array(expected[split]).T
+        assert np.array_equal(steps, ref_steps)
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
