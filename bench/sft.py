@@ -50,7 +50,8 @@ class Variant:
 
 VARIANTS = [
     Variant("full"),
-    Variant("lora", LoraOptions(rank=16, alpha=32.0, dropout=0.05)),
+    Variant("lora", LoraOptions(rank=16, alpha=32.0)),  # dropout 0: adapters share the frozen layer's saved input
+    Variant("lora-drop", LoraOptions(rank=16, alpha=32.0, dropout=0.05)),  # + a dropped copy of that input
 ]
 
 

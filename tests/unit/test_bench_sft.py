@@ -24,8 +24,9 @@ def lora_size(n_embd: int, ffn: int, rank: int) -> int:
 
 
 def check_rows(rows: list[dict]) -> None:
-    full, lora = rows
-    assert (full["variant"], lora["variant"]) == ("full", "lora")
+    full, lora, drop = rows
+    assert [r["variant"] for r in rows] == ["full", "lora", "lora-drop"]
+    assert drop["trainable"] == lora["trainable"] and drop["tokens"] == lora["tokens"]
     assert full["trainable"] == full["total"] and full["trainable_share"] == 1.0
     assert lora["trainable"] == lora_size(32, 128, VARIANTS[1].lora.rank)
     assert lora["total"] == full["total"] + lora["trainable"]  # the adapters come on top of the same base
@@ -38,7 +39,7 @@ def check_rows(rows: list[dict]) -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_variants_in_process_train_the_same_batches():
     args, _ = parse(TINY)
-    check_rows([run_variant(v, args) for v in VARIANTS[:2]])
+    check_rows([run_variant(v, args) for v in VARIANTS])
 
 
 @pytest.mark.slow
