@@ -12,9 +12,12 @@ on assistant tokens only. Model by default: GPT-2 style, 6 layers, d_model 384, 
 Measured per variant, each in a fresh subprocess, so that no variant inherits another's allocator state:
   - tokens/s: non-pad tokens of the timed steps over their wall time, after `--warmup` untimed steps;
   - peak memory: the process's max RSS at the end minus its RSS after the model and the data are loaded (on CUDA:
-    `max_memory_allocated` minus what was allocated then), i.e. what training adds: grads, optimizer, activations;
+    `max_memory_allocated` minus what was allocated then), i.e. what training adds: activations, AdamW moments
+    (8 bytes per trainable parameter) and gradients (4; they grow as the backward frees activations, so the peak,
+    at the start of the backward, holds little of them);
   - trainable and total parameters, and the final loss (a sanity check, not a quality measure).
-The timed steps see identical batches in every variant. Measures and prints, asserts nothing.
+The steps see identical batches in every variant, shortest first (so the longest step runs with the optimizer's
+state allocated). Measures and prints, asserts nothing.
 
 Run: `python -m bench.sft [--steps 3] [--layers 6 --embd 384] [--out bench/results/sft_cpu.json]` (~2-3 min on 2
 CPU cores by default).
@@ -113,7 +116,9 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
         model = add_lora(model, v.lora)
     rows, pad_id = load_rows(args.examples, cfg.block_size)
     draw = BATCHERS[v.batching](rows, args.batch, pad_id, seed=0)
-    batches = iter([next(draw) for _ in range(args.warmup + args.steps)])  # drawn before the baseline is taken
+    # Drawn before the baseline is taken, shortest first: the longest batch then comes after the optimizer holds its
+    # state (AdamW allocates its moments at the first step), so the peak is that of a steady-state step.
+    batches = iter(sorted((next(draw) for _ in range(args.warmup + args.steps)), key=lambda xy: xy[0].numel()))
     opt = model.configure_optimizer(args.lr, weight_decay=0.0)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     if device.type == "cuda":
@@ -151,7 +156,11 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
 def run_child(v: Variant, argv: list[str]) -> dict:
     """`run_variant` in a fresh interpreter; its result is the one `RESULT {json}` line it prints."""
     cmd = [sys.executable, "-m", "bench.sft", *argv, "--child", v.name]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    # A fixed mmap threshold: glibc then maps every large tensor and unmaps it when freed, so RSS follows live
+    # memory. Its default raises the threshold as tensors are freed and keeps later ones in the heap, whose freed
+    # pages stay resident: we measured +/- 200 MiB of noise in the peak without this.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"variant {v.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -164,12 +173,12 @@ def run_child(v: Variant, argv: list[str]) -> dict:
 def print_table(rows: list[dict]) -> None:
     base = rows[0]
     print(f"\n  {'variant':>8} {'batching':>8} {'trainable':>11} {'of total':>9} {'tokens/s':>9} {'x':>6} "
-          f"{'pad %':>6} {'peak MiB':>9} {'x':>6} {'12 B x trainable':>17} {'loss':>7}")
+          f"{'pad %':>6} {'peak MiB':>9} {'x':>6} {'AdamW+grads':>15} {'loss':>7}")
     for r in rows:
         print(f"  {r['variant']:>8} {r['batching']:>8} {r['trainable']:11,} {100 * r['trainable_share']:8.2f}% "
               f"{r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f} {100 * r['pad_share']:6.1f} "
               f"{r['peak_mib']:9.0f} {r['peak_mib'] / max(base['peak_mib'], 1e-9):6.2f} "
-              f"{12 * r['trainable'] / 2**20:13.0f} MiB {r['final_loss']:7.3f}")
+              f"{12 * r['trainable'] / 2**20:11.0f} MiB {r['final_loss']:7.3f}")
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(run_child(by_name[name], child_argv))
         print(f"  {name}: {rows[-1]['tokens_per_s']:.0f} tokens/s, peak +{rows[-1]['peak_mib']:.0f} MiB", flush=True)
     print("\ntokens/s: non-pad tokens; peak MiB: memory added by training (max RSS, or CUDA max allocated, minus "
-          "after loading); 12 B x trainable: fp32 grads + AdamW moments; x: ratio to the first variant")
+          "after loading); AdamW+grads: 12 B per trainable parameter; x: ratio to the first variant")
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

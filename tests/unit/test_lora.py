@@ -107,6 +107,22 @@ def test_saved_adapters_hold_only_adapters_and_reload_to_the_same_logits(tmp_pat
     assert reloaded.lora_options == model.lora_options
 
 
+def test_full_state_dict_rebuilds_and_merges_as_under_fsdp(tmp_path):
+    """The FSDP recipe of models/lora.py: a gathered full state dict (base + adapters) rebuilt into a fresh LoRA
+    model merges to the trained model's logits, and `save_adapters` takes it as `state_dict`."""
+    cfg = tiny("llama_gqa")
+    model = add_lora(base_model(cfg), LoraOptions(rank=4))
+    train_steps(model)
+    full = snapshot(model)
+    rebuilt = add_lora(GPT(cfg), LoraOptions(rank=4))
+    rebuilt.load_state_dict(full)
+    save_adapters(rebuilt, tmp_path / "a", state_dict=full)
+    idx = torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        assert (merge_lora(rebuilt).eval()(idx)[0] - model(idx)[0]).abs().max() < 1e-5
+        assert torch.equal(load_adapters(base_model(cfg), tmp_path / "a").eval()(idx)[0], model(idx)[0])
+
+
 def test_adapters_refuse_another_model_and_missing_files(tmp_path):
     model = add_lora(base_model(tiny()), LoraOptions(rank=4))
     save_adapters(model, tmp_path / "a")
