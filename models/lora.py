@@ -7,9 +7,10 @@ only parameters that require grad), `config` and `flops_per_token` work unchange
 `base_model.model.` in front of every name and route forward through transformers-style keyword arguments.
 
 Use on a Ray Train worker:
-    model = add_lora(load_model(base_dir), opts)   # only adapter parameters require grad
-    model = ray.train.torch.prepare_model(model)   # DDP: see below
-    ... train; checkpoints hold `model.state_dict()` (base + adapters), a resume rebuilds the same way ...
+    raw = add_lora(load_model(base_dir), opts)     # only adapter parameters require grad
+    opt = raw.configure_optimizer(lr, wd)           # AdamW over the adapters alone
+    model = ray.train.torch.prepare_model(raw)     # DDP: see below
+    ... train; checkpoints hold `raw.state_dict()` (base + adapters), a resume rebuilds the same way ...
     if rank == 0:
         save_adapters(raw, out / "adapters")        # small: the adapters alone
         save_model(merge_lora(raw), out / "model")  # a plain GPT: checkpoint.py and export.py take it as is
