@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from infra.env import runs_dir
+from infra.env import resolve_path, runs_dir
 from tasks import tracking
 from tasks.align import AlignConfig
 from tasks.classify import ClassifyConfig
@@ -65,12 +65,18 @@ def pretrain_task(cfg: PretrainConfig, shards: ShardsRef, root: str, parent_run_
                          root, parent_run_id)
 
 
+def source_inputs(sources) -> dict[str, Ref]:
+    """The local data files among `sources`, as inputs whose content joins the stage's key (a Hub name is in the
+    config, and so in the key, by name)."""
+    return {f"data_{s.label}": as_input(s.path) for s in sources if resolve_path(s.path).exists()}
+
+
 @task(name="sft", cache_policy=NO_CACHE)
 def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
              parent_run_id: str | None = None) -> ModelRef:
     from tasks.sft import finetune_sft
 
-    inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
+    inputs = {"model": model, "tokenizer": tokenizer, **source_inputs(cfg.sources)}
     return tracked_stage("sft", cfg, inputs, lambda out, run: finetune_sft(cfg, model, tokenizer, out, run),
                          root, parent_run_id)
 

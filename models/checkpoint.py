@@ -62,6 +62,15 @@ def load_state_dict(model_dir: Path, device: str | torch.device = "cpu") -> dict
         raise ValueError(f"malformed model weights {path}: {e}") from e
 
 
+def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Load the weights saved in `model_dir` into `model` (strict), whatever wraps its layers (LoRA adapters
+    saved with it); the tied head gets the embedding's tensor."""
+    sd = load_state_dict(model_dir, next(model.parameters()).device)
+    if model.config.tie_embeddings and EMBED_KEY in sd:
+        sd[TIED_KEY] = sd[EMBED_KEY]
+    model.load_state_dict(sd, strict=True)
+
+
 def load_model(model_dir: Path, device: str | torch.device = "cpu") -> GPT:
     """Rebuild the GPT saved by `save_model` (strict: every tensor must match by name and shape)."""
     config = load_config(model_dir)

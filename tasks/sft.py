@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.env import resolve_path
-from tasks.chat import IGNORE, read_sft, render
+from models.lora import LoraOptions
+from tasks.chat import IGNORE, render
+from tasks.conversations import SFTSource, load_mixture
 from tasks.plots import plot_loss
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
@@ -41,8 +41,21 @@ if TYPE_CHECKING:
 class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str = Field("data/sft/alpaca_en_demo.json.gz", description="Chat data: Alpaca JSON, OpenAssistant trees or 'messages' JSONL (repo-relative or absolute).")
-    max_examples: int = Field(1000, ge=1, description="Use at most this many conversations (after a seeded shuffle).")
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value: Any) -> Any:
+        """`sources="x.jsonl"` or `["a.json", "b.jsonl"]`: each path a source of weight 1."""
+        if isinstance(value, str | Path):
+            value = [value]
+        return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
+
+    sources: tuple[SFTSource, ...] = Field(
+        (SFTSource(path="data/sft/alpaca_en_demo.json.gz"),), min_length=1,
+        description="Chat data, mixed by weight: local JSON/JSONL/Parquet files (Alpaca, OpenAssistant trees, ShareGPT, "
+        "'messages'), Hub-layout folders or Hub names. A path, or a list of paths, stands for sources of weight 1.")
+    max_examples: int = Field(1000, ge=1, description="Use at most this many conversations (drawn by weight, seeded).")
+    lora: LoraOptions | None = Field(
+        None, description="Train LoRA adapters (peft) instead of every weight; model/ gets them merged, adapters/ alone.")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Conversations held out to measure validation loss.")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Windows (packed) or conversations (padded) per micro-batch per worker.")
@@ -112,20 +125,19 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
     return x, y
 
 
-def load_examples(cfg: SFTConfig, data: Path, tok, block_size: int) -> tuple[list, list, dict]:
-    """Read `data`, shuffle, keep `max_examples`, render each conversation whole (longer than the context too:
-    `tasks.packing.fit_rows` applies `too_long`), and split off the validation conversations."""
-    convos = read_sft(data)
-    rng = random.Random(cfg.seed)
-    rng.shuffle(convos)
-    convos = convos[: cfg.max_examples]
+def load_examples(cfg: SFTConfig, tok, block_size: int) -> tuple[list, list, dict]:
+    """Draw up to `max_examples` conversations from the sources by weight (seeded; `tasks.conversations`), render
+    each whole (longer than the context too: `tasks.packing.fit_rows` applies `too_long`), and split off the
+    validation conversations. The counts hold the sources' drops by reason and the realised mixture as `data/*`."""
+    convos, data_counts = load_mixture(list(cfg.sources), cfg.max_examples, cfg.seed)
     rows = [render(c, tok, sys.maxsize) for c in convos]
     kept = [r for r in rows if any(label != IGNORE for label in r[1][1:])]
     n_val = max(1, int(len(kept) * cfg.val_fraction))
-    counts = {"conversations": len(convos), "kept": len(kept), "dropped_no_assistant_tokens": len(rows) - len(kept),
-              "train": len(kept) - n_val, "val": n_val}
+    counts = {**{f"data/{k}": v for k, v in data_counts.items()}, "conversations": len(convos), "kept": len(kept),
+              "dropped_no_assistant_tokens": len(rows) - len(kept), "train": len(kept) - n_val, "val": n_val}
     if len(kept) - n_val < 1:
-        raise GptflowError(f"{data}: too few usable conversations ({len(kept)})")
+        names = ", ".join(src.path for src in cfg.sources)
+        raise GptflowError(f"{names}: too few usable conversations ({len(kept)})")
     return kept[n_val:], kept[:n_val], counts
 
 
@@ -143,7 +155,7 @@ def make_windows(cfg: SFTConfig, train: list, val: list, tok, block_size: int, o
     for split, rows in (("train", train), ("val", val)):
         fitted, fit_counts = fit_rows(rows, block_size, eot, cfg.too_long)
         if not fitted:
-            raise GptflowError(f"{cfg.data}: no {split} conversation fits the context of {block_size} tokens")
+            raise GptflowError(f"{', '.join(src.path for src in cfg.sources)}: no {split} conversation fits the context of {block_size} tokens")
         windows = pack(fitted, block_size, pad) if cfg.packing else pad_rows(fitted, block_size, pad)
         windows.save(out / split)
         counts |= {f"{split}_{k}": v for k, v in fit_counts.items()}
@@ -180,11 +192,11 @@ def _fit(cfg: SFTConfig, base: Path, windows: Path, out_dir: Path, run: RunLink,
 
 def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path, run: RunLink | None = None,
                  progress_file: IO[str] | None = None) -> ModelRef:
-    """Fine-tune `model` on `cfg.data` rendered with the chat template, on Ray Train workers; save the model and
+    """Fine-tune `model` on `cfg.sources` rendered with the chat template, on Ray Train workers; save the model and
     its loss curve.
 
     Args:
-        cfg: the stage's config; `cfg.data` is resolved as `infra.env.resolve_path` resolves a user path.
+        cfg: the stage's config; local source paths are resolved as `infra.env.resolve_path` resolves a user path.
         model: the pretrained model folder.
         tokenizer: the tokenizer folder (its `<|endoftext|>`, `<|pad|>` and chat tokens).
         out_dir: the stage folder: `model/`, `history.json`, `loss_curve.png`, `windows/`, `ray/`.
@@ -204,7 +216,7 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
     block_size = load_config(base).block_size
     cfg.accum_steps(block_size)  # a batch_tokens that does not divide fails here, before Ray starts
     tok = load_tokenizer(Path(tokenizer.path))
-    train, val, counts = load_examples(cfg, resolve_path(cfg.data), tok, block_size)
+    train, val, counts = load_examples(cfg, tok, block_size)
     counts |= make_windows(cfg, train, val, tok, block_size, out_dir / "windows")
     start = time.perf_counter()
     with ray_session(), ray_progress(cfg.steps, "sft", progress_file) as progress:
@@ -213,18 +225,29 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir)
+        history = _export(Path(d), out_dir, cfg.lora)
     plot_loss(history, out_dir / "loss_curve.png", "SFT (assistant tokens)")
     return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds)
 
 
-def _export(checkpoint: Path, out_dir: Path) -> dict[str, list]:
-    """The model and the history of the last checkpoint into the stage folder; returns the history. Adapters
-    (LoRA) would be merged into the weights here, so that `model/` stays a plain model."""
+def _export(checkpoint: Path, out_dir: Path, lora: LoraOptions | None) -> dict[str, list]:
+    """The model and the history of the last checkpoint into the stage folder; returns the history. With LoRA
+    the checkpoint holds the frozen base and the adapters: `adapters/` gets the adapters alone and `model/` the
+    weights with the adapters merged, so that every later stage and the export read a plain model."""
     model_dir = out_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(checkpoint / name, model_dir / name)
+    if lora is None:
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy(checkpoint / name, model_dir / name)
+    else:
+        from models.checkpoint import load_config, load_weights, save_model
+        from models.gpt import GPT
+        from models.lora import add_lora, merge_lora, save_adapters
+
+        model = add_lora(GPT(load_config(checkpoint)), lora)
+        load_weights(model, checkpoint)
+        save_adapters(model, out_dir / "adapters")
+        save_model(merge_lora(model), model_dir)
     history = json.loads((checkpoint / "train_state.json").read_text())["history"]
     (out_dir / "history.json").write_text(json.dumps(history))
     return history

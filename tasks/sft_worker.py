@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.lora import LoraOptions
 from tasks.chat import IGNORE
 from tasks.packing import Windows, batch
 from tasks.refs import RunLink
@@ -22,10 +23,10 @@ from tasks.sft import SFTConfig
 from tasks.train_worker import Worker, run_loop, setup_worker
 
 
-def base_model(base: Path, eot_id: int, device: torch.device) -> torch.nn.Module:
+def base_model(base: Path, eot_id: int, device: torch.device, lora: LoraOptions | None = None) -> torch.nn.Module:
     """The base model on `device`, its document mask on so that packed conversations stay apart (the saved
-    model keeps the base's own setting). This is the one place to transform the model before it is distributed
-    and its optimizer made, e.g. to wrap it with LoRA adapters."""
+    model keeps the base's own setting), with LoRA adapters injected when asked: then only the adapters
+    require grad, so the optimizer (made from trainable parameters) holds nothing for the frozen weights."""
     from models.checkpoint import load_model
     from models.gpt import _eager_doc_block_mask
 
@@ -33,6 +34,10 @@ def base_model(base: Path, eot_id: int, device: torch.device) -> torch.nn.Module
     model.config = model.config.model_copy(update={"doc_mask": True, "eot_id": eot_id})
     if model.config.flex_attention:
         _eager_doc_block_mask()  # as GPT.__init__ does: wrapped before any torch.compile traces the model
+    if lora is not None:
+        from models.lora import add_lora
+
+        model = add_lora(model, lora)
     return model
 
 
@@ -99,7 +104,7 @@ def sft_loop_per_worker(config: dict[str, Any]) -> None:
     data = SFTBatches(folder)
     eot = json.loads((folder / "meta.json").read_text())["eot_id"]  # the id the driver packed the windows with
     saved = load_config(base)
-    w = setup_worker(cfg, "sft", lambda device: base_model(base, eot, device), saved,
+    w = setup_worker(cfg, "sft", lambda device: base_model(base, eot, device, cfg.lora), saved,
                      cfg.accum_steps(saved.block_size))
     run_loop(w, data, RunLink.model_validate(config.get("run") or {}), config.get("progress"), eval_first=True)
 

@@ -168,7 +168,7 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
     import ray.train
     import ray.train.torch
 
-    from models.checkpoint import load_model
+    from models.checkpoint import load_weights
     from models.gpt import GPT
 
     ctx = ray.train.get_context()
@@ -183,7 +183,7 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt is not None else nullcontext() as d:
         if d is not None:
-            raw.load_state_dict(load_model(Path(d), device).state_dict())  # whole weights, before any sharding
+            load_weights(raw, Path(d))  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
         opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

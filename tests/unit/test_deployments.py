@@ -35,7 +35,7 @@ def test_stage_flow_forms_show_the_stage_config_fields():
     flow = load_flow_from_entrypoint(str(REPO / "flows/stages.py:sft_flow"))
     schema = flow.parameters.model_dump()
     sft = schema["definitions"]["SFTConfig"]["properties"]
-    assert {"steps", "lr", "batch_size", "data"} <= set(sft)
+    assert {"steps", "lr", "batch_size", "sources", "lora"} <= set(sft)
     assert all(field.get("description") for field in sft.values())
 
 

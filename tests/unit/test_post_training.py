@@ -36,7 +36,7 @@ def test_sft_lowers_assistant_loss(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "input": "", "output": f"{2 * i}"}) + "\n"
                             for i in range(40)))
-    r = finetune_sft(SFTConfig(data=str(data), steps=60, batch_size=8, lr=3e-3, val_fraction=0.2, num_workers=1), base, tok,
+    r = finetune_sft(SFTConfig(sources=str(data), steps=60, batch_size=8, lr=3e-3, val_fraction=0.2, num_workers=1), base, tok,
                      tmp_path / "sft")
     assert r.path == str(tmp_path / "sft" / "model") and set(r.artifacts) == {"loss_curve", "history"}
     assert r.counts["kept"] == 40 and r.counts["train"] + r.counts["val"] == 40

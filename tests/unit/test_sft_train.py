@@ -33,7 +33,7 @@ DATA = DATA_DIR / "sft" / "alpaca_en_demo.json.gz"
 # 2 workers x 2 packed windows x 128 tokens = 512 tokens per step; dropout makes the resume depend on each rank's
 # RNG; 24 steps with a checkpoint every 4: Ray records a report only every ~2 s, so a kill after the second
 # recorded checkpoint lands mid-run.
-CFG = SFTConfig(data=str(DATA), max_examples=200, val_fraction=0.1, steps=24, batch_size=2, lr=3e-3,
+CFG = SFTConfig(sources=str(DATA), max_examples=200, val_fraction=0.1, steps=24, batch_size=2, lr=3e-3,
                 warmup_steps=2, log_every=2, eval_every=12, ckpt_every=4, seed=0)
 
 
@@ -183,3 +183,27 @@ def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_pa
         ref_steps, ref_losses = np.array(expected[split]).T
         assert np.array_equal(steps, ref_steps)
         np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+
+
+def test_lora_sft_trains_only_adapters_and_saves_them_merged(inputs, ray_once, tmp_path):
+    """SFT with `lora`: the workers train the adapters alone; `adapters/` holds them on their own, `model/` is a
+    plain model with them merged (its logits equal base + adapters), and the frozen base weights did not move."""
+    from models.lora import LoraOptions, load_adapters
+
+    base, tok = inputs
+    cfg = CFG.model_copy(update={"steps": 6, "ckpt_every": 6, "eval_every": 6, "num_workers": 1,
+                                 "lora": LoraOptions(rank=4, alpha=8)})
+    ref = finetune_sft(cfg, base, tok, tmp_path)
+    assert ref.metrics["sft/val_loss_after"] < ref.metrics["sft/val_loss_before"]
+    merged, plain_base = load_model(Path(ref.path)), load_model(Path(base.path))
+    with_adapters = load_adapters(load_model(Path(base.path)), tmp_path / "adapters")
+    idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    for m in (merged, plain_base, with_adapters):
+        m.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(idx)[0], with_adapters(idx)[0], atol=1e-5)
+        assert not torch.allclose(merged(idx)[0], plain_base(idx)[0], atol=1e-3)  # the adapters learned something
+    # only the adapted linear layers changed: embeddings and norms are the base's, bit for bit
+    for name, p in plain_base.state_dict().items():
+        if "norm" in name or "ln_" in name or name.startswith("wte"):
+            assert torch.equal(p, merged.state_dict()[name]), name

@@ -125,7 +125,7 @@ def _jsonl(path, rows):
 def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
     sft_data = _jsonl(tmp_path / "sft.jsonl", [{"instruction": f"add {i} and {i}", "input": "", "output": f"{2 * i}"}
                                                for i in range(20)])
-    chat = sft_task.fn(SFTConfig(data=sft_data, steps=2, batch_size=4, num_workers=1), base_model, tokenizer, root)
+    chat = sft_task.fn(SFTConfig(sources=sft_data, steps=2, batch_size=4, num_workers=1), base_model, tokenizer, root)
     run = stage_run("sft")
     tuned, base = load_model(Path(chat.path)).state_dict(), load_model(Path(base_model.path)).state_dict()
     assert any(not torch.equal(tuned[k], base[k]) for k in base) and "sft/val_loss_after" in run.data.metrics
