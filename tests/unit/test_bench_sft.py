@@ -1,7 +1,8 @@
-"""bench.sft at a tiny size: each variant trains on the same real Alpaca batches and reports what it trained.
+"""bench.sft at a tiny size: each variant trains on the same real Alpaca conversations and reports what it trained;
+packed and padded batches hold the same conversations, so they train the same targets to the same loss.
 
-Run: `.venv/bin/python -m pytest tests/unit/test_bench_sft.py -q` (~15 s; the `slow` one runs the bench's
-subprocesses, ~30-80 s on a busy machine).
+Run: `.venv/bin/python -m pytest tests/unit/test_bench_sft.py -q` (~25 s; the `slow` one runs the bench's
+subprocesses, ~40-100 s on a busy machine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from bench.sft import VARIANTS, main, parse, run_variant
 
 pytest.importorskip("peft")
-TINY = ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "64", "--examples", "24", "--batch", "4",
+TINY = ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "256", "--examples", "24", "--batch", "4",
         "--steps", "2", "--threads", "1", "--device", "cpu"]
 
 
@@ -24,8 +25,10 @@ def lora_size(n_embd: int, ffn: int, rank: int) -> int:
 
 
 def check_rows(rows: list[dict]) -> None:
-    full, lora, drop = rows
-    assert [r["variant"] for r in rows] == ["full", "lora", "lora-drop"]
+    full, lora, drop, full_pack, lora_pack = rows
+    assert [(r["variant"], r["batching"]) for r in rows] == [
+        ("full", "padded"), ("lora", "padded"), ("lora-drop", "padded"), ("full-pack", "packed"),
+        ("lora-pack", "packed")]
     assert drop["trainable"] == lora["trainable"] and drop["tokens"] == lora["tokens"]
     assert full["trainable"] == full["total"] and full["trainable_share"] == 1.0
     assert lora["trainable"] == lora_size(32, 128, VARIANTS[1].lora.rank)
@@ -34,6 +37,17 @@ def check_rows(rows: list[dict]) -> None:
     assert 0 < full["pad_share"] == lora["pad_share"] < 1
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] == r["peak_mib"] for r in rows)  # not NaN
     assert 9 < full["final_loss"] < 12  # ~ln(50,304) = 10.8 at the start
+    # packed: the same conversations in fewer, fuller rows; the same assistant targets, and (document mask,
+    # positions restarting per conversation) the same losses as padded, to float rounding
+    for packed, padded in ((full_pack, full), (lora_pack, lora)):
+        assert packed["targets"] == padded["targets"] > 0
+        assert packed["trainable"] == padded["trainable"] and packed["total"] == padded["total"]
+        assert packed["final_loss"] == pytest.approx(padded["final_loss"], abs=1e-4)
+        # real input tokens: the same, plus up to two per packed conversation (its last token and its eot)
+        assert padded["tokens"] < packed["tokens"] <= padded["tokens"] + 2 * sum(padded["rows_per_step"])
+        assert sum(packed["rows_per_step"]) < sum(padded["rows_per_step"])  # windows vs conversations
+    assert 0 <= full_pack["pad_share"] == lora_pack["pad_share"] < full["pad_share"]
+    assert full_pack["pad_share"] < 0.1 < full["pad_share"]
 
 
 @pytest.mark.usefixtures("one_thread")
