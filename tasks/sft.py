@@ -54,6 +54,7 @@ class SFTConfig(BaseModel):
         description="Chat data, mixed by weight: local JSON/JSONL/Parquet files (Alpaca, OpenAssistant trees, ShareGPT, "
         "'messages'), Hub-layout folders or Hub names. A path, or a list of paths, stands for sources of weight 1.")
     max_examples: int = Field(1000, ge=1, description="Use at most this many conversations (drawn by weight, seeded).")
+    samples: int = Field(3, ge=0, description="Held-out prompts answered by the fine-tuned model (greedy) into samples.md.")
     lora: LoraOptions | None = Field(
         None, description="Train LoRA adapters (peft) instead of every weight; model/ gets them merged, adapters/ alone.")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Conversations held out to measure validation loss.")
@@ -227,7 +228,32 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
     with result.checkpoint.as_directory() as d:
         history = _export(Path(d), out_dir, cfg.lora)
     plot_loss(history, out_dir / "loss_curve.png", "SFT (assistant tokens)")
+    write_samples(out_dir / "model", val[: cfg.samples], tok, out_dir / "samples.md")
     return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds)
+
+
+def write_samples(model_dir: Path, rows: list, tok, out: Path, max_new_tokens: int = 64) -> None:
+    """The fine-tuned model's greedy answers to held-out conversations' first user turn, beside the reference
+    answer, as Markdown: whether the model answers in the chat format and ends its turn with `<|end|>`."""
+    from models.checkpoint import load_model
+    from models.generate import generate
+    from models.tokens import END
+
+    if not rows:
+        return
+    model, end = load_model(model_dir), tok.token_to_id(END)
+    starts = [next(i for i, label in enumerate(labels) if label != IGNORE) for _, labels in rows]
+    prompts = [ids[:i] for (ids, _), i in zip(rows, starts, strict=True)]  # up to and with `<|assistant|>`
+    answers = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[end], seed=0)
+    parts = ["# SFT samples: held-out prompts, greedy decoding\n"]
+    for n, ((ids, _), i, prompt, answer) in enumerate(zip(rows, starts, prompts, answers, strict=True), 1):
+        reference = ids[i:]
+        reference = reference[: reference.index(end)] if end in reference else reference
+        ended = len(answer) < max_new_tokens  # generation stopped at `<|end|>`, not at the token limit
+        parts += [f"## Prompt {n}\n", "```", tok.decode(prompt, skip_special_tokens=False), "```\n",
+                  f"**Model** ({'ended its turn with <|end|>' if ended else f'no <|end|> in {max_new_tokens} tokens'}):\n",
+                  "```", tok.decode(answer), "```\n", "**Reference:**\n", "```", tok.decode(reference), "```\n"]
+    out.write_text("\n".join(parts))
 
 
 def _export(checkpoint: Path, out_dir: Path, lora: LoraOptions | None) -> dict[str, list]:
@@ -259,7 +285,8 @@ def _model_ref(cfg: SFTConfig, out_dir: Path, history: dict[str, list], counts: 
                "sft/final_train_loss": history["train"][-1][1],
                "sft/tokens_per_s": final.get("perf_tokens_per_s", math.nan), "sft/fit_seconds": seconds,
                "sft/pad_share": counts["pad_share"], "sft/pad_share_one_per_window": counts["pad_share_one_per_window"]}
-    files = {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json"}
+    files = {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json",
+             "samples": out_dir / "samples.md"}
     counts = {k: v for k, v in counts.items() if not k.startswith("pad_share")} | {"steps": cfg.steps}
     return ModelRef(path=str(out_dir / "model"), counts=counts, metrics=metrics,
-                    files={k: str(v) for k, v in files.items()}, artifacts=["loss_curve", "history"])
+                    files={k: str(v) for k, v in files.items()}, artifacts=["loss_curve", "history", "samples"])

@@ -101,6 +101,8 @@ def test_two_worker_sft_run_learns_logs_and_exports(reference, inputs, mlflow_ru
     assert [m.step for m in client.get_metric_history(mlflow_run.run_id, "val/loss")] == [12, 24]
     bar = (out / "progress.txt").read_text()
     assert "sft: 100%" in bar and "24/24" in bar and "loss=" in bar, bar[-500:]
+    samples = (out / "samples.md").read_text()  # three held-out prompts in the chat format, answered
+    assert samples.count("## Prompt") == 3 and samples.count("<|user|>") >= 3 and samples.count("<|assistant|>") >= 3
 
 
 def test_fsdp_sft_run_follows_the_ddp_run(reference, inputs, tmp_path):
