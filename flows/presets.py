@@ -35,9 +35,11 @@ def tiny() -> PipelineConfig:
             steps=80, batch_size=8, lr=3e-3, warmup_steps=8, num_workers=2,
             log_every=10, eval_every=40, eval_batches=4, ckpt_every=40,
         ),
-        # 2 workers x 4 packed windows x 128 tokens = 1,024 tokens (~30 conversations) per step
-        sft=SFTConfig(max_examples=400, steps=40, batch_size=4, lr=1e-3, warmup_steps=4, log_every=10,
-                      eval_every=20, ckpt_every=40),
+        # 2 workers x 4 packed windows x 128 tokens = 1,024 tokens (~15 conversations) per step. Conversations
+        # longer than the 128-token context are skipped, not truncated: a truncated answer never shows the model
+        # its closing <|end|>, and with truncation the tiny model never learned to end its turn (samples.md).
+        sft=SFTConfig(max_examples=1000, steps=150, batch_size=4, lr=1e-3, warmup_steps=10, log_every=25,
+                      eval_every=50, ckpt_every=150, too_long="skip"),
         align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),
         eval=EvalConfig(limit=20, batch_size=32),
     )

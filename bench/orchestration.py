@@ -1,0 +1,95 @@
+"""Orchestration benchmark: what the machinery around the stages costs, apart from their compute.
+
+Measures and prints, asserts nothing:
+  (a) starting a local Ray (`infra.ray_cluster.ray_init`), once;
+  (b) a Ray Train fit whose loop does nothing (`TorchTrainer` with N workers, the pattern of the pretraining and
+      SFT stages), repeated: the controller and worker processes, their imports, the gloo process group; what
+      every training stage pays before its first step, on a Ray that is already up;
+  (c) with `--pipeline`, the tiny pipeline's own stage times (`gptflow run --preset tiny` on a fresh workspace):
+      wall time, the stages' sum and the share of orchestration (Prefect and MLflow outside the stages, Ray's
+      start, and (b) once per Ray Train stage).
+
+Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]`.
+"""
+
+from __future__ import annotations
+
+from infra.env import setup_env
+
+setup_env()  # before anything imports ray
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+RAY_TRAIN_STAGES = ("pretrain", "sft")
+
+
+def _empty_loop(config: dict) -> None:
+    """A worker that does nothing: the fit's cost is all start-up and tear-down."""
+
+
+def empty_fit(workers: int) -> float:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as storage:
+        TorchTrainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
+                     run_config=RunConfig(name="empty", storage_path=storage)).fit()
+    return time.perf_counter() - start
+
+
+def pipeline_times() -> tuple[float, dict[str, float]]:
+    """Wall time and stage times of `gptflow run --preset tiny` on a fresh workspace (its summary line)."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "GPTFLOW_HOME": home}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny"], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        wall = time.perf_counter() - start
+    line = next(s for s in out.splitlines() if s.startswith("Stage times (s):"))
+    times = {k: float(v) for k, v in (p.strip().split(" ") for p in line.split(":", 1)[1].split(","))}
+    return wall, times
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--pipeline", action="store_true", help="also run the tiny pipeline and split its wall time")
+    args = p.parse_args(argv)
+    from infra.ray_cluster import ray_init
+
+    start = time.perf_counter()
+    ray_init()
+    ray_start = time.perf_counter() - start
+    fits = [empty_fit(args.workers) for _ in range(args.repeats)]
+    fit = min(fits)
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print(f"(a) Ray start: {ray_start:.1f} s")
+    print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s")
+    result = {"ray_start_s": ray_start, "empty_fit_s": fits}
+    if args.pipeline:
+        import ray
+
+        ray.shutdown()  # the pipeline starts its own
+        wall, times = pipeline_times()
+        stages = times["total"]
+        overhead = (wall - stages) + times.get("ray_start", 0.0) + fit * sum(s in times for s in RAY_TRAIN_STAGES)
+        print(f"(c) tiny pipeline: wall {wall:.1f} s, stages {stages:.1f} s; outside the stages {wall - stages:.1f} s, "
+              f"Ray start {times.get('ray_start', 0.0):.1f} s, Ray Train start-up {fit:.1f} s x "
+              f"{len(RAY_TRAIN_STAGES)} stages")
+        print(f"    orchestration ~{overhead:.0f} s of {wall:.0f} s: {overhead / wall:.0%}; stage compute ~{wall - overhead:.0f} s")
+        print("    " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+        result |= {"pipeline_wall_s": wall, "pipeline_times": times, "orchestration_share": overhead / wall}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
