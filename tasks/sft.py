@@ -244,6 +244,9 @@ def write_samples(model_dir: Path, rows: list, tok, out: Path, max_new_tokens: i
     model, end = load_model(model_dir), tok.token_to_id(END)
     starts = [next(i for i, label in enumerate(labels) if label != IGNORE) for _, labels in rows]
     prompts = [ids[:i] for (ids, _), i in zip(rows, starts, strict=True)]  # up to and with `<|assistant|>`
+    max_new_tokens = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
+    if max_new_tokens < 1:  # a prompt fills the context: nothing to answer with
+        return
     answers = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=[end], seed=0)
     parts = ["# SFT samples: held-out prompts, greedy decoding\n"]
     for n, ((ids, _), i, prompt, answer) in enumerate(zip(rows, starts, prompts, answers, strict=True), 1):

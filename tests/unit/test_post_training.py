@@ -38,10 +38,11 @@ def test_sft_lowers_assistant_loss(tmp_path):
                             for i in range(40)))
     r = finetune_sft(SFTConfig(sources=str(data), steps=60, batch_size=8, lr=3e-3, val_fraction=0.2, num_workers=1), base, tok,
                      tmp_path / "sft")
-    assert r.path == str(tmp_path / "sft" / "model") and set(r.artifacts) == {"loss_curve", "history"}
+    assert r.path == str(tmp_path / "sft" / "model") and set(r.artifacts) == {"loss_curve", "history", "samples"}
     assert r.counts["kept"] == 40 and r.counts["train"] + r.counts["val"] == 40
     assert r.metrics["sft/val_loss_after"] < 0.7 * r.metrics["sft/val_loss_before"]
     assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
+    assert "ended its turn with <|end|>" in (tmp_path / "sft" / "samples.md").read_text()  # learned to stop
     assert (tmp_path / "sft" / "loss_curve.png").stat().st_size > 1000
 
 
