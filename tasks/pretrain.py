@@ -111,26 +111,34 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 # ---------------------------------------------------------------- the driver
 
 
-def _fit(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: RunLink, progress: Any = None):
+def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, out_dir: Path):
+    """One Ray Train fit of `loop` on `cfg.num_workers` workers, the pattern of every training stage.
+
+    Same name and storage path on every call: Ray V2 finds its checkpoint snapshot there and hands the latest
+    checkpoint to get_checkpoint(), so a rerun of a killed (or failed) run resumes. No in-process retries
+    (max_failures=0): a failure surfaces; the stage rerun resumes from the last checkpoint.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tasks.train_worker import train_loop_per_worker
-
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
-                           "run": run.model_dump(), "progress": progress},
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        # Same name and storage path on every call: Ray V2 finds its checkpoint snapshot there and hands the
-        # latest checkpoint to get_checkpoint(), so a rerun of a killed (or failed) run resumes. No in-process
-        # retries (max_failures=0): a failure surfaces; the stage rerun resumes from the last checkpoint.
-        run_config=RunConfig(name="pretrain", storage_path=str((out_dir / "ray").resolve()),
+        run_config=RunConfig(name=name, storage_path=str((out_dir / "ray").resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=0)),
     )
     return trainer.fit()
+
+
+def _fit(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: RunLink, progress: Any = None):
+    from tasks.train_worker import train_loop_per_worker
+
+    config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
+              "run": run.model_dump(), "progress": progress}
+    return fit_on_workers(train_loop_per_worker, config, cfg, "pretrain", out_dir)
 
 
 def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: RunLink | None = None,

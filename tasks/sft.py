@@ -172,23 +172,12 @@ def make_windows(cfg: SFTConfig, train: list, val: list, tok, block_size: int, o
 
 
 def _fit(cfg: SFTConfig, base: Path, windows: Path, out_dir: Path, run: RunLink, progress: Any = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from tasks.pretrain import fit_on_workers
     from tasks.sft_worker import sft_loop_per_worker
 
-    trainer = TorchTrainer(
-        sft_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
-                           "windows": str(windows.resolve()), "run": run.model_dump(), "progress": progress},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        # as pretraining: the same name and storage path on a rerun resume from the latest checkpoint
-        run_config=RunConfig(name="sft", storage_path=str((out_dir / "ray").resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    return trainer.fit()
+    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "windows": str(windows.resolve()),
+              "run": run.model_dump(), "progress": progress}
+    return fit_on_workers(sft_loop_per_worker, config, cfg, "sft", out_dir)
 
 
 def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path, run: RunLink | None = None,
