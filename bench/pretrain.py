@@ -43,8 +43,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models.gpt import GPT, GPTConfig  # noqa: E402
-from tasks.pretrain import PretrainConfig, lr_at  # noqa: E402
+from tasks.pretrain import PretrainConfig  # noqa: E402
 from tasks.refs import ShardsRef  # noqa: E402
+from tasks.train_config import lr_at  # noqa: E402
 from tasks.train_worker import TokenWindows, matmul_flops  # noqa: E402
 
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare_input.txt.gz"

@@ -19,23 +19,21 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from models.config import GPTConfig
 from tasks.plots import plot_loss
 from tasks.refs import ModelRef, RunLink, ShardsRef
 from tasks.stage import GptflowError
+from tasks.train_config import TrainOptions
 
 
-class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PretrainConfig(TrainOptions):
     model: GPTConfig = Field(description="The GPT architecture; vocab_size must hold the tokenizer's vocabulary.")
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
     batch_tokens: int | None = Field(
         None,
         ge=1,
@@ -43,28 +41,9 @@ class PretrainConfig(BaseModel):
         "batch_tokens / (num_workers * batch_size * block_size), which must be a whole number. None: use grad_accum.",
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak (Chinchilla: 0.1).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on matrices (GPT-3: 0.1).")
-    beta1: float = Field(0.9, description="AdamW beta1.")
-    beta2: float = Field(0.95, description="AdamW beta2 (GPT-3: 0.95).")
-    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
-    seed: int = Field(1337, description="Seeds the weights and the data windows: same seed, same run.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="ddp: every worker holds the whole model and optimizer. fsdp: weights, gradients and AdamW "
-        "states sharded over the workers (PyTorch FSDP2, one unit per block), for models that do not fit one device.",
-    )
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
-    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
-    compile: bool = Field(False, description="torch.compile the model.")
-    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
-    eval_every: int = Field(50, ge=1, description="Validation loss every N steps (and at the end).")
     eval_batches: int = Field(4, ge=1, description="Validation micro-batches per evaluation.")
-    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
     @model_validator(mode="after")
     def _check_batch_tokens(self) -> PretrainConfig:
@@ -91,21 +70,6 @@ class PretrainConfig(BaseModel):
     @property
     def tokens_per_step(self) -> int:
         return self.num_workers * self.batch_size * self.accum_steps * self.model.block_size
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """The learning rate of step `step` (from 0): linear warmup, then cosine or warmup-stable-decay to the floor."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "wsd":
-        decay_start = int(cfg.steps * 0.8)
-        if step < decay_start:
-            return cfg.lr
-        frac = (step - decay_start) / max(cfg.steps - decay_start, 1)
-        return cfg.lr - (cfg.lr - floor) * frac
-    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 # ---------------------------------------------------------------- the driver

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.lora import LoraOptions
 from tasks.chat import IGNORE, render
@@ -33,14 +33,13 @@ from tasks.conversations import SFTSource, load_mixture
 from tasks.plots import plot_loss
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
+from tasks.train_config import TrainOptions
 
 if TYPE_CHECKING:
     import torch
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SFTConfig(TrainOptions):
     @field_validator("sources", mode="before")
     @classmethod
     def _paths_as_sources(cls, value: Any) -> Any:
@@ -58,33 +57,12 @@ class SFTConfig(BaseModel):
     lora: LoraOptions | None = Field(
         None, description="Train LoRA adapters (peft) instead of every weight; model/ gets them merged, adapters/ alone.")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Conversations held out to measure validation loss.")
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Windows (packed) or conversations (padded) per micro-batch per worker.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
     batch_tokens: int | None = Field(
         None, ge=1,
         description="Tokens per optimizer step; grad_accum then follows as batch_tokens / (num_workers * batch_size * "
         "block_size of the base model), which must be a whole number. None: use grad_accum.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for fine-tuning).")
-    beta1: float = Field(0.9, description="AdamW beta1.")
-    beta2: float = Field(0.95, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
-    seed: int = Field(1337, description="Shuffles the data and orders the windows: same seed, same run.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: every worker holds the whole model and optimizer. fsdp: weights, gradients and AdamW "
-        "states sharded over the workers (PyTorch FSDP2, one unit per block).")
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
-    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
-    compile: bool = Field(False, description="torch.compile the model.")
-    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     eval_every: int = Field(50, ge=1, description="Validation loss on every held-out window every N steps (and at the end).")
-    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     packing: bool = Field(
         True, description="Pack several conversations into each window of block_size+1 tokens, each closed by "
         "<|endoftext|>, with the document mask on (no conversation attends to another, positions restart). False: "

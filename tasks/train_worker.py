@@ -29,9 +29,10 @@ from infra.progress import report_progress
 from models.config import GPTConfig
 from models.plan import peak_bf16_flops
 from tasks import train_state
-from tasks.pretrain import PretrainConfig, lr_at
+from tasks.pretrain import PretrainConfig
 from tasks.refs import RunLink
 from tasks.stage import GptflowError
+from tasks.train_config import lr_at
 
 log = logging.getLogger(__name__)
 

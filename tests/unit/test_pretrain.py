@@ -28,10 +28,11 @@ import torch
 from infra.env import DATA_DIR, REPO_ROOT
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
-from tasks.pretrain import PretrainConfig, lr_at, pretrain_gpt
+from tasks.pretrain import PretrainConfig, pretrain_gpt
 from tasks.refs import CorpusRef, ModelRef, ShardsRef
 from tasks.stage import GptflowError
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
+from tasks.train_config import lr_at
 from tasks.train_worker import TokenWindows
 
 CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"

@@ -1,0 +1,57 @@
+"""The options every Ray Train stage shares (pretraining, SFT, and the alignment methods after them).
+
+A stage's config subclasses `TrainOptions` and redeclares a field only to change its default or its text.
+`lr_at` is the schedule they all follow. No torch here: the CLI, the presets and Prefect's schemas read it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; tokens/step = workers*batch*accum*block.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak (Chinchilla: 0.1).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on matrices.")
+    beta1: float = Field(0.9, description="AdamW beta1.")
+    beta2: float = Field(0.95, description="AdamW beta2 (GPT-3: 0.95).")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
+    seed: int = Field(1337, description="Seeds the weights and the data order: same seed, same run.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model and optimizer. fsdp: weights, gradients and AdamW "
+        "states sharded over the workers (PyTorch FSDP2, one unit per block), for models that do not fit one device.",
+    )
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker (torch threads on CPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_every: int = Field(50, ge=1, description="Validation every N steps (and at the end).")
+    ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+def lr_at(step: int, cfg: TrainOptions) -> float:
+    """The learning rate of step `step` (from 0): linear warmup, then cosine or warmup-stable-decay to the floor."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * 0.8)
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(cfg.steps - decay_start, 1)
+        return cfg.lr - (cfg.lr - floor) * frac
+    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
