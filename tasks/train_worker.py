@@ -219,21 +219,26 @@ def _restore(w: Worker, d: Path) -> None:
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, ...]],
                n_micro: int, grad_clip: float, device: torch.device, amp: Any,
-               distributed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               distributed: bool, loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `n_micro` micro-batches; returns (mean loss, gradient norm before clipping) as
     tensors on the device, so the host does not wait for the GPU: it samples and queues the next step meanwhile.
 
     A micro-batch is (x, y), whose mean loss counts 1/n_micro, or (x, y, scale), whose mean loss is multiplied
     by `scale` (SFT weighs each by its share of the step's assistant tokens). Gradients are all-reduced on the
-    last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`).
+    last micro-batch only (DDP `no_sync`, FSDP `set_requires_gradient_sync`). `loss_fn(model, micro)`, when
+    given, is the micro-batch's share of the step's loss instead (the alignment stages: pairs, rollouts).
     """
     to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
     loss_sum = torch.zeros((), device=device)
-    for micro, (x, y, *scale) in enumerate(batches):
+    for micro, batch in enumerate(batches):
         sync = not distributed or micro == n_micro - 1
         with _grad_sync(model, sync), amp:
-            loss = model(to_device(x), to_device(y))[1]
-            loss = loss * scale[0] if scale else loss / n_micro
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+            else:
+                x, y, *scale = batch
+                loss = model(to_device(x), to_device(y))[1]
+                loss = loss * scale[0] if scale else loss / n_micro
             loss.backward()
         loss_sum += loss.detach()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -244,10 +249,19 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iter
     return loss_sum, gnorm
 
 
-class Batches(Protocol):
-    """Where a stage's batches come from: a step's micro-batches on this rank, and the validation metrics."""
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
-    def micro_batches(self, w: Worker, step: int) -> Iterable[tuple[torch.Tensor, ...]]: ...
+
+class Batches(Protocol):
+    """Where a stage's batches come from: a step's micro-batches on this rank, and the validation metrics.
+
+    Optional, for stages whose loss is not the language-model loss of (x, y): `loss(model, micro)`, the
+    micro-batch's share of the step's loss (see `train_step`), and `step_metrics(w)`, the stage's own metrics
+    since the last log step (reward, KL, margins), merged into what is logged; a collective call when it
+    averages over ranks.
+    """
+
+    def micro_batches(self, w: Worker, step: int) -> Iterable[Any]: ...
 
     def evaluate(self, w: Worker) -> dict[str, float]: ...  # holds "val/loss"; a collective call
 
@@ -273,7 +287,8 @@ def _worker_step(w: Worker, data: Batches, step: int, lr: float) -> tuple[torch.
     for group in w.opt.param_groups:
         group["lr"] = lr
     batches = data.micro_batches(w, step)
-    return train_step(w.model, w.opt, batches, w.accum, w.cfg.grad_clip, w.device, w.amp, w.world > 1)
+    return train_step(w.model, w.opt, batches, w.accum, w.cfg.grad_clip, w.device, w.amp, w.world > 1,
+                      getattr(data, "loss", None))
 
 
 def evaluate(w: Worker, val: TokenWindows) -> float:
@@ -428,6 +443,8 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
             loss = _flush(pending, w.history)
         meter.progress_bar(done, loss if log_due else None)
         metrics = meter.train_metrics(done, lr, loss, gnorm_t) if log_due else {}
+        if log_due and hasattr(data, "step_metrics"):
+            metrics.update(data.step_metrics(w))
         if done % cfg.eval_every == 0 or last:
             metrics.update(data.evaluate(w))
             w.history["val"].append([done, metrics["val/loss"]])
