@@ -242,15 +242,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_summary(r: dict[str, Any]) -> None:
-    m = r["model"]
     print("\n=== gptflow pipeline finished ===")
     print(f"MLflow run:       {r['run_id']} (experiment '{r['experiment']}', tracking URI {r['tracking_uri']})")
-    print(f"Registered model: {m['name']} version {m['version']}  ->  models:/{m['name']}@{m['aliases'][0]}")
+    for reg in r["models"].values():
+        print(f"Registered model: {reg['name']} version {reg['version']}  ->  "
+              + ", ".join(f"models:/{reg['name']}@{a}" for a in reg["aliases"]))
     print("Stage times (s):  " + ", ".join(f"{k} {v:.1f}" + (" (cached)" if r["cached"].get(k) else "")
                                           for k, v in r["times"].items()))
-    print(f"Stage folders:    {Path(r['stage_dirs']['eval']).parent.parent}")
+    print(f"Stage folders:    {Path(r['stage_dirs']['sft']).parent.parent}")
     print(f"Browse:           mlflow ui --backend-store-uri {r['tracking_uri']} --host 127.0.0.1")
-    print("\nEval results:\n" + r["eval_table"])
+    print("\nEval results, side by side:\n" + r["eval_table"])
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

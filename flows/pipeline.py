@@ -1,4 +1,5 @@
-"""The pipeline flow: data -> tokenizer -> pretrain -> SFT -> align (DPO) -> eval -> registry.
+"""The pipeline flow: data -> tokenizer -> pretrain -> SFT -> one branch per alignment method -> eval of the SFT
+model and of every branch, side by side -> registry.
 
 One typed line per stage: each task takes the refs of the stages before it and returns its own (`tasks/refs.py`).
 One parent MLflow run per pipeline run (named `<preset>-<gitsha7>`), a nested run per stage, the wall time
@@ -13,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.config import PipelineConfig
 from flows.presets import PresetName, resolve
 from flows.stages import (
     align_task,
@@ -28,6 +30,8 @@ from flows.stages import (
 from infra.env import runs_dir
 from infra.ray_cluster import ray_session
 from tasks import tracking
+from tasks.evaluate import compare_reports
+from tasks.refs import EvalReport, ModelRef, TokenizerRef
 from tasks.registry import version_tags
 
 
@@ -49,25 +53,53 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             times["ray_start"] = time.perf_counter() - start
             base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
             chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
-            aligned, times["align"] = timed(align_task, cfg.align, chat, tok, root, parent)
-            report, times["eval"] = timed(eval_task, cfg.eval, aligned, tok, root, parent)
-            refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, "align": aligned, "eval": report}
-            tags = version_tags(preset, sha, parent, refs, report)
-            registered, times["register"] = timed(register_task, cfg.registration, aligned, tok, tags, parent)
+            branches = align_branches(cfg, chat, tok, root, parent, times)
+            reports: dict[str, EvalReport] = {}
+            for name, model in {"sft": chat, **branches}.items():  # the SFT model is every branch's baseline
+                reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root, parent, name)
+            refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **branches}
+            registered = {}
+            for i, (name, model) in enumerate(branches.items()):
+                tags = {**version_tags(preset, sha, parent, {**refs, "eval": reports[name]}, reports[name]),
+                        "align_method": name}
+                reg_cfg = cfg.registration.model_copy(  # `candidate` (and the other aliases) on the first method
+                    update={"aliases": [*(cfg.registration.aliases if i == 0 else []), name]})
+                registered[name], times[f"register_{name}"] = timed(register_task, reg_cfg, model, tok, tags, parent)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
                 classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
                 tracking.log_metrics(parent, classifier.metrics)
+        table = compare_reports(reports)
         times["total"] = sum(times.values())
         tracking.log_metrics(parent, {f"time/{k}_s": v for k, v in times.items()})
-        tracking.log_metrics(parent, base.metrics | chat.metrics | aligned.metrics | report.metrics)
-        tracking.log_artifact(parent, report.file("table"))
+        tracking.log_metrics(parent, base.metrics | chat.metrics)
+        for model in branches.values():
+            tracking.log_metrics(parent, model.metrics)
+        for name, report in reports.items():  # sft/eval/arc_easy/acc, dpo/eval/arc_easy/acc, ...
+            tracking.log_metrics(parent, {f"{name}/{k}": v for k, v in report.metrics.items()})
+        tracking.log_text(parent, table, "results.md")
+    first = next(iter(branches))
+    refs |= {f"eval_{name}": report for name, report in reports.items()}
     return {
         "run_id": parent,
         "tracking_uri": tracking.tracking_uri(),
         "experiment": tracking.EXPERIMENT,
-        "model": registered.model_dump(),
+        "model": registered[first].model_dump(),
+        "models": {name: reg.model_dump() for name, reg in registered.items()},
         "times": times,
         "cached": {s: ref.cached for s, ref in refs.items()},
         "stage_dirs": {s: str(ref.dir) for s, ref in refs.items()},
-        "eval_table": report.table,
+        "eval_table": table,
+        "eval_tables": {name: report.table for name, report in reports.items()},
     }
+
+
+def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root: str, parent: str,
+                   times: dict[str, float]) -> dict[str, ModelRef]:
+    """Each alignment method of `cfg.align.methods`, every one from the same SFT model: {method: its model}."""
+    branches: dict[str, ModelRef] = {}
+    for method in cfg.align.methods:
+        if method == "dpo":
+            branches["dpo"], times["align"] = timed(align_task, cfg.align, chat, tok, root, parent)
+        else:
+            raise ValueError(f"align.methods: unknown method {method!r}")
+    return branches

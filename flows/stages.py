@@ -36,9 +36,12 @@ from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 
 def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
-                  root: str, parent_run_id: str | None) -> Ref:
-    """Run `core(out_dir, run_link)` through `run_stage` inside the stage's MLflow run; log what it made."""
-    with tracking.stage_run(stage, parent_run_id) as run_id:
+                  root: str, parent_run_id: str | None, branch: str | None = None) -> Ref:
+    """Run `core(out_dir, run_link)` through `run_stage` inside the stage's MLflow run; log what it made.
+    `branch` names which model a stage that runs once per branch worked on (eval: `sft`, `dpo`, `ppo`, ...):
+    its MLflow run is then `<stage>-<branch>`, tagged `branch`."""
+    run_name = f"{stage}-{branch}" if branch else stage
+    with tracking.stage_run(run_name, parent_run_id, {"stage": stage, "branch": branch} if branch else None) as run_id:
         link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
         ref = run_stage(stage, cfg, inputs, lambda out: core(out, link), Path(root))
         tracking.log_stage(run_id, ref, cfg, inputs)
@@ -108,12 +111,12 @@ def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef,
 
 @task(name="eval", cache_policy=NO_CACHE)
 def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
-              parent_run_id: str | None = None) -> EvalReport:
+              parent_run_id: str | None = None, branch: str | None = None) -> EvalReport:
     from tasks.evaluate import evaluate_model
 
     inputs = {"model": model, "tokenizer": tokenizer, "benchmarks": as_input(cfg.data_dir)}
     return tracked_stage("eval", cfg, inputs, lambda out, _: evaluate_model(cfg, model, tokenizer, out),
-                         root, parent_run_id)
+                         root, parent_run_id, branch)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

@@ -28,7 +28,10 @@ from tasks.stage import GptflowError
 class AlignConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["dpo"] = Field("dpo", description="Alignment method.")
+    methods: tuple[Literal["dpo"], ...] = Field(
+        ("dpo",), min_length=1,
+        description="Alignment methods to run, each a branch from the same SFT model, evaluated side by side; the "
+        "first one's model gets the registry's `candidate` alias, every one an alias of its own name.")
     data: str = Field("data/preference/dpo_en_demo.json.gz", description="Preference pairs: HH-RLHF JSONL or ShareGPT chosen/rejected JSON.")
     max_pairs: int = Field(300, ge=2, description="Use at most this many pairs (after a seeded shuffle).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Pairs held out to measure preference accuracy.")

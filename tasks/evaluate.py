@@ -42,3 +42,19 @@ def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, ou
     files = {"results": out_dir / "results.json", "table": out_dir / "results.md", "plot": out_dir / "results.png"}
     return EvalReport(path=str(files["results"]), counts=counts, metrics=metrics,
                       files={name: str(p) for name, p in files.items()}, artifacts=["table", "results", "plot"])
+
+
+def compare_reports(reports: dict[str, EvalReport]) -> str:
+    """One Markdown table of every model's headline scores, a column per model (the branches of the pipeline:
+    the SFT model and each alignment method), a row per benchmark metric; the best of a row in bold."""
+    names = list(reports)
+    rows = sorted({k for r in reports.values() for k in r.scores()})
+    lower_better = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")
+    lines = ["| benchmark | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in rows:
+        values = [reports[n].scores().get(row) for n in names]
+        known = [v for v in values if v is not None]
+        best = (min if any(s in row for s in lower_better) else max)(known) if len(known) > 1 else None
+        cells = ["" if v is None else (f"**{v:.4f}**" if v == best else f"{v:.4f}") for v in values]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

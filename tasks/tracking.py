@@ -136,6 +136,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
+def log_text(run_id: str, text: str, name: str) -> None:
+    MlflowClient().log_text(run_id, text, name)
+
+
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     client = MlflowClient()

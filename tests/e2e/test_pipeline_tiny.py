@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "align", "eval"]
+STAGES = ["data", "tokenizer", "pretrain", "sft", "align", "eval-sft", "eval-dpo"]  # MLflow run names
+CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "eval_sft", "eval_dpo"]  # the flow's refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 
@@ -24,7 +25,7 @@ def first_run(workspace):
 def _children(client: MlflowClient, parent_id: str) -> dict:
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {r.data.tags["stage"]: r for r in runs}
+    return {r.info.run_name: r for r in runs}
 
 
 def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, workspace):
@@ -33,10 +34,13 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
     assert parent.info.status == "FINISHED"
-    for stage in STAGES + ["register", "total"]:
+    for stage in ["data", "tokenizer", "pretrain", "sft", "align", "eval_sft", "eval_dpo", "register_dpo", "total"]:
         assert parent.data.metrics[f"time/{stage}_s"] > 0
     children = _children(client, first_run["run_id"])
     assert set(STAGES + ["register"]) <= set(children)
+    table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
+    assert table.splitlines()[0].split("|")[2:4] == [" sft ", " dpo "], table  # the branches side by side
+    assert first_run["eval_table"] == table
     for stage in STAGES:
         run = children[stage]
         assert run.info.status == "FINISHED", stage
@@ -45,7 +49,7 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "manifest.json" in names, (stage, names)
         manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "manifest.json")).read_text())
-        assert manifest["stage"] == stage and manifest["outputs"], stage
+        assert manifest["stage"] == stage.split("-")[0] and manifest["outputs"], stage
         for out in manifest["outputs"].values():
             assert len(out["sha256"]) == 64
     data_files = {a.path for a in client.list_artifacts(children["data"].info.run_id)}
@@ -60,7 +64,8 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     assert len(history) >= 2 and history[-1].value < history[0].value, "pretraining loss did not fall"
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
     assert children["sft"].data.metrics["sft/val_loss_after"] < children["sft"].data.metrics["sft/val_loss_before"]
-    evals = children["eval"].data.metrics
+    assert children["eval-dpo"].data.tags["branch"] == "dpo"
+    evals = children["eval-dpo"].data.metrics
     for task in ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa",
                  "lambada_openai", "wikitext"]:
         assert any(k.startswith(f"eval/{task}/") or k.startswith(f"eval/gptflow_{task}/") for k in evals), task
@@ -73,6 +78,8 @@ def test_a_model_version_is_registered_with_its_alias(first_run):
     assert int(version.version) == m["version"]
     assert version.tags["preset"] == "tiny"
     assert version.tags["pipeline_run_id"] == first_run["run_id"]
+    assert version.tags["align_method"] == "dpo"
+    assert client.get_model_version_by_alias(m["name"], "dpo").version == version.version
 
 
 def test_the_registered_model_loads_and_generates(first_run):
@@ -86,12 +93,12 @@ def test_the_registered_model_loads_and_generates(first_run):
 
 def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
-    assert all(again["cached"][s] for s in STAGES), again["cached"]
+    assert all(again["cached"][s] for s in CACHED), again["cached"]
     assert again["stage_dirs"] == first_run["stage_dirs"]
     changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.steps": 2})
     cached = changed["cached"]
     assert cached["data"] and cached["tokenizer"] and cached["pretrain"]
-    assert not cached["sft"] and not cached["align"] and not cached["eval"]
+    assert not cached["sft"] and not cached["dpo"] and not cached["eval_sft"] and not cached["eval_dpo"]
 
 
 def test_nothing_was_written_into_the_home_folder(first_run):

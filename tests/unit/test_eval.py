@@ -557,3 +557,19 @@ def test_evaluate_model_reports_scores_and_files(model_dir, tokenizer_path, tmp_
     results = json.loads(report.file("results").read_text())["results"]
     assert report.scores() == {f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
     assert report.counts["tasks"] == 2 and report.counts["docs_arc_easy"]["effective"] == 2
+
+
+def test_compare_reports_puts_each_model_in_a_column_and_bolds_the_best_of_each_row():
+    from tasks.evaluate import compare_reports
+    from tasks.refs import EvalReport
+
+    reports = {"sft": EvalReport(path="a", metrics={"eval/arc_easy/acc": 0.30, "eval/wikitext/word_perplexity": 900.0,
+                                                    "eval/arc_easy/acc_stderr": 0.01}),
+               "dpo": EvalReport(path="b", metrics={"eval/arc_easy/acc": 0.25, "eval/wikitext/word_perplexity": 800.0}),
+               "ppo": EvalReport(path="c", metrics={"eval/arc_easy/acc": 0.28})}
+    lines = compare_reports(reports).splitlines()
+    assert lines[0] == "| benchmark | sft | dpo | ppo |"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]}
+    assert set(rows) == {"arc_easy/acc", "wikitext/word_perplexity"}  # standard errors left out
+    assert rows["arc_easy/acc"] == ["**0.3000**", "0.2500", "0.2800"]  # higher is better
+    assert rows["wikitext/word_perplexity"] == ["900.0000", "**800.0000**", ""]  # lower is better; a missing cell
