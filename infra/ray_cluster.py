@@ -21,11 +21,13 @@ def ray_init(num_cpus: int | None = None) -> None:
               "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY")  # the seeded datatrove assets live under HF_*
     env_vars = {k: os.environ[k] for k in passed if k in os.environ}
     env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "infra.ray_cluster.quiet_worker_logs"}
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return
+    # One machine has no spot preemption to watch for: no PreemptionWatcher actor (a process per fit).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     temp = workspace() / "ray"
     temp.mkdir(parents=True, exist_ok=True)
     ray.init(
@@ -37,6 +39,13 @@ def ray_init(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def quiet_worker_logs() -> None:
+    """Run by Ray in every worker process it starts. Ray Train's placement-group cleaner asks the state API,
+    which lives in the dashboard, whether the run's controller is alive; without a dashboard (ours is off) it
+    warned "State API may be temporarily unavailable" once a second for the whole fit. Its real errors stay."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @contextmanager

@@ -138,17 +138,6 @@ def test_both_boolq_layouts_read_the_same(tmp_path):
     assert read_boolq(path) == [plain, plain]
 
 
-@pytest.fixture
-def sqlite_mlflow(tmp_path):
-    before = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    mlflow.set_tracking_uri(before)
-
-
 @pytest.mark.slow
 def test_classify_task_logs_its_run_and_registers_a_loadable_classifier(base, tok_ref, tmp_path, sqlite_mlflow):
     from flows.stages import classify_task

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
+def _assert_no_line_repeats(text: str, most: int = 3) -> None:
+    """The terminal stays readable: no line (its Ray pid prefix aside) printed more than `most` times. Ray
+    Train's placement-group cleaner printed "State API may be temporarily unavailable" once a second."""
+    lines = Counter(re.sub(r"pid=\d+", "pid", line).strip() for line in text.splitlines() if line.strip())
+    repeated = {line: n for line, n in lines.items() if n > most}
+    assert not repeated, repeated
+
+
 def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_path):
     base, tok = inputs
     out = tmp_path / "stage"
@@ -174,6 +184,7 @@ def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_pa
         shutil.rmtree(home, ignore_errors=True)
     killed_at = _registered_step(run_dir)
     assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+    _assert_no_line_repeats(log.read_text())
 
     finetune_sft(CFG, base, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)
 

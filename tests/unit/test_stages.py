@@ -29,21 +29,9 @@ from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 from tasks.tracking import EXPERIMENT
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "sqlite_mlflow")  # a fresh MLflow store for the module
 
 VOCAB = 320
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sqlite_mlflow(tmp_path_factory):
-    """A fresh MLflow store for this module, restored afterwards."""
-    before = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    mlflow.set_tracking_uri(before)
 
 
 def stage_run(stage: str):
