@@ -62,6 +62,7 @@ class PPOConfig(TrainOptions):
     batch_size: int = Field(8, ge=1, description="Rollouts per minibatch per worker: one optimizer step's rows.")
     minibatches: int = Field(2, ge=1, description="Minibatches per rollout batch: each worker samples batch_size * "
                                                   "minibatches responses per PPO iteration.")
+    steps: int = Field(16, ge=1, description="Optimizer steps (minibatch updates); iterations = steps / (ppo_epochs * minibatches).")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch (InstructGPT/Ziegler: 4; fewer for tiny runs).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (InstructGPT 1.3B: 9.65e-6).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
@@ -81,7 +82,7 @@ class PPOConfig(TrainOptions):
     normalize_reward: bool = Field(True, description="Scores to zero mean, unit variance with running statistics over every rollout so far.")
     whiten_advantages: bool = Field(True, description="Advantages to zero mean, unit variance per rollout batch.")
     eval_every: int = Field(1000, ge=1, description="Held-out reward and KL every N steps (and at the end).")
-    ckpt_every: int = Field(1000, ge=1, description="Checkpoint every N steps (and at the end): a multiple of "
+    ckpt_every: int = Field(1200, ge=1, description="Checkpoint every N steps (and at the end): a multiple of "
                                                     "ppo_epochs * minibatches, so that checkpoints fall between iterations.")
     log_every: int = Field(2, ge=1, description="Log metrics every N steps.")
 
