@@ -79,6 +79,11 @@ class PPOConfig(TrainOptions):
         None, gt=0, description="Adaptive KL (Ziegler et al.): the coefficient steers the KL per response toward this "
                                 "value (their 6 nats). None: a fixed coefficient.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples (Ziegler et al.: 10000).")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="PPO-ptx (InstructGPT section 3.6): weight of a language-modelling loss on whole "
+                               "conversations of `sources` added to every minibatch's loss, against the alignment tax "
+                               "(InstructGPT: 27.8, on pretraining data). 0: plain PPO.")
+    ptx_batch: int = Field(4, ge=1, description="PPO-ptx rows per optimizer step per worker, drawn by (seed, step, rank).")
     normalize_reward: bool = Field(True, description="Scores to zero mean, unit variance with running statistics over every rollout so far.")
     whiten_advantages: bool = Field(True, description="Advantages to zero mean, unit variance per rollout batch.")
     eval_every: int = Field(1000, ge=1, description="Held-out reward and KL every N steps (and at the end).")
@@ -159,12 +164,13 @@ def _reward_spec(cfg: PPOConfig, reward: ModelRef | None, tok) -> dict[str, Any]
 # ---------------------------------------------------------------- prompts
 
 
-def load_prompts(cfg: PPOConfig, tok, block_size: int) -> tuple[list[list[int]], list[list[int]], dict[str, Any]]:
+def load_prompts(cfg: PPOConfig, tok, block_size: int) -> tuple[list[list[int]], list[list[int]], list[list[int]], dict[str, Any]]:
     """Each conversation's ids up to and with its first `<|assistant|>` (system and user turns before it): the
-    train and held-out prompts, and counts. A prompt that leaves less than `response_len` tokens of context is
-    skipped and counted (`prompts_too_long`); so is a conversation without an assistant turn."""
+    train and held-out prompts, the train conversations whole (cut to the context: PPO-ptx's rows), and counts.
+    A prompt that leaves less than `response_len` tokens of context is skipped and counted (`prompts_too_long`);
+    so is a conversation without an assistant turn."""
     convos, data_counts = load_mixture(list(cfg.sources), cfg.max_prompts, cfg.seed)
-    prompts, counts = [], {"prompts_too_long": 0, "prompts_no_assistant": 0}
+    prompts, rows, counts = [], [], {"prompts_too_long": 0, "prompts_no_assistant": 0}
     for c in convos:
         ids, labels = render(c, tok, sys.maxsize)
         start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
@@ -174,13 +180,15 @@ def load_prompts(cfg: PPOConfig, tok, block_size: int) -> tuple[list[list[int]],
             counts["prompts_too_long"] += 1
         else:
             prompts.append(ids[:start])
+            rows.append(ids[: block_size + 1])
     names = ", ".join(s.path for s in cfg.sources)
     if len(prompts) <= cfg.val_prompts:
         raise GptflowError(f"{names}: {len(prompts)} usable prompts, need more than ppo.val_prompts={cfg.val_prompts} "
                            f"(counts: {counts})")
     counts |= {f"data/{k}": v for k, v in data_counts.items()}
     counts |= {"prompts_train": len(prompts) - cfg.val_prompts, "prompts_val": cfg.val_prompts}
-    return prompts[cfg.val_prompts:], prompts[: cfg.val_prompts], counts
+    v = cfg.val_prompts
+    return prompts[v:], prompts[:v], rows[v:], counts
 
 
 # ---------------------------------------------------------------- the driver
@@ -215,11 +223,11 @@ def train_ppo(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
     sft = Path(model.path).resolve()
     tok = load_tokenizer(Path(tokenizer.path))
     spec = _reward_spec(cfg, reward, tok)
-    train, val, counts = load_prompts(cfg, tok, load_config(sft).block_size)
+    train, val, ptx, counts = load_prompts(cfg, tok, load_config(sft).block_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = out_dir / "prompts.json"
-    prompts.write_text(json.dumps({"train": train, "val": val, "end_id": tok.token_to_id(END),
-                                   "pad_id": tok.token_to_id(PAD)}))
+    prompts.write_text(json.dumps({"train": train, "val": val, "ptx": ptx if cfg.ptx_coef > 0 else [],
+                                   "end_id": tok.token_to_id(END), "pad_id": tok.token_to_id(PAD)}))
     config = {"cfg": cfg.model_dump(mode="json"), "sft": str(sft), "prompts": str(prompts.resolve()),
               "reward": spec, "run": (run or RunLink()).model_dump()}
     start = time.perf_counter()

@@ -91,7 +91,9 @@ class PPOBatches:
 
     def __init__(self, cfg: PPOConfig, prompts: dict[str, Any], ref: torch.nn.Module, score: Scorer):
         self.cfg, self.ref, self.score = cfg, ref, score
-        self.train, self.val = prompts["train"], prompts["val"]
+        self.train, self.val, self.ptx = prompts["train"], prompts["val"], prompts.get("ptx", [])
+        if cfg.ptx_coef > 0 and not self.ptx:
+            raise GptflowError("ppo.ptx_coef > 0 but there are no PPO-ptx rows")
         self.end_id, self.pad_id = prompts["end_id"], prompts["pad_id"]
         self.iteration: int | None = None
         self.done = 0  # steps finished once the current one is: the step an evaluation belongs to
@@ -169,7 +171,8 @@ class PPOBatches:
 
     # -- the Batches protocol
 
-    def micro_batches(self, w: Worker, step: int) -> list[Rollouts]:
+    def micro_batches(self, w: Worker, step: int) -> list[tuple[Rollouts, tuple[torch.Tensor, torch.Tensor] | None]]:
+        """The step's minibatch of this iteration's rollouts, and PPO-ptx's (x, y) rows when ptx_coef > 0."""
         cfg = self.cfg
         iteration, k = divmod(step, cfg.steps_per_iteration)
         self.done = step + 1
@@ -178,34 +181,59 @@ class PPOBatches:
         epoch, mb = divmod(k, cfg.minibatches)
         order = np.random.default_rng([cfg.seed, iteration, epoch, w.rank]).permutation(cfg.batch_size * cfg.minibatches)
         rows = torch.from_numpy(order[mb * cfg.batch_size : (mb + 1) * cfg.batch_size]).to(w.device)
-        return [self.rollouts.rows(rows)]
+        ptx = None
+        if cfg.ptx_coef > 0:
+            from tasks.sft import pad_batch
 
-    def loss(self, model: torch.nn.Module, ro: Rollouts) -> torch.Tensor:
-        """The minibatch's PPO loss: clipped surrogate + vf_coef * clipped value loss - entropy_coef * entropy."""
+            picks = np.random.default_rng([cfg.seed, step, w.rank, 1]).choice(len(self.ptx), size=cfg.ptx_batch)
+            x, y = pad_batch([(self.ptx[i], self.ptx[i]) for i in picks], self.pad_id)
+            ptx = x.to(w.device), y.to(w.device)
+        return [(self.rollouts.rows(rows), ptx)]
+
+    def loss(self, model: torch.nn.Module, micro: tuple[Rollouts, tuple[torch.Tensor, torch.Tensor] | None]
+             ) -> torch.Tensor:
+        """The minibatch's PPO loss: clipped surrogate + vf_coef * clipped value loss - entropy_coef * entropy,
+        + ptx_coef * the LM loss of the PPO-ptx rows, which join the rollouts in one forward (one DDP call); the
+        extra right padding changes no earlier position's logits (causal attention)."""
         cfg = self.cfg
-        logits, values = model(ro.seq, values=True)
-        logits = response_logits(logits, ro.pos)  # (B, R, V)
-        values = torch.take_along_dim(values.float(), ro.pos, dim=1)  # (B, R)
+        ro, ptx = micro
+        B, seq = ro.seq.size(0), ro.seq
+        if ptx is not None:
+            T = max(seq.size(1), ptx[0].size(1))
+            pad = lambda t: torch.nn.functional.pad(t, (0, T - t.size(1)), value=self.pad_id)  # noqa: E731
+            seq = torch.cat([pad(seq), pad(ptx[0])])  # (B + ptx_batch, T)
+        all_logits, all_values = model(seq, values=True)
+        logits = response_logits(all_logits[:B], ro.pos)  # (B, R, V)
+        values = torch.take_along_dim(all_values[:B].float(), ro.pos, dim=1)  # (B, R)
         logp = token_logprobs(logits, ro.tokens)
         pg, clip_frac = policy_loss(logp, ro.old_logp, ro.advantages, ro.mask, cfg.clip)
         vf = value_loss(values, ro.old_values, ro.returns, ro.mask, cfg.clip_value)
         ent = masked_mean(entropy(logits), ro.mask)
         log_ratio = (logp - ro.old_logp).detach()
         approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, ro.mask)  # k3: how far this epoch has moved
-        self.updates.append([t.item() for t in (pg, vf, ent, clip_frac, approx_kl)])
         loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * ent
+        lm = torch.zeros(())
+        if ptx is not None:
+            from models.gpt import GPT
+
+            lm = GPT.loss(all_logits[B:, : ptx[1].size(1)], ptx[1])
+            loss = loss + cfg.ptx_coef * lm
+        self.updates.append([t.item() for t in (pg, vf, ent, clip_frac, approx_kl, lm)])
         if not torch.isfinite(loss):
             raise GptflowError(f"ppo: the loss is {loss.item()} (policy {pg.item()}, value {vf.item()}); stopping")
         return loss
 
     def step_metrics(self, w: Worker) -> dict[str, float]:
         """Means since the last log step over every rank, and the latest rollout batch's numbers."""
-        means = np.mean(self.updates, axis=0).tolist() if self.updates else [math.nan] * 5
+        means = np.mean(self.updates, axis=0).tolist() if self.updates else [math.nan] * 6
         self.updates = []
         means = [v / w.world for v in _global_sum(means, w)]
-        names = ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl")
+        names = ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "ptx_loss")
         ro = self.last_rollout
-        return {**{f"ppo/{k}": v for k, v in zip(names, means, strict=True)},
+        updates = dict(zip(names, means, strict=True))
+        if self.cfg.ptx_coef == 0:
+            del updates["ptx_loss"]
+        return {**{f"ppo/{k}": v for k, v in updates.items()},
                 **{f"ppo/{k}": ro[k] for k in ("reward", "kl", "kl_coef", "response_len", "explained_variance")},
                 "perf/rollout_tokens_per_s": ro["tokens_per_s"]}
 

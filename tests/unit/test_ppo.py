@@ -173,6 +173,33 @@ def test_a_nan_reward_stops_the_rollout(inputs):
         data.micro_batches(w, 0)
 
 
+def test_ppo_ptx_adds_the_lm_loss_of_its_rows(inputs):
+    """PPO-ptx: the minibatch's loss grows by exactly ptx_coef times the LM loss of its ptx rows, although they
+    share the rollouts' forward (padded to one length): the padding changes none of the rollouts' logits."""
+    from contextlib import nullcontext
+
+    from models.checkpoint import load_config, load_model
+    from models.value import load_value_gpt
+    from tasks.ppo import PPOConfig, token_scorer
+    from tasks.ppo_worker import PPOBatches
+    from tasks.train_worker import Worker
+
+    model, _, prompts, _ = inputs
+    cfg = PPOConfig(reward_token="x", batch_size=2, minibatches=1, response_len=4, ptx_coef=0.5, ptx_batch=3)
+    raw = load_value_gpt(Path(model.path))
+    w = Worker(cfg, 0, 1, torch.device("cpu"), raw, raw, raw.configure_optimizer(1e-3, 0.0), nullcontext(), 1,
+               load_config(Path(model.path)))
+    rows = {**prompts, "ptx": [p * 9 for p in prompts["train"]]}  # 90 tokens: longer than any rollout row
+    data = PPOBatches(cfg, rows, load_model(Path(model.path)).eval(), token_scorer(5))
+    [(ro, ptx)] = data.micro_batches(w, 0)
+    assert ptx[0].shape == (3, 89) and ptx[0].size(1) > ro.seq.size(1)
+    with torch.no_grad():
+        lm = raw(*ptx)[1]
+        gap = data.loss(raw, (ro, ptx)) - data.loss(raw, (ro, None))
+    torch.testing.assert_close(gap, 0.5 * lm, rtol=0, atol=1e-5)
+    assert "ppo/ptx_loss" in data.step_metrics(w)
+
+
 # ---------------------------------------------------------------- inputs: a tokenizer and a lightly trained model
 
 
