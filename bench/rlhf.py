@@ -16,7 +16,10 @@ Measured:
     alone (forward, backward, AdamW of one minibatch).
 Measures and prints, asserts nothing.
 
-Run: `python -m bench.rlhf [--layers 4 --embd 128] [--out bench/results/rlhf_cpu.json]`.
+Run: `python -m bench.rlhf [--layers 4 --embd 128] [--out bench/results/rlhf_cpu.json]`. Measured
+(`bench/results/rlhf_cpu.json`: 2 layers x 128, 16 prompts of 40 + 32 tokens, 1 thread, 2 CPU cores shared at
+load ~30): 1,272 rollout tokens/s with the cache, 68 without (18.7x); PPO 0.51 s per optimizer step with its
+rollouts, 0.27 s for the update alone.
 """
 
 from __future__ import annotations

@@ -173,6 +173,28 @@ def test_a_nan_reward_stops_the_rollout(inputs):
         data.micro_batches(w, 0)
 
 
+def test_prompts_too_long_are_counted_and_the_reward_must_be_one_token(inputs):
+    """A prompt that leaves fewer than response_len tokens of context is skipped and counted; a toy reward of
+    several tokens, or no reward at all, is a one-line error."""
+    from tasks.bpe import load_tokenizer
+    from tasks.ppo import PPOConfig, _reward_spec, load_prompts
+    from tasks.stage import GptflowError
+
+    tok = load_tokenizer(Path(inputs[1].path))
+    short = PPOConfig(sources=str(DATA), max_prompts=100, val_prompts=4, response_len=8)
+    train, val, ptx, counts = load_prompts(short, tok, 128)
+    assert len(train) + len(val) + counts["prompts_too_long"] == 100 and len(ptx) == len(train)
+    assert all(len(p) + 8 <= 128 and p[-1] == tok.token_to_id("<|assistant|>") for p in train + val)
+    long = short.model_copy(update={"response_len": 100})
+    assert load_prompts(long, tok, 128)[3]["prompts_too_long"] > counts["prompts_too_long"]
+    with pytest.raises(GptflowError, match="not one"):
+        _reward_spec(short.model_copy(update={"reward_token": "hello world"}), None, tok)
+    with pytest.raises(GptflowError, match="needs a reward"):
+        _reward_spec(short, None, tok)
+    assert _reward_spec(short.model_copy(update={"reward_token": "<|end|>"}), None, tok) == {
+        "token_id": tok.token_to_id("<|end|>")}
+
+
 def test_ppo_ptx_adds_the_lm_loss_of_its_rows(inputs):
     """PPO-ptx: the minibatch's loss grows by exactly ptx_coef times the LM loss of its ptx rows, although they
     share the rollouts' forward (padded to one length): the padding changes none of the rollouts' logits."""
