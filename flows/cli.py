@@ -5,6 +5,7 @@
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
     gptflow sft|align|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow ppo --model SFT_MODEL --reward-model RM_DIR [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
 
@@ -27,7 +28,7 @@ from typing import Any
 from infra.env import resolve_path, setup_env
 from infra.startup import freeze_heap
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "eval", "classify")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "ppo", "eval", "classify")
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
 
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--input", required=True, metavar="SHARDS_DIR", help="shards folder from the tokenizer stage")
 
     for name, what in (("sft", "supervised fine-tuning on chat data"), ("align", "DPO on preference pairs"),
+                       ("ppo", "PPO against a reward model, with a KL penalty to the SFT model (InstructGPT)"),
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format"),
                        ("classify", "GPT-1 task fine-tuning: a yes/no head on BoolQ")):
         sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with tokenizer.json" + ("" if name == "export" else " (default: the model's own)"))
         if name == "export":
             sp.add_argument("--out", required=True, metavar="DIR", help="output folder for the Hugging Face model")
+        if name == "ppo":
+            sp.add_argument("--reward-model", metavar="RM_DIR",
+                            help="reward model folder from the reward stage (omit only with --set reward_token=TOKEN, a toy reward)")
     imp = sub.add_parser("import", help="import a Hugging Face GPT-2 or Llama folder as our model",
                          description="Turn a Hugging Face GPT2LMHeadModel or LlamaForCausalLM folder (config.json and "
                                      "safetensors; pickles are refused) into our model folder, the base for sft/align.")
@@ -193,8 +198,14 @@ def stage_config(args: argparse.Namespace, stage: str):
     from flows.presets import resolve
 
     base = resolve(args.preset)
-    section = getattr(base, stage).model_dump(mode="json")
-    field = PipelineConfig.model_fields[stage].annotation
+    if stage in PipelineConfig.model_fields:
+        section = getattr(base, stage).model_dump(mode="json")
+        field = PipelineConfig.model_fields[stage].annotation
+    else:  # a stage the pipeline config does not hold (yet): its own defaults
+        from tasks.ppo import PPOConfig
+
+        field = {"ppo": PPOConfig}[stage]
+        section = field().model_dump(mode="json")
     section = apply_overrides(section, overrides_from(args, field), where=f"{stage} config")
     return validate(field, section, f"{stage} config")
 
@@ -273,8 +284,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         params["corpus"] = require(args.input, "corpus")
     elif args.command == "pretrain":
         params["shards"] = require(args.input, "shards folder")
-    elif args.command in ("sft", "align", "eval", "classify"):
+    elif args.command in ("sft", "align", "ppo", "eval", "classify"):
         params.update(zip(("model", "tokenizer"), model_source(args), strict=True))
+    if args.command == "ppo":
+        params["reward_model"] = require(args.reward_model, "reward model folder") if args.reward_model else None
     warm = None
     if args.command == "data":  # the workers' forkserver and the stage's imports, while Prefect's server starts
         from tasks.data import warm_up

@@ -27,6 +27,7 @@ from tasks.align import AlignConfig
 from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig, build_corpus, crawl_inputs
 from tasks.evaluate import EvalConfig
+from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
 from tasks.registry import RegistryConfig
@@ -94,6 +95,17 @@ def align_task(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, root:
                          root, parent_run_id)
 
 
+@task(name="ppo", cache_policy=NO_CACHE)
+def ppo_task(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, reward: ModelRef | None, root: str,
+             parent_run_id: str | None = None) -> ModelRef:
+    """PPO from the SFT `model` against the `reward` model (None: the toy `cfg.reward_token`)."""
+    from tasks.ppo import train_ppo
+
+    inputs = {"model": model, "tokenizer": tokenizer, **({"reward": reward} if reward else {}), **source_inputs(cfg.sources)}
+    return tracked_stage("ppo", cfg, inputs, lambda out, run: train_ppo(cfg, model, tokenizer, out, run, reward=reward),
+                         root, parent_run_id)
+
+
 @task(name="classify", cache_policy=NO_CACHE)
 def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
                   parent_run_id: str | None = None) -> ModelRef:
@@ -157,6 +169,13 @@ def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdi
 @flow(name="align", log_prints=True)
 def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> ModelRef:
     return align_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@flow(name="ppo", log_prints=True)
+def ppo_flow(model: str, tokenizer: str, reward_model: str | None = None, config: PPOConfig = PPOConfig(),
+             workdir: str | None = None) -> ModelRef:
+    reward = ModelRef(path=reward_model) if reward_model else None
+    return ppo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), reward, _root(workdir))
 
 
 @flow(name="classify", log_prints=True)
