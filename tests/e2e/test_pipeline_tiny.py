@@ -88,7 +88,7 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
     assert all(again["cached"][s] for s in STAGES), again["cached"]
     assert again["stage_dirs"] == first_run["stage_dirs"]
-    changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.steps": 2})
+    changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.dpo.steps": 2})
     cached = changed["cached"]
     assert cached["data"] and cached["tokenizer"] and cached["pretrain"]
     assert not cached["sft"] and not cached["align"] and not cached["eval"]

@@ -21,6 +21,7 @@ from models.config import GPTConfig
 from models.gpt import GPT
 from tasks.align import AlignConfig
 from tasks.data import DataConfig
+from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, ShardsRef, TokenizerRef
@@ -133,10 +134,13 @@ def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
     assert {"manifest.json", "loss_curve.png"} <= artifacts(run)
     pairs = _jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: {i}?\n\nAssistant: yes.",
                                                "rejected": f"\n\nHuman: {i}?\n\nAssistant: no."} for i in range(12)])
-    aligned = align_task.fn(AlignConfig(data=pairs, steps=2, batch_size=2, max_pairs=12), chat, tokenizer, root)
+    dpo = DPOConfig(sources=pairs, steps=2, batch_size=2, max_pairs=12, num_workers=1, log_every=1)
+    aligned = align_task.fn(AlignConfig(dpo=dpo), chat, tokenizer, root)
     run = stage_run("align")
-    assert isinstance(aligned, ModelRef) and "align/val_dpo_loss_after" in run.data.metrics
+    assert isinstance(aligned, ModelRef) and "dpo/val_loss_after" in run.data.metrics
     assert run.data.metrics["align/data/records"] == run.data.metrics["align/data/kept"] == 12  # loader counts
+    assert "dpo/margin" in run.data.metrics  # logged by the Ray worker through the stage's run link
+    assert {"manifest.json", "loss_curve.png", "margins.png", "history.json"} <= artifacts(run)
     manifest = json.loads(Path(aligned.manifest).read_text())
     assert manifest["inputs"]["model"]["sha256"] == chat.sha256  # lineage: the SFT model's hash, not re-derived
 
