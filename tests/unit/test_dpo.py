@@ -1,21 +1,29 @@
 """DPO made a Ray Train stage: its losses equal TRL's on the same log-probs, the stored reference log-probs equal a
 fresh pass of the reference, bad pairs are counted by reason, and a 2-worker run on real preference pairs raises
 held-out preference accuracy and logs its per-step metrics to a sqlite MLflow run.
-Run: `pytest tests/unit/test_dpo.py -x -q` (about a minute: Ray start-up and one fit).
+A killed run resumes to the same curves.
+Run: `pytest tests/unit/test_dpo.py -x -q` (Ray start-up and three fits: ~1.5 min idle, ~6 min on a busy 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
-from infra.env import DATA_DIR
+from infra.env import DATA_DIR, REPO_ROOT
 from models.checkpoint import load_config, load_model, save_model
 from models.gpt import GPT, GPTConfig
 from tasks.bpe import save_tokenizer, train_bpe
@@ -30,9 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = DATA_DIR / "preference" / "dpo_en_demo.json.gz"
 VOCAB = 512
-# 2 workers x 8 pairs (16 rows of <= 65 tokens) per step, 30 steps over 216 training pairs (~2 epochs)
-CFG = DPOConfig(sources=str(DATA), max_pairs=240, val_fraction=0.1, steps=30, batch_size=8, lr=3e-3,
-                warmup_steps=2, log_every=5, eval_every=15, ckpt_every=15, seed=0)
+# 2 workers x 8 pairs (16 rows of <= 65 tokens) per step, 40 steps over 216 training pairs (~3 epochs); a
+# checkpoint every 8 steps, so that the killed run of the resume test is killed mid-run
+CFG = DPOConfig(sources=str(DATA), max_pairs=240, val_fraction=0.1, steps=40, batch_size=8, lr=2e-3,
+                warmup_steps=2, log_every=4, eval_every=20, ckpt_every=8, seed=0)
+STEPS, LOGGED = list(range(1, 41)), list(range(4, 41, 4))
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +175,18 @@ def test_dpo_run_raises_held_out_preference_accuracy(fitted, inputs, mlflow_run)
     assert c["truncated"] > 0 and c["data/records"] == 300  # real answers outgrow the 64-token context
     assert load_config(Path(ref.path)) == load_config(Path(inputs[0].path))  # the SFT model's config (dropout on)
     history = json.loads((out / "history.json").read_text())
-    assert [s for s, _ in history["train"]] == list(range(1, 31))
-    assert [h["step"] for h in history["val_dpo"]] == [0, 15, 30]
-    assert [row[0] for row in history["dpo"]] == [5, 10, 15, 20, 25, 30]
+    assert [s for s, _ in history["train"]] == STEPS
+    assert [h["step"] for h in history["val_dpo"]] == [0, 20, 40]
+    assert [row[0] for row in history["dpo"]] == LOGGED
     client = MlflowClient(mlflow_run.tracking_uri)
     for key in ("train/loss", "dpo/chosen_reward", "dpo/rejected_reward", "dpo/margin", "dpo/reward_acc"):
-        assert [x.step for x in client.get_metric_history(mlflow_run.run_id, key)] == [5, 10, 15, 20, 25, 30], key
-    assert [x.step for x in client.get_metric_history(mlflow_run.run_id, "val/reward_acc")] == [15, 30]
+        assert [x.step for x in client.get_metric_history(mlflow_run.run_id, key)] == LOGGED, key
+    assert [x.step for x in client.get_metric_history(mlflow_run.run_id, "val/reward_acc")] == [20, 40]
     margins = [x.value for x in client.get_metric_history(mlflow_run.run_id, "dpo/margin")]
     assert margins[-1] > margins[0]
     assert (out / "margins.png").stat().st_size > 1000 and (out / "loss_curve.png").stat().st_size > 1000
     bar = (out / "progress.txt").read_text()
-    assert "dpo: 100%" in bar and "30/30" in bar
+    assert "dpo: 100%" in bar and "40/40" in bar
 
 
 @pytest.mark.ray
@@ -196,3 +206,80 @@ def test_stored_reference_log_probs_equal_a_fresh_pass(fitted, inputs):
                     T = int(pairs.lengths[i, side]) - 1  # this row alone, its own length
                     fresh[i, side] = sequence_logps(model, x[side : side + 1, :T], y[side : side + 1, :T])[0].item()
         np.testing.assert_allclose(fresh[:40], pairs.ref[:40], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- kill and resume
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from infra.env import setup_env
+setup_env()
+from tasks.refs import ModelRef, ShardsRef, TokenizerRef
+from tasks.dpo import DPOConfig, train_dpo
+train_dpo(DPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2]),
+          TokenizerRef(path=sys.argv[3], shards=ShardsRef(path="")), Path(sys.argv[4]))
+"""
+
+
+def _registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
+        return 0
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its own Ray included), each by its pid; wait for them."""
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_to_the_same_curves(fitted, inputs, tmp_path):
+    """SIGKILL the driver (and its Ray) after the second recorded checkpoint; the rerun in the same folder resumes
+    there and ends with the uninterrupted run's loss, margins and held-out metrics."""
+    base, tok = inputs
+    out = tmp_path / "stage"
+    home = tempfile.mkdtemp(prefix="gptflow-dpo-killed-")  # a short folder: Ray's socket paths stay < 108 bytes
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), base.path, tok.path, str(out)],
+                                cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh,
+                                stderr=subprocess.STDOUT)
+    run_dir = out / "ray" / "dpo"
+    deadline = time.monotonic() + 300
+    try:
+        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
+            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        _kill_tree(proc)
+        shutil.rmtree(home, ignore_errors=True)
+    killed_at = _registered_step(run_dir)
+    assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+
+    resumed = train_dpo(CFG, base, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)
+
+    history = json.loads((out / "history.json").read_text())
+    expected = json.loads((fitted[0] / "history.json").read_text())
+    assert history["resumes"] == [killed_at]
+    np.testing.assert_allclose(np.array(history["train"]), np.array(expected["train"]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.array(history["dpo"]), np.array(expected["dpo"]), rtol=0, atol=1e-5)
+    for key, value in fitted[1].metrics.items():
+        if key.startswith("dpo/val_"):
+            assert resumed.metrics[key] == pytest.approx(value, abs=1e-5), key
