@@ -14,10 +14,11 @@ the driver before training and stored beside the encoded pairs (`pairs/<split>/r
 hold only the policy. The workers run the loop every training stage runs (`tasks/train_worker.py`, here through
 `tasks/dpo_worker.py`): DDP or FSDP, accumulation, warmup + cosine, checkpoints with exact resume.
 
-Too long: a rendered prompt + answer longer than the context (block_size + 1 tokens) is cut to its first
-block_size + 1 tokens (`too_long="truncate"`: the prompt is kept, the answer loses its end) or left out
-(`"skip"`); either way counted. A pair left with no answer token in the context, or whose two sides become
-identical once cut, is left out and counted by reason, as the loader counts identical and empty replies.
+Too long: a pair whose rendered prompt + answer is longer than the context (block_size + 1 tokens) is cut
+(`too_long="truncate"`, `fit_pair`: the answers keep their first tokens, at least half the context when they are
+that long, the prompt its last tokens; the answers lose their ends) or left out (`"skip"`); either way counted.
+A pair whose two sides become identical once cut is left out and counted by reason, as the loader counts
+identical and empty replies.
 
 torch is imported inside the functions: the CLI, the presets and Prefect's parameter schemas import `DPOConfig`.
 """
@@ -70,8 +71,9 @@ class DPOConfig(TrainOptions):
         False, description="Average the answer's log-probabilities over its tokens instead of summing them (SimPO/"
         "R-DPO's remedy for DPO's drift towards long answers; TRL's sigmoid_norm and ipo).")
     too_long: Literal["truncate", "skip"] = Field(
-        "truncate", description="A prompt + answer longer than the context: truncate keeps its first block_size + 1 "
-        "tokens (the answer loses its end), skip leaves the pair out. Counted either way.")
+        "truncate", description="A prompt + answer longer than the context: truncate cuts the prompt's start and the "
+        "answers' ends, leaving the answers at least half the context (when they are that long), skip leaves the "
+        "pair out. Counted either way.")
     steps: int = Field(50, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch per worker (each a chosen and a rejected row).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (small models tolerate more than the paper's 5e-7).")
@@ -86,26 +88,38 @@ class DPOConfig(TrainOptions):
 
 def encode_pairs(pairs: list[Pair], tok, block_size: int, too_long: str) -> tuple[list[tuple], dict[str, int]]:
     """Render prompt + chosen and prompt + rejected with the chat template (labels on the answer only), fitted to
-    `block_size + 1` tokens by `too_long`; returns ((chosen ids, labels), (rejected ids, labels)) pairs and the
-    counts: truncated, dropped/too_long, dropped/no_answer_in_context, dropped/identical_after_truncation."""
+    `block_size + 1` tokens by `too_long` (`fit_pair`); returns ((chosen ids, labels), (rejected ids, labels))
+    pairs and the counts: truncated, dropped/too_long, dropped/no_answer_in_context,
+    dropped/identical_after_truncation."""
     limit = block_size + 1
     counts: Counter[str] = Counter()
     out = []
     for prompt, chosen, rejected in pairs:
+        n_prompt = len(render(prompt, tok, sys.maxsize)[0])
         sides = [render(prompt + [{"role": "assistant", "content": a}], tok, sys.maxsize) for a in (chosen, rejected)]
         if any(len(ids) > limit for ids, _ in sides):
             if too_long == "skip":
                 counts["dropped/too_long"] += 1
                 continue
             counts["truncated"] += 1
-            sides = [(ids[:limit], labels[:limit]) for ids, labels in sides]
+            sides = fit_pair(sides, n_prompt, limit)
         if any(all(v == IGNORE for v in labels[1:]) for _, labels in sides):
-            counts["dropped/no_answer_in_context"] += 1  # the prompt fills the context
+            counts["dropped/no_answer_in_context"] += 1
         elif sides[0] == sides[1]:
             counts["dropped/identical_after_truncation"] += 1  # the answers differ only past the context
         else:
             out.append(tuple(sides))
     return out, dict(counts)
+
+
+def fit_pair(sides: list[tuple[list[int], list[int]]], n_prompt: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """Both sides of a pair cut to `limit` tokens alike: the answers keep their first tokens, at least half the
+    context when they are that long, and the shared prompt its last tokens (its start goes first: the turn the
+    answers reply to stays beside them); whatever answer is still too long loses its end."""
+    longest_answer = max(len(ids) for ids, _ in sides) - n_prompt
+    answer_room = min(longest_answer, max(limit - n_prompt, limit // 2))
+    keep = min(n_prompt, limit - answer_room)  # the prompt's last `keep` tokens
+    return [(ids[n_prompt - keep :][:limit], labels[n_prompt - keep :][:limit]) for ids, labels in sides]
 
 
 def save_pairs(rows: list[tuple], folder: Path, pad_id: int) -> None:

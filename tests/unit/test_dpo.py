@@ -27,7 +27,7 @@ from infra.env import DATA_DIR, REPO_ROOT
 from models.checkpoint import load_config, load_model, save_model
 from models.gpt import GPT, GPTConfig
 from tasks.bpe import save_tokenizer, train_bpe
-from tasks.chat import IGNORE, read_preferences
+from tasks.chat import IGNORE, read_preferences, render
 from tasks.conversations import PreferenceSource, adapt_pairs
 from tasks.dpo import DPOConfig, encode_pairs, save_pairs, train_dpo
 from tasks.dpo_worker import PairArrays, dpo_loss, sequence_logps
@@ -109,7 +109,7 @@ def test_losses_equal_trl_on_the_same_log_probs(inputs, kind, normalize, trl_typ
         per_token = per_token * (y != IGNORE)  # (2B, T): the policy's log-prob of each answer token, 0 elsewhere
         ours_policy = sequence_logps(policy, x, y)[0].view(2, -1).T  # (B, 2)
         ref_logps = sequence_logps(ref, x, y)[0].view(2, -1).T
-    assert (ours_policy - ref_logps).abs().min() > 0.1  # the log ratios are not zero: the loss is not trivial
+    assert (ours_policy - ref_logps).abs().min() > 0.01  # no log ratio is zero: the loss is not trivial
     ours = dpo_loss(ours_policy, ref_logps, n_tokens, beta=0.1, kind=kind, length_normalize=normalize)[0].mean()
     completion_mask = torch.cat([torch.zeros(len(y), 1, dtype=torch.long), (y != IGNORE).long()], 1)  # unshifted
     theirs = _trl_loss(trl_type, 0.1, per_token, completion_mask, ref_logps)
@@ -131,11 +131,15 @@ def test_bad_pairs_are_counted_by_reason(inputs):
     tail = "word " * 80
     cases = [(long_prompt, "yes", "no"), (same_start, tail + "yes", tail + "no"), (same_start, "yes", "no")]
     kept, counts = encode_pairs(cases, tok, 64, "truncate")
-    assert len(kept) == 1 and counts == {"truncated": 2, "dropped/no_answer_in_context": 1,
-                                         "dropped/identical_after_truncation": 1}
+    assert len(kept) == 2 and counts == {"truncated": 2, "dropped/identical_after_truncation": 1}
+    assert all(len(ids) <= 65 for pair in kept for ids, _ in pair)
+    (c_ids, c_labels), (r_ids, _) = kept[0]  # the long prompt: its start cut, its end and the whole answers kept
+    assert c_ids[-1] == r_ids[-1] == tok.token_to_id("<|end|>") and c_ids[:-3] == r_ids[:-3]
+    assert tok.decode(c_ids, skip_special_tokens=True).strip().endswith("question yes")
+    whole = render(long_prompt + [{"role": "assistant", "content": "yes"}], tok, 10_000)[1]
+    assert sum(v != IGNORE for v in c_labels) == sum(v != IGNORE for v in whole) > 0  # "yes" and <|end|>, whole
     kept, counts = encode_pairs(cases, tok, 64, "skip")
     assert len(kept) == 1 and counts == {"dropped/too_long": 2}
-    assert all(len(ids) <= 65 for pair in encode_pairs(cases, tok, 64, "truncate")[0] for ids, _ in pair)
 
 
 # ---------------------------------------------------------------- a run on Ray
