@@ -195,7 +195,8 @@ def train_dpo(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
     counts = prepare_pairs(cfg, tok, load_config(base).block_size, out_dir / "pairs")
     start = time.perf_counter()
     for split in ("train", "val"):
-        store_reference_logps(base, out_dir / "pairs" / split, cfg.batch_size, "cuda" if cfg.use_gpu else "cpu")
+        store_reference_logps(base, out_dir / "pairs" / split, cfg.batch_size, "cuda" if cfg.use_gpu else "cpu",
+                              cfg.cpus_per_worker)
     ref_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with ray_session(), ray_progress(cfg.steps, "dpo", progress_file) as progress:
