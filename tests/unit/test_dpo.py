@@ -287,3 +287,14 @@ def test_killed_dpo_run_resumes_to_the_same_curves(fitted, inputs, tmp_path):
     for key, value in fitted[1].metrics.items():
         if key.startswith("dpo/val_"):
             assert resumed.metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_bench_times_the_stage_step_with_stored_and_live_reference():
+    """`bench.rlhf_dpo.dpo_step_seconds` runs the stage's step on real pairs both ways (a smoke test: it measures)."""
+    from bench.rlhf_dpo import GPT2_VOCAB_PADDED, dpo_step_seconds
+
+    cfg = GPTConfig(arch="llama", vocab_size=GPT2_VOCAB_PADDED, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    stored = dpo_step_seconds(cfg, batch_size=2, steps=1, warmup=0)
+    live = dpo_step_seconds(cfg, batch_size=2, steps=1, warmup=0, live_reference=True)
+    for r in (stored, live):
+        assert r["seconds_per_step"] > 0 and r["pairs"] == 2 and 0 < r["tokens_per_step"] <= 2 * 2 * 65
