@@ -298,3 +298,25 @@ def test_bench_times_the_stage_step_with_stored_and_live_reference():
     live = dpo_step_seconds(cfg, batch_size=2, steps=1, warmup=0, live_reference=True)
     for r in (stored, live):
         assert r["seconds_per_step"] > 0 and r["pairs"] == 2 and 0 < r["tokens_per_step"] <= 2 * 2 * 65
+
+
+def test_a_non_finite_loss_or_reference_stops_the_stage(inputs, tmp_path):
+    """A model that gives NaN: the reference pass names the pair, the training loss names the step."""
+    from tasks.dpo_worker import DPOBatches, store_reference_logps
+    from tasks.stage import GptflowError
+
+    rows, _ = encode_pairs(read_preferences(DATA)[:4], _tok(inputs), 64, "truncate")
+    for split in ("train", "val"):
+        save_pairs(rows, tmp_path / split, 0)
+    broken = load_model(Path(inputs[0].path))
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    save_model(broken, tmp_path / "broken")
+    with pytest.raises(GptflowError, match="log-probability of pair 0 is not finite"):
+        store_reference_logps(tmp_path / "broken", tmp_path / "train", 2)
+    data = DPOBatches(tmp_path, CFG)
+    w = SimpleNamespace(world=1, rank=0, accum=1, device=torch.device("cpu"))
+    (micro,) = data.micro_batches(w, 0)
+    assert torch.isfinite(data.loss(load_model(Path(inputs[0].path)), micro))
+    with pytest.raises(GptflowError, match="DPO loss is not finite at step 1"):
+        data.loss(broken, micro)
