@@ -4,7 +4,7 @@
     gptflow data [--input PATH ...] [--set key=value ...]
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
-    gptflow sft|align|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow sft|dpo|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
     gptflow ppo --model SFT_MODEL --reward-model RM_DIR [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
@@ -28,7 +28,8 @@ from typing import Any
 from infra.env import resolve_path, setup_env
 from infra.startup import freeze_heap
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "ppo", "eval", "classify")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "ppo", "eval", "classify")
+ALIGN_STAGES = ("dpo", "ppo")  # their configs live in the pipeline config's `align` section
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(pre, "preset whose pretrain config is the base")
     pre.add_argument("--input", required=True, metavar="SHARDS_DIR", help="shards folder from the tokenizer stage")
 
-    for name, what in (("sft", "supervised fine-tuning on chat data"), ("align", "DPO on preference pairs"),
+    for name, what in (("sft", "supervised fine-tuning on chat data"), ("dpo", "DPO on preference pairs"),
                        ("ppo", "PPO against a reward model, with a KL penalty to the SFT model (InstructGPT)"),
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format"),
                        ("classify", "GPT-1 task fine-tuning: a yes/no head on BoolQ")):
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="reward model folder from the reward stage (omit only with --set reward_token=TOKEN, a toy reward)")
     imp = sub.add_parser("import", help="import a Hugging Face GPT-2 or Llama folder as our model",
                          description="Turn a Hugging Face GPT2LMHeadModel or LlamaForCausalLM folder (config.json and "
-                                     "safetensors; pickles are refused) into our model folder, the base for sft/align.")
+                                     "safetensors; pickles are refused) into our model folder, the base for sft and the alignment stages.")
     imp.add_argument("--model", required=True, metavar="HF_DIR", help="Hugging Face model folder")
     imp.add_argument("--out", required=True, metavar="DIR", help="output folder (model.safetensors + config.json)")
     add_chat_parser(sub)
@@ -196,16 +197,12 @@ def stage_config(args: argparse.Namespace, stage: str):
     """The stage's config from the preset, with --config/--set keys relative to the stage."""
     from flows.config import PipelineConfig, apply_overrides, validate
     from flows.presets import resolve
+    from tasks.align import AlignConfig
 
     base = resolve(args.preset)
-    if stage in PipelineConfig.model_fields:
-        section = getattr(base, stage).model_dump(mode="json")
-        field = PipelineConfig.model_fields[stage].annotation
-    else:  # a stage the pipeline config does not hold (yet): its own defaults
-        from tasks.ppo import PPOConfig
-
-        field = {"ppo": PPOConfig}[stage]
-        section = field().model_dump(mode="json")
+    holder, fields = (base.align, AlignConfig.model_fields) if stage in ALIGN_STAGES else (base, PipelineConfig.model_fields)
+    section = getattr(holder, stage).model_dump(mode="json")
+    field = fields[stage].annotation
     section = apply_overrides(section, overrides_from(args, field), where=f"{stage} config")
     return validate(field, section, f"{stage} config")
 
@@ -284,7 +281,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         params["corpus"] = require(args.input, "corpus")
     elif args.command == "pretrain":
         params["shards"] = require(args.input, "shards folder")
-    elif args.command in ("sft", "align", "ppo", "eval", "classify"):
+    elif args.command in ("sft", *ALIGN_STAGES, "eval", "classify"):
         params.update(zip(("model", "tokenizer"), model_source(args), strict=True))
     if args.command == "ppo":
         params["reward_model"] = require(args.reward_model, "reward model folder") if args.reward_model else None

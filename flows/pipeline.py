@@ -17,9 +17,9 @@ from prefect import flow
 from flows.config import PipelineConfig
 from flows.presets import PresetName, resolve
 from flows.stages import (
-    align_task,
     classify_task,
     data_task,
+    dpo_task,
     eval_task,
     pretrain_task,
     register_task,
@@ -99,7 +99,7 @@ def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root:
     branches: dict[str, ModelRef] = {}
     for method in cfg.align.methods:
         if method == "dpo":
-            branches["dpo"], times["align"] = timed(align_task, cfg.align, chat, tok, root, parent)
+            branches["dpo"], times["dpo"] = timed(dpo_task, cfg.align.dpo, chat, tok, root, parent)
         else:
             raise ValueError(f"align.methods: unknown method {method!r}")
     return branches

@@ -17,6 +17,7 @@ from typing import Literal
 from flows.config import PipelineConfig
 from models.config import GPTConfig
 from tasks.align import AlignConfig
+from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
 from tasks.sft import SFTConfig
@@ -40,7 +41,9 @@ def tiny() -> PipelineConfig:
         # its closing <|end|>, and with truncation the tiny model never learned to end its turn (samples.md).
         sft=SFTConfig(max_examples=1000, steps=150, batch_size=4, lr=1e-3, warmup_steps=10, log_every=25,
                       eval_every=50, ckpt_every=150, too_long="skip"),
-        align=AlignConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, log_every=5),
+        # DPO: 2 workers x 4 pairs (8 rows of <= 129 tokens) per step, 20 steps over 108 training pairs (~1.5 epochs).
+        align=AlignConfig(dpo=DPOConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, warmup_steps=2, log_every=5,
+                                        eval_every=20, ckpt_every=20)),
         eval=EvalConfig(limit=20, batch_size=32),
     )
 
@@ -57,7 +60,7 @@ def small() -> PipelineConfig:
             log_every=20, eval_every=200, ckpt_every=200,
         ),
         "sft": SFTConfig(steps=300, batch_size=8, lr=3e-4, warmup_steps=30),  # 2 x 8 x 256 = 4,096 tokens/step
-        "align": AlignConfig(steps=200, batch_size=8, lr=5e-5),
+        "align": AlignConfig(dpo=DPOConfig(steps=200, batch_size=8, lr=5e-5, warmup_steps=10, eval_every=50, ckpt_every=100)),
         "eval": EvalConfig(limit=None),
     })
 

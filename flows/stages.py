@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
-from tasks.align import AlignConfig
 from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig, build_corpus, crawl_inputs
+from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
@@ -85,13 +85,13 @@ def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str
                          root, parent_run_id)
 
 
-@task(name="align", cache_policy=NO_CACHE)
-def align_task(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
-               parent_run_id: str | None = None) -> ModelRef:
-    from tasks.align import align_dpo
+@task(name="dpo", cache_policy=NO_CACHE)
+def dpo_task(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+             parent_run_id: str | None = None) -> ModelRef:
+    from tasks.dpo import train_dpo
 
-    inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
-    return tracked_stage("align", cfg, inputs, lambda out, _: align_dpo(cfg, model, tokenizer, out),
+    inputs = {"model": model, "tokenizer": tokenizer, **source_inputs(cfg.sources)}
+    return tracked_stage("dpo", cfg, inputs, lambda out, run: train_dpo(cfg, model, tokenizer, out, run),
                          root, parent_run_id)
 
 
@@ -166,16 +166,16 @@ def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdi
     return sft_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
-@flow(name="align", log_prints=True)
-def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> ModelRef:
-    return align_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
-
-
 @flow(name="ppo", log_prints=True)
 def ppo_flow(model: str, tokenizer: str, reward_model: str | None = None, config: PPOConfig = PPOConfig(),
              workdir: str | None = None) -> ModelRef:
     reward = ModelRef(path=reward_model) if reward_model else None
     return ppo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), reward, _root(workdir))
+
+
+@flow(name="dpo", log_prints=True)
+def dpo_flow(model: str, tokenizer: str, config: DPOConfig = DPOConfig(), workdir: str | None = None) -> ModelRef:
+    return dpo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="classify", log_prints=True)

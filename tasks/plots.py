@@ -52,3 +52,35 @@ def plot_classify(history: dict[str, list], baseline: float, png: Path, title: s
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def plot_dpo(history: dict[str, list], png: Path, title: str) -> None:
+    """Preference training (`tasks/dpo.py`): the implicit rewards of the chosen and rejected answers and their
+    margin on the left; the reward accuracy, on the training pairs and held out, on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    rows = history.get("dpo") or []
+    if rows:
+        steps, chosen, rejected, margin, acc = zip(*rows, strict=True)
+        left.plot(steps, chosen, "-", label="chosen")
+        left.plot(steps, rejected, "-", label="rejected")
+        left.plot(steps, margin, "--", label="margin")
+        right.plot(steps, acc, "-", label="train")
+    held = history.get("val_dpo") or []
+    right.plot([h["step"] for h in held], [h["reward_acc"] for h in held], "o-", label="held-out", markersize=3)
+    left.axhline(0, color="gray", linewidth=0.5)
+    left.set_xlabel("step")
+    left.set_ylabel("beta * log(pi / ref)")
+    left.legend()
+    right.set_xlabel("step")
+    right.set_ylabel("reward accuracy")
+    right.set_ylim(-0.05, 1.05)
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "align", "eval-sft", "eval-dpo"]  # MLflow run names
+STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "eval-sft", "eval-dpo"]  # MLflow run names
 CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "eval_sft", "eval_dpo"]  # the flow's refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
     assert parent.info.status == "FINISHED"
-    for stage in ["data", "tokenizer", "pretrain", "sft", "align", "eval_sft", "eval_dpo", "register_dpo", "total"]:
+    for stage in ["data", "tokenizer", "pretrain", "sft", "dpo", "eval_sft", "eval_dpo", "register_dpo", "total"]:
         assert parent.data.metrics[f"time/{stage}_s"] > 0
     children = _children(client, first_run["run_id"])
     assert set(STAGES + ["register"]) <= set(children)
@@ -95,7 +95,7 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
     assert all(again["cached"][s] for s in CACHED), again["cached"]
     assert again["stage_dirs"] == first_run["stage_dirs"]
-    changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.steps": 2})
+    changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.dpo.steps": 2})
     cached = changed["cached"]
     assert cached["data"] and cached["tokenizer"] and cached["pretrain"]
     assert not cached["sft"] and not cached["dpo"] and not cached["eval_sft"] and not cached["eval_dpo"]

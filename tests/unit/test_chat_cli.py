@@ -221,7 +221,7 @@ def test_stage_commands_take_any_model_source(registered, folder, tmp_path):
     save_model(load_model(folder), bare)
     with pytest.raises(GptflowError, match="pass --tokenizer"):
         model_source(build_parser().parse_args(["eval", "--model", str(bare)]))
-    args = build_parser().parse_args(["align", "--model", str(bare), "--tokenizer", str(folder)])
+    args = build_parser().parse_args(["dpo", "--model", str(bare), "--tokenizer", str(folder)])
     assert model_source(args) == (str(bare), str(folder))
     with pytest.raises(GptflowError, match="not a model folder"):
         model_source(build_parser().parse_args(["sft", "--model", str(tmp_path)]))

@@ -134,7 +134,7 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert '"steps": 5' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "align", "eval", "export", "import", "plan"])
+@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "pretrain", "sft", "dpo", "ppo", "eval", "export", "import", "plan"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

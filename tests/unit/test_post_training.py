@@ -1,5 +1,4 @@
-"""SFT and DPO on a tiny real model: SFT learns the assistant replies; DPO moves the policy towards the
-chosen replies of the pairs it trains on."""
+"""SFT on a tiny real model learns the assistant replies (DPO's run on Ray Train: tests/unit/test_dpo.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import torch
 
 from models.checkpoint import save_model
 from models.gpt import GPT, GPTConfig
-from tasks.align import AlignConfig, align_dpo
 from tasks.bpe import save_tokenizer, train_bpe
 from tasks.refs import ModelRef, ShardsRef, TokenizerRef
 from tasks.sft import SFTConfig, finetune_sft
@@ -44,20 +42,3 @@ def test_sft_lowers_assistant_loss(tmp_path):
     assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
     assert "ended its turn with <|end|>" in (tmp_path / "sft" / "samples.md").read_text()  # learned to stop
     assert (tmp_path / "sft" / "loss_curve.png").stat().st_size > 1000
-
-
-def test_dpo_moves_towards_chosen_replies(tmp_path):
-    base, tok = _setup(tmp_path)
-    pairs = [{"chosen": f"\n\nHuman: {i} plus {i}?\n\nAssistant: Good answer.",
-              "rejected": f"\n\nHuman: {i} plus {i}?\n\nAssistant: bad answer bad."} for i in range(30)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    r = align_dpo(AlignConfig(data=str(data), steps=40, batch_size=8, lr=3e-3, val_fraction=0.2), base, tok,
-                  tmp_path / "dpo")
-    assert r.path == str(tmp_path / "dpo" / "model") and r.file("history").exists()
-    assert r.counts["data/records"] == r.counts["data/kept"] == 30  # the loader's counts reach the manifest
-    m = r.metrics
-    assert m["align/val_reward_acc_before"] == 0.0  # the policy starts as the reference: no margin yet
-    assert m["align/val_reward_acc_after"] == 1.0
-    assert m["align/val_prefers_chosen_after"] == 1.0
-    assert m["align/val_dpo_loss_after"] < m["align/val_dpo_loss_before"]

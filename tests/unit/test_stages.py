@@ -14,13 +14,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.stages import align_task, data_task, eval_task, pretrain_task, register_task, sft_task, tokenizer_task
+from flows.stages import data_task, dpo_task, eval_task, pretrain_task, register_task, sft_task, tokenizer_task
 from infra.env import DATA_DIR
 from models.checkpoint import load_model, save_model
 from models.config import GPTConfig
 from models.gpt import GPT
-from tasks.align import AlignConfig
 from tasks.data import DataConfig
+from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, ShardsRef, TokenizerRef
@@ -121,10 +121,13 @@ def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
     assert {"manifest.json", "loss_curve.png"} <= artifacts(run)
     pairs = _jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"\n\nHuman: {i}?\n\nAssistant: yes.",
                                                "rejected": f"\n\nHuman: {i}?\n\nAssistant: no."} for i in range(12)])
-    aligned = align_task.fn(AlignConfig(data=pairs, steps=2, batch_size=2, max_pairs=12), chat, tokenizer, root)
-    run = stage_run("align")
-    assert isinstance(aligned, ModelRef) and "align/val_dpo_loss_after" in run.data.metrics
-    assert run.data.metrics["align/data/records"] == run.data.metrics["align/data/kept"] == 12  # loader counts
+    dpo = DPOConfig(sources=pairs, steps=2, batch_size=2, max_pairs=12, num_workers=1, log_every=1)
+    aligned = dpo_task.fn(dpo, chat, tokenizer, root)
+    run = stage_run("dpo")
+    assert isinstance(aligned, ModelRef) and "dpo/val_loss_after" in run.data.metrics
+    assert run.data.metrics["dpo/data/records"] == run.data.metrics["dpo/data/kept"] == 12  # loader counts
+    assert "dpo/margin" in run.data.metrics  # logged by the Ray worker through the stage's run link
+    assert {"manifest.json", "loss_curve.png", "margins.png", "history.json"} <= artifacts(run)
     manifest = json.loads(Path(aligned.manifest).read_text())
     assert manifest["inputs"]["model"]["sha256"] == chat.sha256  # lineage: the SFT model's hash, not re-derived
 
