@@ -4,7 +4,7 @@
     gptflow data [--input PATH ...] [--set key=value ...]
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
-    gptflow sft|align|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow sft|reward|align|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
 
@@ -27,7 +27,7 @@ from typing import Any
 from infra.env import resolve_path, setup_env
 from infra.startup import freeze_heap
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "eval", "classify")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "reward", "align", "eval", "classify")
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
 
 
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(pre, "preset whose pretrain config is the base")
     pre.add_argument("--input", required=True, metavar="SHARDS_DIR", help="shards folder from the tokenizer stage")
 
-    for name, what in (("sft", "supervised fine-tuning on chat data"), ("align", "DPO on preference pairs"),
+    for name, what in (("sft", "supervised fine-tuning on chat data"),
+                       ("reward", "a reward model (Bradley-Terry) on ranked reply pairs, registered in MLflow"),
+                       ("align", "DPO on preference pairs"),
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format"),
                        ("classify", "GPT-1 task fine-tuning: a yes/no head on BoolQ")):
         sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")
@@ -272,7 +274,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         params["corpus"] = require(args.input, "corpus")
     elif args.command == "pretrain":
         params["shards"] = require(args.input, "shards folder")
-    elif args.command in ("sft", "align", "eval", "classify"):
+    elif args.command in ("sft", "reward", "align", "eval", "classify"):
         params.update(zip(("model", "tokenizer"), model_source(args), strict=True))
     warm = None
     if args.command == "data":  # the workers' forkserver and the stage's imports, while Prefect's server starts

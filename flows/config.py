@@ -15,6 +15,7 @@ from tasks.data import DataConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
 from tasks.registry import RegistryConfig
+from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.stage import GptflowError
 from tasks.tokenizer import TokenizerConfig
@@ -30,6 +31,7 @@ class PipelineConfig(BaseModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
