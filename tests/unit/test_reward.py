@@ -268,3 +268,13 @@ def test_the_task_logs_its_run_and_registers_a_pyfunc_that_scores(fitted, inputs
     with torch.no_grad():
         direct = rm(*pad_rows(rows, pad_id=1))
     assert [o["reward"] for o in out] == pytest.approx(direct.tolist(), abs=1e-5)
+
+
+def test_gptflow_reward_resolves_its_config_from_the_preset(capsys, tmp_path):
+    from flows.cli import main
+
+    assert main(["reward", "--model", str(tmp_path), "--set", "steps=7", "--set", "too_long=skip", "--print-config"]) == 0
+    cfg = RewardConfig.model_validate_json(capsys.readouterr().out)
+    assert cfg.steps == 7 and cfg.too_long == "skip" and cfg.model_name == "gpt-reward"
+    assert [s.path for s in cfg.sources] == ["data/preference/hh_rlhf_harmless_sample.jsonl.gz",
+                                            "data/preference/dpo_en_demo.json.gz"]
