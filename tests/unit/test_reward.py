@@ -215,7 +215,19 @@ def sqlite_mlflow(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fitted(inputs, sqlite_mlflow, tmp_path_factory):
+def ray_once():
+    """One Ray for the module's fits (each stage run joins it), as the pipeline runs them."""
+    import ray
+
+    from infra.ray_cluster import ray_init
+
+    ray_init()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fitted(inputs, sqlite_mlflow, ray_once, tmp_path_factory):
     from flows.stages import reward_task
 
     base, tok, pairs = inputs
@@ -278,3 +290,26 @@ def test_gptflow_reward_resolves_its_config_from_the_preset(capsys, tmp_path):
     assert cfg.steps == 7 and cfg.too_long == "skip" and cfg.model_name == "gpt-reward"
     assert [s.path for s in cfg.sources] == ["data/preference/hh_rlhf_harmless_sample.jsonl.gz",
                                             "data/preference/dpo_en_demo.json.gz"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_resumed_run_continues_exactly(inputs, ray_once, tmp_path):
+    """A run stopped after its step-6 checkpoint and rerun in the same folder with more steps resumes there and
+    ends as a straight 12-step run: same losses, same held-out metrics (constant lr, so the schedule is the same).
+    Three fits on the module's one Ray."""
+    from tasks.reward import train_reward_model
+
+    base, tok, pairs = inputs
+    cfg = RewardConfig(sources=str(pairs), max_pairs=80, val_fraction=0.2, steps=12, batch_size=4, lr=1e-3,
+                       warmup_steps=0, min_lr_ratio=1.0, log_every=3, eval_every=6, ckpt_every=6, num_workers=1,
+                       seed=3)
+    straight = train_reward_model(cfg, base, tok, tmp_path / "straight")
+    train_reward_model(cfg.model_copy(update={"steps": 6}), base, tok, tmp_path / "resumed")
+    resumed = train_reward_model(cfg, base, tok, tmp_path / "resumed")
+    a, b = (json.loads(Path(r.files["history"]).read_text()) for r in (straight, resumed))
+    assert b["resumes"] == [6] and a["resumes"] == []
+    assert [s for s, _ in b["train"]] == list(range(1, 13)) and [h["step"] for h in b["held_out"]] == [0, 6, 12]
+    assert [v for _, v in b["train"]] == pytest.approx([v for _, v in a["train"]], abs=1e-5)
+    for x, y in zip(a["held_out"], b["held_out"], strict=True):
+        assert x == pytest.approx(y, abs=1e-5)
