@@ -313,3 +313,17 @@ def test_a_resumed_run_continues_exactly(inputs, ray_once, tmp_path):
     assert [v for _, v in b["train"]] == pytest.approx([v for _, v in a["train"]], abs=1e-5)
     for x, y in zip(a["held_out"], b["held_out"], strict=True):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_fsdp_fit_follows_the_ddp_fit(fitted, inputs, tmp_path):
+    """Sharding the trunk and the head changes where the state lives, not the arithmetic."""
+    from tasks.reward import train_reward_model
+
+    base, tok, pairs = inputs
+    fsdp = train_reward_model(RewardConfig(sources=str(pairs), strategy="fsdp", **FIT), base, tok, tmp_path)
+    a, b = (json.loads(Path(r.files["history"]).read_text()) for r in (fitted, fsdp))
+    assert [v for _, v in b["train"]] == pytest.approx([v for _, v in a["train"]], abs=1e-4)
+    for x, y in zip(a["held_out"], b["held_out"], strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
