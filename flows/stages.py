@@ -31,6 +31,7 @@ from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
 from tasks.registry import RegistryConfig
+from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.stage import as_input, run_stage
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
@@ -121,6 +122,22 @@ def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef,
         return ref
 
 
+@task(name="reward", cache_policy=NO_CACHE)
+def reward_task(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+                parent_run_id: str | None = None) -> ModelRef:
+    """The reward model (Bradley-Terry on ranked pairs) in its own run, registered from that run as `cfg.model_name`."""
+    from tasks.reward import train_reward_model
+
+    inputs = {"model": model, "tokenizer": tokenizer, **source_inputs(cfg.sources)}
+    with tracking.stage_run("reward", parent_run_id) as run_id:
+        link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
+        ref = run_stage("reward", cfg, inputs, lambda out: train_reward_model(cfg, model, tokenizer, out, link), Path(root))
+        tracking.log_stage(run_id, ref, cfg, inputs)
+        registered = tracking.register_reward_model(run_id, ref, tokenizer, cfg.model_name, {"stage_key": ref.key})
+        print(f"[reward] registered {registered.name} version {registered.version}: models:/{registered.name}@candidate")
+        return ref
+
+
 @task(name="eval", cache_policy=NO_CACHE)
 def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
               parent_run_id: str | None = None, branch: str | None = None) -> EvalReport:
@@ -182,6 +199,11 @@ def dpo_flow(model: str, tokenizer: str, config: DPOConfig = DPOConfig(), workdi
 def classify_flow(model: str, tokenizer: str, config: ClassifyConfig = ClassifyConfig(),
                   workdir: str | None = None) -> ModelRef:
     return classify_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@flow(name="reward", log_prints=True)
+def reward_flow(model: str, tokenizer: str, config: RewardConfig = RewardConfig(), workdir: str | None = None) -> ModelRef:
+    return reward_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="eval", log_prints=True)

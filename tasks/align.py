@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.dpo import DPOConfig
 from tasks.ppo import PPOConfig
+from tasks.reward import RewardConfig
 
 Method = Literal["dpo", "ppo", "grpo"]
 
@@ -28,4 +29,6 @@ class AlignConfig(BaseModel):
         "(trains the reward model first), grpo. The first one's model gets the registry's `candidate` alias; every "
         "one gets an alias of its own name.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO / IPO on preference pairs (`tasks/dpo.py`).")
+    reward: RewardConfig = Field(default_factory=RewardConfig,
+                                 description="The reward model PPO trains against (`tasks/reward.py`).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the reward model (`tasks/ppo.py`).")

@@ -295,3 +295,27 @@ def register_classifier(run_id: str, model: ModelRef, tokenizer: TokenizerRef, n
     for k, v in tags.items():
         client.set_model_version_tag(name, version, metric_name(k), str(v))
     return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=["candidate"])
+
+
+def register_reward_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, name: str,
+                          tags: Mapping[str, str]) -> RegisteredModel:
+    """Log the reward stage's model (trunk + scalar head folder, tokenizer; loaded by code, no pickles) into its run
+    and register it as `name` with alias `candidate`: `predict` scores (prompt messages, answer) records."""
+    from tasks import pyfunc_reward
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="reward_model",
+            python_model=str(Path(pyfunc_reward.__file__)),
+            artifacts={"model": model.path, "tokenizer": tokenizer.path},
+            code_paths=[str(REPO_ROOT / "models")],
+            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
+                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
+            registered_model_name=name,
+        )
+    client = MlflowClient()
+    version = info.registered_model_version
+    client.set_registered_model_alias(name, "candidate", version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, metric_name(k), str(v))
+    return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=["candidate"])
