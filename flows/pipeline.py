@@ -21,8 +21,10 @@ from flows.stages import (
     data_task,
     dpo_task,
     eval_task,
+    ppo_task,
     pretrain_task,
     register_task,
+    reward_task,
     sft_task,
     timed,
     tokenizer_task,
@@ -53,11 +55,11 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             times["ray_start"] = time.perf_counter() - start
             base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
             chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
-            branches = align_branches(cfg, chat, tok, root, parent, times)
+            branches, helpers = align_branches(cfg, chat, tok, root, parent, times)
             reports: dict[str, EvalReport] = {}
             for name, model in {"sft": chat, **branches}.items():  # the SFT model is every branch's baseline
                 reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root, parent, name)
-            refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **branches}
+            refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
             registered = {}
             for i, (name, model) in enumerate(branches.items()):
                 tags = {**version_tags(preset, sha, parent, {**refs, "eval": reports[name]}, reports[name]),
@@ -94,12 +96,17 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
 
 
 def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root: str, parent: str,
-                   times: dict[str, float]) -> dict[str, ModelRef]:
-    """Each alignment method of `cfg.align.methods`, every one from the same SFT model: {method: its model}."""
+                   times: dict[str, float]) -> tuple[dict[str, ModelRef], dict[str, ModelRef]]:
+    """Each alignment method of `cfg.align.methods`, every one from the same SFT model. Returns the branches
+    ({method: its model}) and the models they were trained against ({"reward": the reward model} for PPO)."""
     branches: dict[str, ModelRef] = {}
+    helpers: dict[str, ModelRef] = {}
     for method in cfg.align.methods:
         if method == "dpo":
             branches["dpo"], times["dpo"] = timed(dpo_task, cfg.align.dpo, chat, tok, root, parent)
+        elif method == "ppo":  # InstructGPT: a reward model from ranked pairs, then PPO against it
+            helpers["reward"], times["reward"] = timed(reward_task, cfg.align.reward, chat, tok, root, parent)
+            branches["ppo"], times["ppo"] = timed(ppo_task, cfg.align.ppo, chat, tok, helpers["reward"], root, parent)
         else:
             raise ValueError(f"align.methods: unknown method {method!r}")
-    return branches
+    return branches, helpers

@@ -19,7 +19,9 @@ from models.config import GPTConfig
 from tasks.align import AlignConfig
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
+from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
+from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -42,8 +44,13 @@ def tiny() -> PipelineConfig:
         sft=SFTConfig(max_examples=1000, steps=150, batch_size=4, lr=1e-3, warmup_steps=10, log_every=25,
                       eval_every=50, ckpt_every=150, too_long="skip"),
         # DPO: 2 workers x 4 pairs (8 rows of <= 129 tokens) per step, 20 steps over 108 training pairs (~1.5 epochs).
-        align=AlignConfig(dpo=DPOConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, warmup_steps=2, log_every=5,
-                                        eval_every=20, ckpt_every=20)),
+        # Reward model: 40 steps of 2 workers x 4 pairs; PPO against it: 16 minibatch updates = 4 rollout batches of
+        # 2 workers x 16 responses of <= 32 tokens, 2 epochs of 2 minibatches each.
+        align=AlignConfig(methods=("dpo", "ppo"),
+                          dpo=DPOConfig(max_pairs=120, steps=20, batch_size=4, lr=1e-4, warmup_steps=2, log_every=5,
+                                        eval_every=20, ckpt_every=20),
+                          reward=RewardConfig(model_name="gpt-tiny-reward"),
+                          ppo=PPOConfig(steps=16, log_every=4, eval_every=8, ckpt_every=8)),
         eval=EvalConfig(limit=20, batch_size=32),
     )
 
@@ -60,7 +67,10 @@ def small() -> PipelineConfig:
             log_every=20, eval_every=200, ckpt_every=200,
         ),
         "sft": SFTConfig(steps=300, batch_size=8, lr=3e-4, warmup_steps=30),  # 2 x 8 x 256 = 4,096 tokens/step
-        "align": AlignConfig(dpo=DPOConfig(steps=200, batch_size=8, lr=5e-5, warmup_steps=10, eval_every=50, ckpt_every=100)),
+        "align": AlignConfig(methods=("dpo", "ppo"),
+                             dpo=DPOConfig(steps=200, batch_size=8, lr=5e-5, warmup_steps=10, eval_every=50, ckpt_every=100),
+                             reward=RewardConfig(model_name="gpt-small-reward", steps=200, eval_every=50, ckpt_every=100),
+                             ppo=PPOConfig(steps=200, log_every=10, eval_every=40, ckpt_every=40)),
         "eval": EvalConfig(limit=None),
     })
 
@@ -76,6 +86,8 @@ def gpt2_124m() -> PipelineConfig:
             steps=19073, batch_size=16, batch_tokens=524_288, lr=6e-4, warmup_steps=715, num_workers=8, use_gpu=True,
             log_every=50, eval_every=500, ckpt_every=1000, eval_batches=20,
         ),
+        "align": base.align.model_copy(update={"reward": base.align.reward.model_copy(
+            update={"model_name": "gpt-gpt2-124m-reward"})}),
     })
 
 

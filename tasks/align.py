@@ -24,7 +24,7 @@ class AlignConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     methods: tuple[Method, ...] = Field(
-        ("dpo",), min_length=1,
+        ("dpo", "ppo"), min_length=1,
         description="Alignment methods, each a branch from the same SFT model, evaluated side by side: dpo, ppo "
         "(trains the reward model first), grpo. The first one's model gets the registry's `candidate` alias; every "
         "one gets an alias of its own name.")
