@@ -4,7 +4,7 @@
     gptflow data [--input PATH ...] [--set key=value ...]
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
-    gptflow sft|align|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow sft|align|grpo|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
 
@@ -27,7 +27,7 @@ from typing import Any
 from infra.env import resolve_path, setup_env
 from infra.startup import freeze_heap
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "eval", "classify")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "align", "grpo", "eval", "classify")
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
 
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--input", required=True, metavar="SHARDS_DIR", help="shards folder from the tokenizer stage")
 
     for name, what in (("sft", "supervised fine-tuning on chat data"), ("align", "DPO on preference pairs"),
+                       ("grpo", "GRPO with a verifiable reward (generated arithmetic prompts)"),
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format"),
                        ("classify", "GPT-1 task fine-tuning: a yes/no head on BoolQ")):
         sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")
@@ -193,8 +194,14 @@ def stage_config(args: argparse.Namespace, stage: str):
     from flows.presets import resolve
 
     base = resolve(args.preset)
-    section = getattr(base, stage).model_dump(mode="json")
-    field = PipelineConfig.model_fields[stage].annotation
+    if stage not in PipelineConfig.model_fields:  # a stage the pipeline config does not hold yet: its own defaults
+        from tasks.grpo import GRPOConfig
+
+        field = {"grpo": GRPOConfig}[stage]
+        section = field().model_dump(mode="json")
+    else:
+        section = getattr(base, stage).model_dump(mode="json")
+        field = PipelineConfig.model_fields[stage].annotation
     section = apply_overrides(section, overrides_from(args, field), where=f"{stage} config")
     return validate(field, section, f"{stage} config")
 
@@ -272,7 +279,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         params["corpus"] = require(args.input, "corpus")
     elif args.command == "pretrain":
         params["shards"] = require(args.input, "shards folder")
-    elif args.command in ("sft", "align", "eval", "classify"):
+    elif args.command in ("sft", "align", "grpo", "eval", "classify"):
         params.update(zip(("model", "tokenizer"), model_source(args), strict=True))
     warm = None
     if args.command == "data":  # the workers' forkserver and the stage's imports, while Prefect's server starts

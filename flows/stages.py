@@ -27,6 +27,7 @@ from tasks.align import AlignConfig
 from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig, build_corpus, crawl_inputs
 from tasks.evaluate import EvalConfig
+from tasks.grpo import GRPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
 from tasks.registry import RegistryConfig
@@ -88,6 +89,18 @@ def align_task(cfg: AlignConfig, model: ModelRef, tokenizer: TokenizerRef, root:
 
     inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
     return tracked_stage("align", cfg, inputs, lambda out, _: align_dpo(cfg, model, tokenizer, out),
+                         root, parent_run_id)
+
+
+@task(name="grpo", cache_policy=NO_CACHE)
+def grpo_task(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+              parent_run_id: str | None = None) -> ModelRef:
+    from tasks.grpo import train_grpo
+
+    inputs = {"model": model, "tokenizer": tokenizer}
+    if cfg.prompts_file:
+        inputs["prompts"] = as_input(cfg.prompts_file)
+    return tracked_stage("grpo", cfg, inputs, lambda out, run: train_grpo(cfg, model, tokenizer, out, run),
                          root, parent_run_id)
 
 
@@ -154,6 +167,11 @@ def sft_flow(model: str, tokenizer: str, config: SFTConfig = SFTConfig(), workdi
 @flow(name="align", log_prints=True)
 def align_flow(model: str, tokenizer: str, config: AlignConfig = AlignConfig(), workdir: str | None = None) -> ModelRef:
     return align_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@flow(name="grpo", log_prints=True)
+def grpo_flow(model: str, tokenizer: str, config: GRPOConfig = GRPOConfig(), workdir: str | None = None) -> ModelRef:
+    return grpo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="classify", log_prints=True)

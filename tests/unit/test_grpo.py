@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +161,91 @@ def test_grpo_loss_equals_trl_compute_loss(aggregation, loss_type, beta):
     assert 0 < stats["clipped"] / stats["tokens"] == pytest.approx(metrics["clip_ratio/region_mean"][0], abs=1e-6)
     if beta:
         assert (stats["kl"] / stats["tokens"]).item() == pytest.approx(metrics["kl"][0], abs=1e-6)
+
+
+# ---------------------------------------------------------------- a GRPO run on Ray Train
+
+
+def _sft_in_process(model, tok, prompts, steps: int, sloppy: float) -> None:
+    """Teach the task in a plain torch loop: the right number, followed by a '.' in a `sloppy` share of the
+    answers, which the checker does not accept: the greedy answer then has the period, some samples do not."""
+    from models.tokens import END, PAD
+    from tasks.chat import IGNORE
+    from tasks.verifiable import prompt_ids
+
+    end, pad = tok.token_to_id(END), tok.token_to_id(PAD)
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        rows = []
+        for i in rng.integers(0, len(prompts), 16):
+            answer = str(prompts[i].answer) + ("." if rng.random() < sloppy else "")
+            rows.append((prompt_ids(prompts[i], tok), tok.encode(answer, add_special_tokens=False).ids + [end]))
+        T = max(len(p) + len(a) for p, a in rows) - 1
+        x, y = torch.full((len(rows), T), pad), torch.full((len(rows), T), IGNORE)
+        for r, (p, a) in enumerate(rows):
+            x[r, : len(p) + len(a) - 1] = torch.tensor((p + a)[:-1])
+            y[r, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+
+# 2 workers x 2 prompts x 8 samples = 32 samples per step; 20 steps, a checkpoint every 10
+RAY_CFG = GRPOConfig(task="larger", max_operand=9, val_prompts=20, steps=20, batch_size=2, group_size=8,
+                     num_workers=2, lr=1e-3, log_every=5, eval_every=10, ckpt_every=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """A BPE on the task's texts, a tiny llama-style GPT taught the task sloppily (in process), then GRPO on Ray
+    with a sqlite MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from models.checkpoint import save_model
+    from models.gpt import GPT, GPTConfig
+    from tasks.bpe import save_tokenizer, train_bpe
+    from tasks.grpo import train_grpo
+    from tasks.refs import ModelRef, RunLink, ShardsRef, TokenizerRef
+    from tasks.tokenizer import TokenizerConfig
+
+    root = tmp_path_factory.mktemp("grpo")
+    train, val = make_prompts("larger", 9, 20, seed=0)
+    tok = train_bpe(iter([f"{p.question} {p.answer}." for p in train + val] * 5), TokenizerConfig(vocab_size=300),
+                    parallel=False)
+    save_tokenizer(tok, root / "tok")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
+    _sft_in_process(model, tok, train, steps=250, sloppy=0.6)
+    save_model(model, root / "sft")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = RunLink(run_id=client.create_run(client.create_experiment("grpo-test")).info.run_id, tracking_uri=uri)
+    ref = train_grpo(RAY_CFG, ModelRef(path=str(root / "sft")),
+                     TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")), root / "out", run)
+    return root, ref, run
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grpo_on_ray_raises_held_out_accuracy(grpo_run):
+    from mlflow.tracking import MlflowClient
+
+    from models.checkpoint import load_config
+
+    root, ref, run = grpo_run
+    m = ref.metrics
+    assert m["grpo/val_accuracy_after"] >= m["grpo/val_accuracy_before"] + 0.2, m
+    assert m["grpo/val_loss_after"] < m["grpo/val_loss_before"] and m["grpo/final_kl"] < 1.0, m
+    history = json.loads((root / "out" / "history.json").read_text())
+    assert [s for s, _ in history["val_accuracy"]] == [0, 10, 20]
+    rows = history["grpo"]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and rows[-1]["grpo/reward"] > rows[0]["grpo/reward"], rows
+    assert all(0 < r["grpo/response_length"] <= RAY_CFG.max_new_tokens + 1 and r["grpo/rollout_tokens_per_s"] > 0 for r in rows)
+    assert ref.counts == {"train_prompts": 70, "train_skipped_too_long": 0, "val_prompts": 20,
+                          "val_skipped_too_long": 0, "steps": 20}
+    assert load_config(Path(ref.path)) == load_config(root / "sft") and Path(ref.files["grpo_curve"]).stat().st_size > 0
+    client = MlflowClient(run.tracking_uri)
+    for name in ("grpo/reward", "grpo/accuracy", "grpo/kl", "grpo/clip_fraction", "grpo/response_length"):
+        assert [h.step for h in client.get_metric_history(run.run_id, name)] == [5, 10, 15, 20], name
+    assert [h.step for h in client.get_metric_history(run.run_id, "val/accuracy")] == [10, 20]
