@@ -5,6 +5,9 @@
 `train_step` with GRPO's loss, so the numbers are what a Ray worker spends per step, less Ray. The first
 `warmup` steps are not timed. Measures and prints, asserts nothing.
 
+`trl_grpo_step_seconds` runs the same model (exported to `transformers`), prompts, checker and batch through TRL
+1.16's `GRPOTrainer`: the measurement behind running our own loop on Ray Train rather than TRL's trainer.
+
 Run alone: `python -m bench.rlhf_grpo [--steps 3] [--layers 2 --embd 64]` (a random model on a BPE trained on
 the task's texts; with a random model the responses run to max_new_tokens, the slowest case).
 """
@@ -60,6 +63,51 @@ def grpo_step_seconds(model_dir: Path, tokenizer_dir: Path, cfg: GRPOConfig, ste
             "rollout_tokens_per_s": metrics["grpo/rollout_tokens_per_s"], "reward": metrics["grpo/reward"]}
 
 
+def trl_grpo_step_seconds(model_dir: Path, tokenizer_dir: Path, cfg: GRPOConfig, steps: int = 3, warmup: int = 1) -> dict:
+    """The same model (exported to `transformers`' Llama/GPT-2), prompts, checker and batch through TRL 1.16's
+    `GRPOTrainer` on this process's CPU (or GPU): mean seconds per optimizer step after `warmup` steps, timed by a
+    callback around each step."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from models.export import export_hf
+    from models.tokens import END
+    from tasks.verifiable import VerifiablePrompt, make_prompts, reward
+
+    train, _ = make_prompts(cfg.task, cfg.max_operand, cfg.val_prompts, cfg.seed)
+
+    def check(prompts, completions, answer, **_):
+        return [reward(VerifiablePrompt(question="q", answer=a), c[0]["content"], cfg.format_reward)
+                for c, a in zip(completions, answer, strict=True)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model_dir, tokenizer_dir / "tokenizer.json", Path(tmp) / "hf")
+        tok = AutoTokenizer.from_pretrained(Path(tmp) / "hf")
+        tok.pad_token = "<|pad|>"
+        data = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}], "answer": p.answer} for p in train])
+        args = TRLConfig(output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=cfg.batch_size * cfg.group_size,
+                         num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, beta=cfg.beta,
+                         epsilon=cfg.clip_eps, learning_rate=cfg.lr, max_steps=warmup + steps, report_to=[],
+                         save_strategy="no", logging_steps=1000, use_cpu=not cfg.use_gpu, seed=cfg.seed,
+                         generation_kwargs={"eos_token_id": tok.convert_tokens_to_ids(END)})
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf"), reward_funcs=[check],
+                              args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+    return {"method": "grpo (TRL GRPOTrainer)", "seconds_per_step": sum(times[warmup:]) / steps,
+            "samples_per_step": cfg.batch_size * cfg.group_size}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
@@ -82,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
         save_tokenizer(tok, Path(tmp) / "tok")
         save_model(GPT(GPTConfig(arch="llama", vocab_size=300, block_size=64, n_layer=args.layers, n_head=4,
                                  n_embd=args.embd)), Path(tmp) / "model")
-        result = grpo_step_seconds(Path(tmp) / "model", Path(tmp) / "tok", cfg, args.steps)
+        ours = grpo_step_seconds(Path(tmp) / "model", Path(tmp) / "tok", cfg, args.steps)
+        trl = trl_grpo_step_seconds(Path(tmp) / "model", Path(tmp) / "tok", cfg, args.steps)
+    result = {"ours": ours, "trl": trl, "trl_over_ours": trl["seconds_per_step"] / ours["seconds_per_step"]}
     print(json.dumps(result, indent=2))
     return result
 

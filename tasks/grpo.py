@@ -56,11 +56,11 @@ class GRPOConfig(TrainOptions):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (tiny models; ~1e-6 for large ones).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Final learning rate as a share of the peak (1: constant, as GRPO is usually run).")
-    steps: int = Field(30, ge=1, description="Optimizer steps.")
+    steps: int = Field(20, ge=1, description="Optimizer steps (tiny: 20 steps x 32 samples).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks); each samples its own groups.")
     log_every: int = Field(5, ge=1, description="Log metrics every N steps.")
-    eval_every: int = Field(30, ge=1, description="Held-out greedy accuracy every N steps (also before the first and after the last).")
-    ckpt_every: int = Field(30, ge=1, description="Checkpoint every N steps (and at the end).")
+    eval_every: int = Field(20, ge=1, description="Held-out greedy accuracy every N steps (also before the first and after the last).")
+    ckpt_every: int = Field(20, ge=1, description="Checkpoint every N steps (and at the end).")
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
