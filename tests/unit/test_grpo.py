@@ -14,6 +14,8 @@ group mean and std, the clipped surrogate, the KL and the aggregation.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,3 +251,83 @@ def test_grpo_on_ray_raises_held_out_accuracy(grpo_run):
     for name in ("grpo/reward", "grpo/accuracy", "grpo/kl", "grpo/clip_fraction", "grpo/response_length"):
         assert [h.step for h in client.get_metric_history(run.run_id, name)] == [5, 10, 15, 20], name
     assert [h.step for h in client.get_metric_history(run.run_id, "val/accuracy")] == [10, 20]
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from infra.env import setup_env
+setup_env()
+from tasks.grpo import GRPOConfig, train_grpo
+from tasks.refs import ModelRef, ShardsRef, TokenizerRef
+train_grpo(GRPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2]),
+           TokenizerRef(path=sys.argv[3], shards=ShardsRef(path="")), Path(sys.argv[4]))
+"""
+
+
+def _registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
+        return 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_grpo_run_resumes_to_the_same_curves(grpo_run, tmp_path):
+    """A driver killed (SIGKILL, its Ray too) after its second checkpoint, rerun in the same folder: the resumed run
+    samples what the killed one would have (prompts and seeds by (seed, step, rank)) and ends on the fixture's
+    curves. Checkpoints every 5 steps instead of 10 change where the state is saved, not the arithmetic."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    from infra.env import REPO_ROOT
+    from tasks.grpo import train_grpo
+    from tasks.refs import ModelRef, ShardsRef, TokenizerRef
+
+    root = grpo_run[0]
+    cfg = RAY_CFG.model_copy(update={"ckpt_every": 5})
+    out, home = tmp_path / "stage", tempfile.mkdtemp(prefix="gptflow-grpo-killed-")  # short: Ray's socket paths
+    with open(tmp_path / "killed.log", "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, cfg.model_dump_json(), str(root / "sft"),
+                                 str(root / "tok"), str(out)], cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home},
+                                stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while _registered_step(out / "ray" / "grpo") < 10:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.02)
+    finally:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+    killed_at = _registered_step(out / "ray" / "grpo")
+    assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+
+    train_grpo(cfg, ModelRef(path=str(root / "sft")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")), out)
+
+    history = json.loads((out / "history.json").read_text())
+    expected = json.loads((root / "out" / "history.json").read_text())
+    assert history["resumes"] == [killed_at]
+    for key in ("train", "val", "val_accuracy"):
+        steps, values = np.array(history[key]).T
+        ref_steps, ref_values = np.array(expected[key]).T
+        assert np.array_equal(steps, ref_steps), key
+        np.testing.assert_allclose(values, ref_values, rtol=0, atol=1e-5, err_msg=key)
+    def curve(rows):  # the logged metrics after the resume, throughput aside (it is wall time)
+        return [[r[k] for k in sorted(r) if k != "grpo/rollout_tokens_per_s"] for r in rows if r["step"] > killed_at]
+
+    assert len(curve(history["grpo"])) == len(curve(expected["grpo"])) > 0
+    np.testing.assert_allclose(curve(history["grpo"]), curve(expected["grpo"]), rtol=0, atol=1e-5)
