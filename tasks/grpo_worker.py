@@ -72,6 +72,7 @@ class GRPOBatches:
         self.stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         self.rollouts: tuple[int, list[dict[str, torch.Tensor]]] | None = None  # (the step they were sampled at, micro-batches)
         self.done = 0  # steps done: the step an evaluation belongs to
+        self.rank = 0
 
     def _add(self, **values: float | torch.Tensor) -> None:
         for k, v in values.items():
@@ -83,7 +84,7 @@ class GRPOBatches:
         first = step - step % self.cfg.iterations  # the step whose samples this step trains on
         if self.rollouts is None or self.rollouts[0] != first:
             self.rollouts = (first, [self._rollout(w, first, m) for m in range(w.accum)])
-        self.done = step + 1
+        self.done, self.rank = step + 1, w.rank
         return self.rollouts[1]
 
     def _rollout(self, w: Worker, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -123,8 +124,8 @@ class GRPOBatches:
         loss, stats = grpo_loss(logps, micro["old"], micro["ref"], micro["adv"], micro["mask"], cfg.clip_eps,
                                 cfg.beta, cfg.aggregation)
         if not torch.isfinite(loss):
-            raise GptflowError(f"grpo: the loss is {loss.item()} at step {self.done} (rewards, advantages and "
-                               "log-probabilities were finite); stopping before it corrupts the policy")
+            raise GptflowError(f"grpo: the loss is {loss.item()} at step {self.done} on rank {self.rank}; stopping "
+                               "before it corrupts the policy")
         self._add(kl=stats["kl"], clipped=stats["clipped"], tokens=stats["tokens"])
         return loss / len(self.rollouts[1])
 
