@@ -1,7 +1,7 @@
 """GRPO: the checker and the prompt generator, our advantages and loss against TRL 1.16's `GRPOTrainer` on the
 same batch, a 2-worker Ray run that raises held-out accuracy on its task, and a killed run that resumes.
 Run: `pytest tests/unit/test_grpo.py -q` (`-m "not ray"`: the 10 fast tests, 30-70 s, most of it importing TRL;
-the two Ray tests, three fits: 9 min 48 s on 2 cores shared at load 15-28).
+the two Ray tests, three fits: 3 min 20 s on 2 cores shared at load 3-9, 9 min 48 s at load 15-28).
 
 How TRL is called: its advantages and its loss are inlined in `GRPOTrainer._generate_and_score_completions` and
 `GRPOTrainer._compute_loss`, methods of a trainer that wants a model, a tokenizer, datasets and accelerate. The
