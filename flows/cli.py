@@ -4,7 +4,7 @@
     gptflow data [--input PATH ...] [--set key=value ...]
     gptflow tokenizer --input CORPUS
     gptflow pretrain --input SHARDS_DIR
-    gptflow sft|reward|dpo|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
+    gptflow sft|reward|dpo|grpo|eval|classify --model MODEL [--tokenizer TOKENIZER_DIR]
     gptflow ppo --model SFT_MODEL --reward-model RM_DIR [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
@@ -28,8 +28,8 @@ from typing import Any
 from infra.env import resolve_path, setup_env
 from infra.startup import freeze_heap
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "classify")
-ALIGN_STAGES = ("reward", "dpo", "ppo")  # their configs live in the pipeline config's `align` section
+STAGES = ("data", "tokenizer", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "classify")
+ALIGN_STAGES = ("reward", "dpo", "ppo", "grpo")  # their configs live in the pipeline config's `align` section
 EPILOG = "Keys for --set are dotted paths into the config, e.g. pretrain.lr=3e-4 or data.languages='[\"en\",\"fr\"]'."
 
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("reward", "a reward model (Bradley-Terry) on ranked reply pairs, registered in MLflow"),
                        ("dpo", "DPO on preference pairs"),
                        ("ppo", "PPO against a reward model, with a KL penalty to the SFT model (InstructGPT)"),
+                       ("grpo", "GRPO with a verifiable reward (generated arithmetic prompts)"),
                        ("eval", "lm-eval benchmarks from local files"), ("export", "export to Hugging Face format"),
                        ("classify", "GPT-1 task fine-tuning: a yes/no head on BoolQ")):
         sp = sub.add_parser(name, help=what, epilog=EPILOG, description=f"Run the {name} stage alone: {what}.")

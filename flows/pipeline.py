@@ -21,6 +21,7 @@ from flows.stages import (
     data_task,
     dpo_task,
     eval_task,
+    grpo_task,
     ppo_task,
     pretrain_task,
     register_task,
@@ -107,6 +108,8 @@ def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root:
         elif method == "ppo":  # InstructGPT: a reward model from ranked pairs, then PPO against it
             helpers["reward"], times["reward"] = timed(reward_task, cfg.align.reward, chat, tok, root, parent)
             branches["ppo"], times["ppo"] = timed(ppo_task, cfg.align.ppo, chat, tok, helpers["reward"], root, parent)
+        elif method == "grpo":
+            branches["grpo"], times["grpo"] = timed(grpo_task, cfg.align.grpo, chat, tok, root, parent)
         else:
             raise ValueError(f"align.methods: unknown method {method!r}")
     return branches, helpers

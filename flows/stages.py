@@ -27,6 +27,7 @@ from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig, build_corpus, crawl_inputs
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
+from tasks.grpo import GRPOConfig
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
@@ -104,6 +105,18 @@ def ppo_task(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, reward: M
 
     inputs = {"model": model, "tokenizer": tokenizer, **({"reward": reward} if reward else {}), **source_inputs(cfg.sources)}
     return tracked_stage("ppo", cfg, inputs, lambda out, run: train_ppo(cfg, model, tokenizer, out, run, reward=reward),
+                         root, parent_run_id)
+
+
+@task(name="grpo", cache_policy=NO_CACHE)
+def grpo_task(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
+              parent_run_id: str | None = None) -> ModelRef:
+    from tasks.grpo import train_grpo
+
+    inputs = {"model": model, "tokenizer": tokenizer}
+    if cfg.prompts_file:
+        inputs["prompts"] = as_input(cfg.prompts_file)
+    return tracked_stage("grpo", cfg, inputs, lambda out, run: train_grpo(cfg, model, tokenizer, out, run),
                          root, parent_run_id)
 
 
@@ -193,6 +206,11 @@ def ppo_flow(model: str, tokenizer: str, reward_model: str | None = None, config
 @flow(name="dpo", log_prints=True)
 def dpo_flow(model: str, tokenizer: str, config: DPOConfig = DPOConfig(), workdir: str | None = None) -> ModelRef:
     return dpo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@flow(name="grpo", log_prints=True)
+def grpo_flow(model: str, tokenizer: str, config: GRPOConfig = GRPOConfig(), workdir: str | None = None) -> ModelRef:
+    return grpo_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
 
 
 @flow(name="classify", log_prints=True)

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.dpo import DPOConfig
+from tasks.grpo import GRPOConfig
 from tasks.ppo import PPOConfig
 from tasks.reward import RewardConfig
 
@@ -32,3 +33,5 @@ class AlignConfig(BaseModel):
     reward: RewardConfig = Field(default_factory=RewardConfig,
                                  description="The reward model PPO trains against (`tasks/reward.py`).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the reward model (`tasks/ppo.py`).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig,
+                             description="GRPO on prompts whose answers code checks (`tasks/grpo.py`).")
