@@ -1,11 +1,12 @@
 """RLHF benchmark: rollout tokens/s with and without the KV cache, and seconds per optimizer step of each
 alignment method on the same model, in one run.
 
-Each method is one function in `METHODS` that takes the shared `Setup` (model folder, prompts, sizes) and returns
-its numbers; PPO's is here, DPO's and GRPO's join it the same way. Everything runs in this process on one device,
-without Ray (the stages' per-step work, not Ray Train's start-up): a random GPT (llama style, `--layers`,
-`--embd`, context 256, vocabulary 512) and random prompts of `--prompt-len` tokens, so no data or tokenizer is
-needed and every response runs to `--response-len` tokens (no stop token is drawn on purpose).
+Each method is one function in `METHODS` that takes the shared `Setup` (model folder, tokenizer, prompts, sizes)
+and returns its numbers. Everything runs in this process on one device, without Ray (the stages' per-step work,
+not Ray Train's start-up), on one random GPT (llama style, `--layers`, `--embd`, context 256) over GPT-2's
+vocabulary with our chat tokens (bundled), so that DPO reads real pairs and GRPO its generated prompts with the
+same tokenizer. PPO's rollouts start from random prompts of `--prompt-len` tokens and every response runs to
+`--response-len` tokens (no stop token is drawn on purpose).
 
 Measured:
   - rollout tokens/s: new tokens of `--batch` responses over the wall time of `models.generate.generate`, with the
@@ -13,7 +14,11 @@ Measured:
     token), and their ratio;
   - PPO seconds per optimizer step: one PPO iteration (rollouts with the cache, scoring, reference and value
     passes, GAE) plus its `ppo_epochs * minibatches` minibatch updates, divided by those steps; and the update
-    alone (forward, backward, AdamW of one minibatch).
+    alone (forward, backward, AdamW of one minibatch);
+  - DPO seconds per optimizer step (`bench/rlhf_dpo.py`): `--batch` real pairs per step, the reference's
+    log-probabilities stored beforehand as the stage does, and with a live reference model for comparison;
+  - GRPO seconds per optimizer step (`bench/rlhf_grpo.py`): `--batch` / 2 generated prompts x a group of 8
+    samples, and the share of it spent sampling.
 Measures and prints, asserts nothing.
 
 Run: `python -m bench.rlhf [--layers 4 --embd 128] [--out bench/results/rlhf_cpu.json]`. Measured
@@ -43,6 +48,8 @@ from models.gpt import GPT, GPTConfig
 @dataclass
 class Setup:
     model_dir: Path
+    tokenizer_dir: Path
+    model_cfg: GPTConfig
     prompts: list[list[int]]
     response_len: int
     batch: int
@@ -81,7 +88,24 @@ def bench_ppo(s: Setup) -> dict[str, float]:
     return {"ppo_s_per_step": (time.perf_counter() - start) / n, "ppo_update_s_per_step": update / n}
 
 
-METHODS: dict[str, Callable[[Setup], dict[str, float]]] = {"ppo": bench_ppo}
+def bench_dpo(s: Setup) -> dict[str, float]:
+    from bench.rlhf_dpo import dpo_step_seconds
+
+    stored = dpo_step_seconds(s.model_cfg, batch_size=s.batch, steps=3, device=s.device.type)
+    live = dpo_step_seconds(s.model_cfg, batch_size=s.batch, steps=3, device=s.device.type, live_reference=True)
+    return {"dpo_s_per_step": stored["seconds_per_step"], "dpo_live_reference_s_per_step": live["seconds_per_step"]}
+
+
+def bench_grpo(s: Setup) -> dict[str, float]:
+    from bench.rlhf_grpo import grpo_step_seconds
+    from tasks.grpo import GRPOConfig
+
+    cfg = GRPOConfig(batch_size=max(1, s.batch // 2), group_size=8, num_workers=1)
+    r = grpo_step_seconds(s.model_dir, s.tokenizer_dir, cfg, steps=3)
+    return {"grpo_s_per_step": r["seconds_per_step"], "grpo_rollout_share": r["rollout_share"]}
+
+
+METHODS: dict[str, Callable[[Setup], dict[str, float]]] = {"ppo": bench_ppo, "dpo": bench_dpo, "grpo": bench_grpo}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -97,13 +121,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = GPTConfig(arch="llama", vocab_size=512, block_size=256, n_layer=args.layers, n_head=4, n_embd=args.embd)
+    from bench.rlhf_dpo import GPT2_VOCAB_PADDED
+    from tasks.bpe import load_gpt2, save_tokenizer
+
+    cfg = GPTConfig(arch="llama", vocab_size=GPT2_VOCAB_PADDED, block_size=256, n_layer=args.layers, n_head=4,
+                    n_embd=args.embd)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(8, 512, (64, args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(8, 50000, (64, args.prompt_len), generator=g).tolist()
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(GPT(cfg), Path(tmp))
-        s = Setup(Path(tmp), prompts, args.response_len, args.batch, device)
+        save_model(GPT(cfg), Path(tmp) / "model")
+        save_tokenizer(load_gpt2(), Path(tmp) / "tok")
+        s = Setup(Path(tmp) / "model", Path(tmp) / "tok", cfg, prompts, args.response_len, args.batch, device)
         rollout_tokens_per_s(s, True)  # warm-up
         results["rollout_tokens_per_s_cache"] = rollout_tokens_per_s(s, True)
         results["rollout_tokens_per_s_no_cache"] = rollout_tokens_per_s(s, False)

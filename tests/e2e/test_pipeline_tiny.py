@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "eval-sft", "eval-dpo"]  # MLflow run names
-CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "eval_sft", "eval_dpo"]  # the flow's refs
+STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval-sft", "eval-dpo", "eval-ppo"]  # run names
+CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_sft", "eval_dpo", "eval_ppo"]  # refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 
@@ -34,12 +34,18 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
     assert parent.info.status == "FINISHED"
-    for stage in ["data", "tokenizer", "pretrain", "sft", "dpo", "eval_sft", "eval_dpo", "register_dpo", "total"]:
+    for stage in ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_sft", "eval_dpo", "eval_ppo",
+                  "register_dpo", "register_ppo", "total"]:
         assert parent.data.metrics[f"time/{stage}_s"] > 0
     children = _children(client, first_run["run_id"])
     assert set(STAGES + ["register"]) <= set(children)
+    ppo = children["ppo"].data.metrics  # PPO's curves and the reward model it trained against
+    assert {"ppo/reward", "ppo/kl", "ppo/clip_frac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
+            "perf/rollout_tokens_per_s"} <= set(ppo), sorted(ppo)
+    assert len(client.get_metric_history(children["ppo"].info.run_id, "ppo/reward")) >= 2  # a curve, not a point
+    assert {"dpo/margin", "dpo/reward_acc"} <= set(children["dpo"].data.metrics)
     table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
-    assert table.splitlines()[0].split("|")[2:4] == [" sft ", " dpo "], table  # the branches side by side
+    assert table.splitlines()[0].split("|")[2:5] == [" sft ", " dpo ", " ppo "], table  # the branches side by side
     assert first_run["eval_table"] == table
     for stage in STAGES:
         run = children[stage]

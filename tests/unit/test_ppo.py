@@ -413,11 +413,14 @@ def test_gptflow_ppo_resolves_its_config(capsys):
     assert "--reward-model" in capsys.readouterr().out
 
 
-def test_bench_rlhf_measures_the_cache_and_ppo_steps(one_thread):
-    """`python -m bench.rlhf` at toy size: both rollout speeds, the cache's speed-up, PPO's seconds per step."""
+def test_bench_rlhf_measures_the_cache_and_every_method(one_thread):
+    """`python -m bench.rlhf` at toy size: both rollout speeds and the seconds per step of PPO, DPO and GRPO on
+    one model (the numbers themselves belong to the bench, not to this test)."""
     from bench.rlhf import main
 
     r = main(["--layers", "1", "--embd", "32", "--batch", "4", "--prompt-len", "8", "--response-len", "16",
               "--threads", "1"])
-    assert r["kv_cache_speedup"] > 1 and r["rollout_tokens_per_s_no_cache"] > 0
+    assert r["rollout_tokens_per_s_cache"] > 0 and r["rollout_tokens_per_s_no_cache"] > 0
     assert 0 < r["ppo_update_s_per_step"] < r["ppo_s_per_step"]  # an iteration's step also pays for its rollouts
+    assert r["dpo_s_per_step"] > 0 and r["dpo_live_reference_s_per_step"] > 0
+    assert r["grpo_s_per_step"] > 0 and 0 < r["grpo_rollout_share"] < 1
