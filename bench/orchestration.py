@@ -26,7 +26,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-RAY_TRAIN_STAGES = ("pretrain", "sft")
+RAY_TRAIN_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 
 
 def _empty_loop(config: dict) -> None:
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()  # the pipeline starts its own
         wall, times = pipeline_times()
         stages = times["total"]
-        overhead = (wall - stages) + times.get("ray_start", 0.0) + fit * sum(s in times for s in RAY_TRAIN_STAGES)
+        fits = sum(s in times for s in RAY_TRAIN_STAGES)  # the Ray Train stages this run ran
+        overhead = (wall - stages) + times.get("ray_start", 0.0) + fit * fits
         print(f"(c) tiny pipeline: wall {wall:.1f} s, stages {stages:.1f} s; outside the stages {wall - stages:.1f} s, "
               f"Ray start {times.get('ray_start', 0.0):.1f} s, Ray Train start-up {fit:.1f} s x "
-              f"{len(RAY_TRAIN_STAGES)} stages")
+              f"{fits} stages")
         print(f"    orchestration ~{overhead:.0f} s of {wall:.0f} s: {overhead / wall:.0%}; stage compute ~{wall - overhead:.0f} s")
         print("    " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         result |= {"pipeline_wall_s": wall, "pipeline_times": times, "orchestration_share": overhead / wall}

@@ -24,9 +24,9 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from infra.env import resolve_path, setup_env
 from tasks.stage import GptflowError
@@ -73,6 +73,18 @@ class SFTSource(_Source):
 
 class PreferenceSource(_Source):
     format: Literal["auto", "hh", "sharegpt", "messages", "oasst"] = Field("auto", description="Record layout; 'auto' finds it from the columns.")
+
+
+def _paths_as_sources(value: Any) -> Any:
+    """`sources="x.jsonl"` or `["a.json", "b.jsonl"]` in a config: each path a source of weight 1."""
+    if isinstance(value, str | Path):
+        value = [value]
+    return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
+
+
+# A stage config's `sources` field: sources, or paths standing for sources of weight 1.
+SFTSources = Annotated[tuple[SFTSource, ...], BeforeValidator(_paths_as_sources)]
+PreferenceSources = Annotated[tuple[PreferenceSource, ...], BeforeValidator(_paths_as_sources)]
 
 
 # ---- loading -------------------------------------------------------------------------------------------------

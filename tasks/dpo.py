@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from tasks.chat import IGNORE, render
-from tasks.conversations import Pair, PreferenceSource, load_preference_mixture
+from tasks.conversations import Pair, PreferenceSource, PreferenceSources, load_preference_mixture
 from tasks.plots import plot_dpo, plot_loss
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
@@ -46,15 +46,7 @@ from tasks.train_config import TrainOptions
 
 
 class DPOConfig(TrainOptions):
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _paths_as_sources(cls, value: Any) -> Any:
-        """`sources="x.jsonl"` or `["a.json", "b.jsonl"]`: each path a source of weight 1."""
-        if isinstance(value, str | Path):
-            value = [value]
-        return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
-
-    sources: tuple[PreferenceSource, ...] = Field(
+    sources: PreferenceSources = Field(
         (PreferenceSource(path="data/preference/dpo_en_demo.json.gz"),), min_length=1,
         description="Preference pairs, mixed by weight: HH-RLHF chosen/rejected dialogues, ShareGPT conversations + "
         "chosen/rejected, chosen/rejected message lists, OpenAssistant trees (sibling ranks). A path, or a list of "

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from tasks.chat import IGNORE, render
-from tasks.conversations import SFTSource, load_mixture
+from tasks.conversations import SFTSource, SFTSources, load_mixture
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 from tasks.train_config import TrainOptions
@@ -40,15 +40,7 @@ Scorer = Callable[[list[list[int]], list[list[int]]], "torch.Tensor"]
 
 
 class PPOConfig(TrainOptions):
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _paths_as_sources(cls, value: Any) -> Any:
-        """`sources="x.jsonl"` or `["a.json", "b.jsonl"]`: each path a source of weight 1."""
-        if isinstance(value, str | Path):
-            value = [value]
-        return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
-
-    sources: tuple[SFTSource, ...] = Field(
+    sources: SFTSources = Field(
         (SFTSource(path="data/sft/alpaca_en_demo.json.gz"),), min_length=1,
         description="Where the prompts come from: chat data in any SFT format; each conversation's turns up to its "
                     "first assistant turn are one prompt (its answer is not used).")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from tasks.conversations import Pair, PreferenceSource, load_preference_mixture
+from tasks.conversations import Pair, PreferenceSource, PreferenceSources, load_preference_mixture
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 from tasks.train_config import TrainOptions
@@ -39,15 +39,7 @@ DEFAULT_SOURCES = (PreferenceSource(path="data/preference/hh_rlhf_harmless_sampl
 
 
 class RewardConfig(TrainOptions):
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _paths_as_sources(cls, value: Any) -> Any:
-        """`sources="x.jsonl"` or `["a.json", "b.jsonl"]`: each path a source of weight 1."""
-        if isinstance(value, str | Path):
-            value = [value]
-        return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
-
-    sources: tuple[PreferenceSource, ...] = Field(
+    sources: PreferenceSources = Field(
         DEFAULT_SOURCES, min_length=1,
         description="Ranked reply pairs, mixed by weight: HH-RLHF chosen/rejected dialogues, ShareGPT or TRL-style "
         "chosen/rejected, OpenAssistant trees (every better/worse pair of ranked siblings). Default: the bundled "

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from models.lora import LoraOptions
 from tasks.chat import IGNORE, render
-from tasks.conversations import SFTSource, load_mixture
+from tasks.conversations import SFTSource, SFTSources, load_mixture
 from tasks.plots import plot_loss
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
@@ -40,15 +40,7 @@ if TYPE_CHECKING:
 
 
 class SFTConfig(TrainOptions):
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _paths_as_sources(cls, value: Any) -> Any:
-        """`sources="x.jsonl"` or `["a.json", "b.jsonl"]`: each path a source of weight 1."""
-        if isinstance(value, str | Path):
-            value = [value]
-        return [{"path": str(v)} if isinstance(v, str | Path) else v for v in value]
-
-    sources: tuple[SFTSource, ...] = Field(
+    sources: SFTSources = Field(
         (SFTSource(path="data/sft/alpaca_en_demo.json.gz"),), min_length=1,
         description="Chat data, mixed by weight: local JSON/JSONL/Parquet files (Alpaca, OpenAssistant trees, ShareGPT, "
         "'messages'), Hub-layout folders or Hub names. A path, or a list of paths, stands for sources of weight 1.")
