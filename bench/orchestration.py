@@ -35,11 +35,12 @@ def _empty_loop(config: dict) -> None:
 
 def empty_fit(workers: int) -> float:
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from infra.ray_cluster import torch_trainer
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
-        TorchTrainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
+        torch_trainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
                      run_config=RunConfig(name="empty", storage_path=storage)).fit()
     return time.perf_counter() - start
 

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from infra.env import REPO_ROOT, workspace
 
@@ -39,6 +40,29 @@ def ray_init(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def torch_trainer(loop: Any, **kwargs: Any) -> Any:
+    """Ray Train's `TorchTrainer(loop, **kwargs)`, less two helper actors that a fit of ours does not use, each a
+    Python process started per fit (measured: an empty 2-worker fit 17 s -> ~11 s on 2 cores): the DatasetManager,
+    which Ray Train V2 starts even when no Ray Dataset is passed, and, on the local Ray we start without a
+    dashboard, the placement-group cleaner, which asks the dashboard's state API whether the controller died and
+    so can never act there. On a cluster (`RAY_ADDRESS`) the cleaner stays. Another Ray version: the defaults."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer(loop, **kwargs)
+    unused = (PlacementGroupCleanerCallback,) if not os.environ.get("RAY_ADDRESS") else ()
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            drop = unused + (() if self.datasets else (DatasetsCallback,))
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+    return Trainer(loop, **kwargs)
 
 
 def quiet_worker_logs() -> None:

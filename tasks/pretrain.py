@@ -83,9 +83,10 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     (max_failures=0): a failure surfaces; the stage rerun resumes from the last checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    from infra.ray_cluster import torch_trainer
+
+    trainer = torch_trainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -19,9 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import psutil
 import pytest
 import torch
+from killing import kill_tree as _kill_tree
+from killing import registered_step as _registered_step
 
 from infra.env import DATA_DIR, REPO_ROOT
 from models.checkpoint import load_config, load_model, save_model
@@ -226,29 +227,6 @@ train_dpo(DPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2])
 """
 
 
-def _registered_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
-        return 0
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (its own Ray included), each by its pid; wait for them."""
-    try:
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, alive
 
 
 @pytest.mark.ray

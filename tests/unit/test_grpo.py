@@ -24,6 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from killing import kill_tree as _kill_tree
+from killing import registered_step as _registered_step
 
 from tasks.grpo import GRPOConfig
 from tasks.grpo_loss import group_advantages, grpo_loss
@@ -266,14 +268,6 @@ train_grpo(GRPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2
 """
 
 
-def _registered_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
-        return 0
-
 
 @pytest.mark.ray
 @pytest.mark.slow
@@ -285,8 +279,6 @@ def test_killed_grpo_run_resumes_to_the_same_curves(grpo_run, tmp_path):
     import sys
     import tempfile
     import time
-
-    import psutil
 
     from infra.env import REPO_ROOT
     from tasks.grpo import train_grpo
@@ -306,13 +298,7 @@ def test_killed_grpo_run_resumes_to_the_same_curves(grpo_run, tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.02)
     finally:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        _kill_tree(proc)
         shutil.rmtree(home, ignore_errors=True)
     killed_at = _registered_step(out / "ray" / "grpo")
     assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"

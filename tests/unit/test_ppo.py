@@ -277,18 +277,6 @@ def _cfg(reward_token: str):
 
 
 @pytest.fixture(scope="module")
-def ray_once():
-    """One Ray for the module's fits (each train_ppo joins it), as the pipeline runs them."""
-    import ray
-
-    from infra.ray_cluster import ray_init
-
-    ray_init()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def mlflow_run(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
@@ -359,7 +347,8 @@ train_ppo(PPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2])
 def test_killed_ppo_run_resumes_to_the_same_curves(reference, inputs, tmp_path):
     """The issue's kill-and-resume for an RL stage: the driver and its Ray are SIGKILLed after the second
     recorded checkpoint; the rerun resumes there and its losses, rewards and KLs equal the uninterrupted run's."""
-    from test_sft_train import _kill_tree, _registered_step
+    from killing import kill_tree as _kill_tree
+    from killing import registered_step as _registered_step
 
     from tasks.ppo import train_ppo
 

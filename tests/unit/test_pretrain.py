@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
+from killing import kill_tree as _kill_tree
+from killing import registered_step as _registered_step
 
 from infra.env import DATA_DIR, REPO_ROOT
 from models.gpt import GPT, GPTConfig
@@ -319,30 +320,6 @@ pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), ShardsRef(path=sys
 """
 
 
-def _registered_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
-        return 0
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (Ray's GCS, raylet, controller, workers), as when the
-    machine dies, each by its pid; then wait until they are gone."""
-    try:
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:  # the driver already exited (the caller's assertion says why)
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, alive
 
 
 @pytest.mark.ray

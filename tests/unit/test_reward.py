@@ -215,18 +215,6 @@ def sqlite_mlflow(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_once():
-    """One Ray for the module's fits (each stage run joins it), as the pipeline runs them."""
-    import ray
-
-    from infra.ray_cluster import ray_init
-
-    ray_init()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def fitted(inputs, sqlite_mlflow, ray_once, tmp_path_factory):
     from flows.stages import reward_task
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
+from killing import assert_no_line_repeats as _assert_no_line_repeats
+from killing import kill_tree as _kill_tree
+from killing import registered_step as _registered_step
 
 from infra.env import DATA_DIR, REPO_ROOT
 from models.checkpoint import load_config, load_model, save_model
@@ -50,18 +50,6 @@ def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef]:
     save_model(GPT(GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32,
                              dropout=0.1)), root / "base")
     return ModelRef(path=str(root / "base")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path=""))
-
-
-@pytest.fixture(scope="module")
-def ray_once():
-    """One Ray for the module's fits (each finetune_sft joins it), as the pipeline runs them."""
-    import ray
-
-    from infra.ray_cluster import ray_init
-
-    ray_init()
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -129,38 +117,7 @@ finetune_sft(SFTConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[
 """
 
 
-def _registered_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
-        return 0
 
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (its own Ray included), each by its pid, as when the
-    machine dies; then wait until they are gone."""
-    try:
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, alive
-
-
-def _assert_no_line_repeats(text: str, most: int = 3) -> None:
-    """The terminal stays readable: no line (its Ray pid prefix aside) printed more than `most` times. Ray
-    Train's placement-group cleaner printed "State API may be temporarily unavailable" once a second."""
-    lines = Counter(re.sub(r"pid=\d+", "pid", line).strip() for line in text.splitlines() if line.strip())
-    repeated = {line: n for line, n in lines.items() if n > most}
-    assert not repeated, repeated
 
 
 def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_path):

@@ -1,0 +1,46 @@
+"""What every kill-and-resume test shares: the step Ray Train has recorded a checkpoint for, a SIGKILL of a
+driver and every process it started, and a check that the killed run's log did not repeat itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+
+def registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint Ray has recorded in its run snapshot (what a rerun restores), or 0."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or caught mid-write
+        return 0
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its own Ray included), each by its pid, as when the
+    machine dies; then wait until they are gone."""
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def assert_no_line_repeats(text: str, most: int = 3) -> None:
+    """The terminal stays readable: no line (its Ray pid prefix aside) printed more than `most` times. Ray
+    Train's placement-group cleaner printed "State API may be temporarily unavailable" once a second."""
+    lines = Counter(re.sub(r"pid=\d+", "pid", line).strip() for line in text.splitlines() if line.strip())
+    repeated = {line: n for line, n in lines.items() if n > most}
+    assert not repeated, repeated
