@@ -46,7 +46,8 @@ def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, ou
 
 def compare_reports(reports: dict[str, EvalReport]) -> str:
     """One Markdown table of every model's headline scores, a column per model (the branches of the pipeline:
-    the SFT model and each alignment method), a row per benchmark metric; the best of a row in bold."""
+    the SFT model and each alignment method), a row per benchmark metric; the best of a row in bold (none when
+    every model scores the same)."""
     names = list(reports)
     rows = sorted({k for r in reports.values() for k in r.scores()})
     lower_better = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")
@@ -54,7 +55,7 @@ def compare_reports(reports: dict[str, EvalReport]) -> str:
     for row in rows:
         values = [reports[n].scores().get(row) for n in names]
         known = [v for v in values if v is not None]
-        best = (min if any(s in row for s in lower_better) else max)(known) if len(known) > 1 else None
+        best = (min if any(s in row for s in lower_better) else max)(known) if len(set(known)) > 1 else None
         cells = ["" if v is None else (f"**{v:.4f}**" if v == best else f"{v:.4f}") for v in values]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

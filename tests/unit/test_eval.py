@@ -564,12 +564,14 @@ def test_compare_reports_puts_each_model_in_a_column_and_bolds_the_best_of_each_
     from tasks.refs import EvalReport
 
     reports = {"sft": EvalReport(path="a", metrics={"eval/arc_easy/acc": 0.30, "eval/wikitext/word_perplexity": 900.0,
-                                                    "eval/arc_easy/acc_stderr": 0.01}),
-               "dpo": EvalReport(path="b", metrics={"eval/arc_easy/acc": 0.25, "eval/wikitext/word_perplexity": 800.0}),
-               "ppo": EvalReport(path="c", metrics={"eval/arc_easy/acc": 0.28})}
+                                                    "eval/arc_easy/acc_stderr": 0.01, "eval/piqa/acc": 0.5}),
+               "dpo": EvalReport(path="b", metrics={"eval/arc_easy/acc": 0.25, "eval/wikitext/word_perplexity": 800.0,
+                                                    "eval/piqa/acc": 0.5}),
+               "ppo": EvalReport(path="c", metrics={"eval/arc_easy/acc": 0.28, "eval/piqa/acc": 0.5})}
     lines = compare_reports(reports).splitlines()
     assert lines[0] == "| benchmark | sft | dpo | ppo |"
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]}
-    assert set(rows) == {"arc_easy/acc", "wikitext/word_perplexity"}  # standard errors left out
+    assert set(rows) == {"arc_easy/acc", "wikitext/word_perplexity", "piqa/acc"}  # standard errors left out
     assert rows["arc_easy/acc"] == ["**0.3000**", "0.2500", "0.2800"]  # higher is better
     assert rows["wikitext/word_perplexity"] == ["900.0000", "**800.0000**", ""]  # lower is better; a missing cell
+    assert rows["piqa/acc"] == ["0.5000"] * 3  # a tie of every model: nothing is best
