@@ -39,16 +39,30 @@ from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
 
 def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
-                  root: str, parent_run_id: str | None, branch: str | None = None) -> Ref:
+                  root: str, parent_run_id: str | None, branch: str | None = None,
+                  then: Callable[[str, Ref], None] | None = None) -> Ref:
     """Run `core(out_dir, run_link)` through `run_stage` inside the stage's MLflow run; log what it made.
     `branch` names which model a stage that runs once per branch worked on (eval: `sft`, `dpo`, `ppo`, ...):
-    its MLflow run is then `<stage>-<branch>`, tagged `branch`."""
+    its MLflow run is then `<stage>-<branch>`, tagged `branch`. `then(run_id, ref)` runs last, in the same run
+    (the stages that register their own model)."""
     run_name = f"{stage}-{branch}" if branch else stage
     with tracking.stage_run(run_name, parent_run_id, {"stage": stage, "branch": branch} if branch else None) as run_id:
         link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
         ref = run_stage(stage, cfg, inputs, lambda out: core(out, link), Path(root))
         tracking.log_stage(run_id, ref, cfg, inputs)
+        if then is not None:
+            then(run_id, ref)
         return ref
+
+
+def registers(stage: str, register: Callable[..., RegisteredModel], tokenizer: TokenizerRef,
+              name: str) -> Callable[[str, Ref], None]:
+    """A `then` for `tracked_stage`: register the stage's model from its run as `name` (alias `candidate`)."""
+    def then(run_id: str, ref: Ref) -> None:
+        registered = register(run_id, ref, tokenizer, name, {"stage_key": ref.key})
+        print(f"[{stage}] registered {registered.name} version {registered.version}: models:/{registered.name}@candidate")
+
+    return then
 
 
 @task(name="data", cache_policy=NO_CACHE)
@@ -127,12 +141,8 @@ def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef,
     from tasks.classify import finetune_classifier
 
     inputs = {"model": model, "tokenizer": tokenizer, "data": as_input(cfg.data)}
-    with tracking.stage_run("classify", parent_run_id) as run_id:
-        ref = run_stage("classify", cfg, inputs, lambda out: finetune_classifier(cfg, model, tokenizer, out), Path(root))
-        tracking.log_stage(run_id, ref, cfg, inputs)
-        registered = tracking.register_classifier(run_id, ref, tokenizer, cfg.model_name, {"stage_key": ref.key})
-        print(f"[classify] registered {registered.name} version {registered.version}: models:/{registered.name}@candidate")
-        return ref
+    return tracked_stage("classify", cfg, inputs, lambda out, _: finetune_classifier(cfg, model, tokenizer, out), root,
+                         parent_run_id, then=registers("classify", tracking.register_classifier, tokenizer, cfg.model_name))
 
 
 @task(name="reward", cache_policy=NO_CACHE)
@@ -142,13 +152,9 @@ def reward_task(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerRef, roo
     from tasks.reward import train_reward_model
 
     inputs = {"model": model, "tokenizer": tokenizer, **source_inputs(cfg.sources)}
-    with tracking.stage_run("reward", parent_run_id) as run_id:
-        link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
-        ref = run_stage("reward", cfg, inputs, lambda out: train_reward_model(cfg, model, tokenizer, out, link), Path(root))
-        tracking.log_stage(run_id, ref, cfg, inputs)
-        registered = tracking.register_reward_model(run_id, ref, tokenizer, cfg.model_name, {"stage_key": ref.key})
-        print(f"[reward] registered {registered.name} version {registered.version}: models:/{registered.name}@candidate")
-        return ref
+    return tracked_stage("reward", cfg, inputs, lambda out, run: train_reward_model(cfg, model, tokenizer, out, run),
+                         root, parent_run_id,
+                         then=registers("reward", tracking.register_reward_model, tokenizer, cfg.model_name))
 
 
 @task(name="eval", cache_policy=NO_CACHE)

@@ -25,9 +25,7 @@ torch is imported inside the functions: the CLI, the presets and Prefect's param
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from collections import Counter
@@ -151,15 +149,6 @@ def prepare_pairs(cfg: DPOConfig, tok, block_size: int, out: Path) -> dict[str, 
 # ---------------------------------------------------------------- the driver
 
 
-def _fit(cfg: DPOConfig, base: Path, pairs: Path, out_dir: Path, run: RunLink, progress: Any = None):
-    from tasks.dpo_worker import dpo_loop_per_worker
-    from tasks.pretrain import fit_on_workers
-
-    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "pairs": str(pairs.resolve()),
-              "run": run.model_dump(), "progress": progress}
-    return fit_on_workers(dpo_loop_per_worker, config, cfg, "dpo", out_dir)
-
-
 def train_dpo(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path, run: RunLink | None = None,
               progress_file: IO[str] | None = None) -> ModelRef:
     """Train `model` with DPO (or IPO) on `cfg.sources`, itself frozen as the reference, on Ray Train workers.
@@ -176,11 +165,10 @@ def train_dpo(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
         The aligned model folder, with the pairs' counts and the held-out loss, reward accuracy, margin and the
         policy's own preference for the chosen answer, before and after.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
     from models.checkpoint import load_config
     from tasks.bpe import load_tokenizer
-    from tasks.dpo_worker import store_reference_logps
+    from tasks.dpo_worker import dpo_loop_per_worker, store_reference_logps
+    from tasks.pretrain import export_checkpoint, fit_and_export
 
     base = Path(model.path)
     tok = load_tokenizer(Path(tokenizer.path))
@@ -190,28 +178,13 @@ def train_dpo(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
         store_reference_logps(base, out_dir / "pairs" / split, cfg.batch_size, "cuda" if cfg.use_gpu else "cpu",
                               cfg.cpus_per_worker)
     ref_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "dpo", progress_file) as progress:
-        result = _fit(cfg, base, out_dir / "pairs", out_dir, run or RunLink(), progress)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir)
+    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
+              "pairs": str((out_dir / "pairs").resolve()), "run": (run or RunLink()).model_dump()}
+    history, final, seconds = fit_and_export(dpo_loop_per_worker, config, cfg, "dpo", out_dir, progress_file,
+                                             lambda d: export_checkpoint(d, out_dir))
     plot_loss(history, out_dir / "loss_curve.png", f"DPO ({cfg.loss} loss)")
     plot_dpo(history, out_dir / "margins.png", f"DPO implicit rewards (beta={cfg.beta})")
-    return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds, ref_seconds)
-
-
-def _export(checkpoint: Path, out_dir: Path) -> dict[str, list]:
-    """The model and the history of the last checkpoint into the stage folder; returns the history."""
-    model_dir = out_dir / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(checkpoint / name, model_dir / name)
-    history = json.loads((checkpoint / "train_state.json").read_text())["history"]
-    (out_dir / "history.json").write_text(json.dumps(history))
-    return history
+    return _model_ref(cfg, out_dir, history, counts, final, seconds, ref_seconds)
 
 
 def _model_ref(cfg: DPOConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],

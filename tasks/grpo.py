@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -113,38 +111,20 @@ def train_grpo(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_di
         The trained model folder, with the prompt counts, the held-out accuracy and answer loss before and after,
         the last logged reward and KL, and the fit's seconds.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
     from models.checkpoint import load_config
     from tasks.bpe import load_tokenizer
     from tasks.grpo_worker import grpo_loop_per_worker
-    from tasks.pretrain import fit_on_workers
+    from tasks.pretrain import export_checkpoint, fit_and_export
 
     base = Path(model.path)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = write_prompts(cfg, load_tokenizer(Path(tokenizer.path)), load_config(base).block_size, out_dir / "prompts.json")
     config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "prompts": str((out_dir / "prompts.json").resolve()),
               "tokenizer": str(Path(tokenizer.path).resolve()), "run": (run or RunLink()).model_dump()}
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "grpo", progress_file) as progress:
-        result = fit_on_workers(grpo_loop_per_worker, config | {"progress": progress}, cfg, "grpo", out_dir)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir)
+    history, _, seconds = fit_and_export(grpo_loop_per_worker, config, cfg, "grpo", out_dir, progress_file,
+                                         lambda d: export_checkpoint(d, out_dir))
     plot_grpo(history, out_dir / "grpo_curve.png")
     return _model_ref(cfg, out_dir, history, counts, seconds)
-
-
-def _export(checkpoint: Path, out_dir: Path) -> dict[str, Any]:
-    """The last checkpoint's model and history into the stage folder; returns the history."""
-    (out_dir / "model").mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(checkpoint / name, out_dir / "model" / name)
-    history = json.loads((checkpoint / "train_state.json").read_text())["history"]
-    (out_dir / "history.json").write_text(json.dumps(history))
-    return history
 
 
 def plot_grpo(history: dict[str, Any], png: Path) -> None:

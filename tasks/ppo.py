@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -204,13 +203,11 @@ def train_ppo(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
         The policy's model folder, with the prompt counts, reward and KL at the first and last rollout batch and
         on the held-out prompts, and the fit's seconds.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
     from models.checkpoint import load_config
     from models.tokens import END, PAD
     from tasks.bpe import load_tokenizer
     from tasks.ppo_worker import ppo_loop_per_worker
-    from tasks.pretrain import fit_on_workers
+    from tasks.pretrain import fit_and_export
 
     sft = Path(model.path).resolve()
     tok = load_tokenizer(Path(tokenizer.path))
@@ -222,14 +219,8 @@ def train_ppo(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
                                    "end_id": tok.token_to_id(END), "pad_id": tok.token_to_id(PAD)}))
     config = {"cfg": cfg.model_dump(mode="json"), "sft": str(sft), "prompts": str(prompts.resolve()),
               "reward": spec, "run": (run or RunLink()).model_dump()}
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "ppo", progress_file) as progress:
-        result = fit_on_workers(ppo_loop_per_worker, {**config, "progress": progress}, cfg, "ppo", out_dir)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        history = export_policy(Path(d), out_dir)
+    history, _, seconds = fit_and_export(ppo_loop_per_worker, config, cfg, "ppo", out_dir, progress_file,
+                                         lambda d: export_policy(d, out_dir))
     plot_ppo(history, out_dir / "ppo_curves.png")
     return _model_ref(cfg, out_dir, history, counts, seconds)
 

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,12 +99,35 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     return trainer.fit()
 
 
-def _fit(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: RunLink, progress: Any = None):
-    from tasks.train_worker import train_loop_per_worker
+def fit_and_export(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, out_dir: Path,
+                   progress_file: IO[str] | None, export: Callable[[Path], Any]) -> tuple[Any, dict[str, Any], float]:
+    """The driver side of every training stage: one Ray session and the progress bar around `fit_on_workers`, then
+    `export(checkpoint_dir)` on the fit's last checkpoint. Returns what `export` returned, the last metrics the
+    workers reported and the fit's seconds; a worker's error is raised here."""
+    from infra.progress import ray_progress
+    from infra.ray_cluster import ray_session
 
-    config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
-              "run": run.model_dump(), "progress": progress}
-    return fit_on_workers(train_loop_per_worker, config, cfg, "pretrain", out_dir)
+    start = time.perf_counter()
+    with ray_session(), ray_progress(cfg.steps, name, progress_file) as progress:
+        result = fit_on_workers(loop, {**loop_config, "progress": progress}, cfg, name, out_dir)
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        exported = export(Path(d))
+    return exported, result.metrics or {}, seconds
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> dict[str, list]:
+    """The model and the history of a stage's last checkpoint into its folder (`model/`, `history.json`); returns
+    the history."""
+    model_dir = out_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(checkpoint / name, model_dir / name)
+    history = json.loads((checkpoint / "train_state.json").read_text())["history"]
+    (out_dir / "history.json").write_text(json.dumps(history))
+    return history
 
 
 def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: RunLink | None = None,
@@ -120,33 +144,17 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
     Returns:
         The model folder, with the run's counts and final metrics.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
+    from tasks.train_worker import train_loop_per_worker
 
     vocab = shards.index()["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise GptflowError(f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "pretrain", progress_file) as progress:
-        result = _fit(cfg, shards, out_dir, run or RunLink(), progress)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir)
+    config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
+              "run": (run or RunLink()).model_dump()}
+    history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,
+                                             lambda d: export_checkpoint(d, out_dir))
     plot_loss(history, out_dir / "loss_curve.png", "pretraining")
-    return _model_ref(cfg, out_dir, history, result.metrics or {}, seconds)
-
-
-def _export(checkpoint: Path, out_dir: Path) -> dict[str, list]:
-    """The model and the history of the last checkpoint into the stage folder; returns the history."""
-    model_dir = out_dir / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(checkpoint / name, model_dir / name)
-    history = json.loads((checkpoint / "train_state.json").read_text())["history"]
-    (out_dir / "history.json").write_text(json.dumps(history))
-    return history
+    return _model_ref(cfg, out_dir, history, final, seconds)
 
 
 def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], final: dict[str, Any],

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -138,36 +137,23 @@ def train_reward_model(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerR
         The reward model folder, with the pairs' counts (drops by reason) and the held-out pairwise accuracy before
         and after beside the longer-reply baseline.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
     from models.checkpoint import load_config
     from tasks.bpe import load_tokenizer
+    from tasks.pretrain import fit_and_export
+    from tasks.reward_worker import reward_loop_per_worker
 
     base = Path(model.path)
     block_size = load_config(base).block_size
     tok = load_tokenizer(Path(tokenizer.path))
     counts = prepare_pairs(cfg, tok, block_size, out_dir / "pairs")
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "reward", progress_file) as progress:
-        result = _fit(cfg, base, out_dir / "pairs", out_dir, run or RunLink(), progress)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
     meta = {"template": "<|user|>prompt<|end|><|assistant|>reply<|end|>", "block_size": block_size,
             "too_long": cfg.too_long, "pad": "<|pad|>"}
-    with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir, meta)
+    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
+              "pairs": str((out_dir / "pairs").resolve()), "run": (run or RunLink()).model_dump()}
+    history, final, seconds = fit_and_export(reward_loop_per_worker, config, cfg, "reward", out_dir, progress_file,
+                                             lambda d: _export(d, out_dir, meta))
     _plot(history, counts["val_longer_baseline"], out_dir / "reward_curve.png")
-    return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds)
-
-
-def _fit(cfg: RewardConfig, base: Path, pairs: Path, out_dir: Path, run: RunLink, progress: Any = None):
-    from tasks.pretrain import fit_on_workers
-    from tasks.reward_worker import reward_loop_per_worker
-
-    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "pairs": str(pairs.resolve()),
-              "run": run.model_dump(), "progress": progress}
-    return fit_on_workers(reward_loop_per_worker, config, cfg, "reward", out_dir)
+    return _model_ref(cfg, out_dir, history, counts, final, seconds)
 
 
 def _export(checkpoint: Path, out_dir: Path, meta: dict[str, Any]) -> dict[str, list]:

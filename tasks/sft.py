@@ -21,7 +21,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -141,15 +140,6 @@ def make_windows(cfg: SFTConfig, train: list, val: list, tok, block_size: int, o
 # ---------------------------------------------------------------- the driver
 
 
-def _fit(cfg: SFTConfig, base: Path, windows: Path, out_dir: Path, run: RunLink, progress: Any = None):
-    from tasks.pretrain import fit_on_workers
-    from tasks.sft_worker import sft_loop_per_worker
-
-    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "windows": str(windows.resolve()),
-              "run": run.model_dump(), "progress": progress}
-    return fit_on_workers(sft_loop_per_worker, config, cfg, "sft", out_dir)
-
-
 def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path, run: RunLink | None = None,
                  progress_file: IO[str] | None = None) -> ModelRef:
     """Fine-tune `model` on `cfg.sources` rendered with the chat template, on Ray Train workers; save the model and
@@ -167,10 +157,10 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
         The fine-tuned model folder, with the data's counts, the losses before and after, tokens/s and the
         padding share.
     """
-    from infra.progress import ray_progress
-    from infra.ray_cluster import ray_session
     from models.checkpoint import load_config
     from tasks.bpe import load_tokenizer
+    from tasks.pretrain import fit_and_export
+    from tasks.sft_worker import sft_loop_per_worker
 
     base = Path(model.path)
     block_size = load_config(base).block_size
@@ -178,17 +168,13 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
     tok = load_tokenizer(Path(tokenizer.path))
     train, val, counts = load_examples(cfg, tok, block_size)
     counts |= make_windows(cfg, train, val, tok, block_size, out_dir / "windows")
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, "sft", progress_file) as progress:
-        result = _fit(cfg, base, out_dir / "windows", out_dir, run or RunLink(), progress)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        history = _export(Path(d), out_dir, cfg.lora)
+    config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
+              "windows": str((out_dir / "windows").resolve()), "run": (run or RunLink()).model_dump()}
+    history, final, seconds = fit_and_export(sft_loop_per_worker, config, cfg, "sft", out_dir, progress_file,
+                                             lambda d: _export(d, out_dir, cfg.lora))
     plot_loss(history, out_dir / "loss_curve.png", "SFT (assistant tokens)")
     write_samples(out_dir / "model", val[: cfg.samples], tok, out_dir / "samples.md")
-    return _model_ref(cfg, out_dir, history, counts, result.metrics or {}, seconds)
+    return _model_ref(cfg, out_dir, history, counts, final, seconds)
 
 
 def write_samples(model_dir: Path, rows: list, tok, out: Path, max_new_tokens: int = 64) -> None:

@@ -207,26 +207,32 @@ def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: R
     """Log the model (safetensors weights + config + tokenizer, loaded by code, no pickles) and register it."""
     from tasks import pyfunc_model
 
-    artifacts = {"model": model.path, "tokenizer": tokenizer.path}
+    return _register(run_id, "model", pyfunc_model.__file__, model, tokenizer, cfg.model_name, list(cfg.aliases),
+                     tags, _chat_signature())
+
+
+def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, tokenizer: TokenizerRef, name: str,
+              aliases: list[str], tags: Mapping[str, str], signature: Any = None) -> RegisteredModel:
+    """Log a models-from-code pyfunc (`python_model`, the file; the model and tokenizer folders as artifacts; our
+    `models/` package as code) into the run as `artifact`, register it as `name`, set its aliases and tags."""
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(pyfunc_model.__file__)),
-            artifacts=artifacts,
+            name=artifact,
+            python_model=str(Path(python_model)),
+            artifacts={"model": model.path, "tokenizer": tokenizer.path},
             code_paths=[str(REPO_ROOT / "models")],
             pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
                               f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
-            registered_model_name=cfg.model_name,
-            signature=_chat_signature(),
+            registered_model_name=name,
+            signature=signature,
         )
     client = MlflowClient()
     version = info.registered_model_version
-    for alias in cfg.aliases:
-        client.set_registered_model_alias(cfg.model_name, alias, version)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
     for k, v in tags.items():
-        client.set_model_version_tag(cfg.model_name, version, metric_name(k), str(v))
-    return RegisteredModel(name=cfg.model_name, version=int(version), model_uri=info.model_uri,
-                           aliases=list(cfg.aliases))
+        client.set_model_version_tag(name, version, metric_name(k), str(v))
+    return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=aliases)
 
 
 def _chat_signature():
@@ -279,22 +285,7 @@ def register_classifier(run_id: str, model: ModelRef, tokenizer: TokenizerRef, n
     its run and register it as `name` with alias `candidate`: `predict` answers yes/no with a probability."""
     from tasks import pyfunc_classifier
 
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="classifier",
-            python_model=str(Path(pyfunc_classifier.__file__)),
-            artifacts={"model": model.path, "tokenizer": tokenizer.path},
-            code_paths=[str(REPO_ROOT / "models")],
-            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
-                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
-            registered_model_name=name,
-        )
-    client = MlflowClient()
-    version = info.registered_model_version
-    client.set_registered_model_alias(name, "candidate", version)
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, metric_name(k), str(v))
-    return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=["candidate"])
+    return _register(run_id, "classifier", pyfunc_classifier.__file__, model, tokenizer, name, ["candidate"], tags)
 
 
 def register_reward_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, name: str,
@@ -303,19 +294,4 @@ def register_reward_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef,
     and register it as `name` with alias `candidate`: `predict` scores (prompt messages, answer) records."""
     from tasks import pyfunc_reward
 
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="reward_model",
-            python_model=str(Path(pyfunc_reward.__file__)),
-            artifacts={"model": model.path, "tokenizer": tokenizer.path},
-            code_paths=[str(REPO_ROOT / "models")],
-            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
-                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
-            registered_model_name=name,
-        )
-    client = MlflowClient()
-    version = info.registered_model_version
-    client.set_registered_model_alias(name, "candidate", version)
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, metric_name(k), str(v))
-    return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=["candidate"])
+    return _register(run_id, "reward_model", pyfunc_reward.__file__, model, tokenizer, name, ["candidate"], tags)

@@ -204,17 +204,6 @@ FIT = dict(max_pairs=240, val_fraction=0.2, steps=36, batch_size=8, lr=2e-3, war
 
 
 @pytest.fixture(scope="module")
-def sqlite_mlflow(tmp_path_factory):
-    before = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    mlflow.set_tracking_uri(before)
-
-
-@pytest.fixture(scope="module")
 def fitted(inputs, sqlite_mlflow, ray_once, tmp_path_factory):
     from flows.stages import reward_task
 
