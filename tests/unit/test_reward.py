@@ -264,7 +264,7 @@ def test_gptflow_reward_resolves_its_config_from_the_preset(capsys, tmp_path):
 
     assert main(["reward", "--model", str(tmp_path), "--set", "steps=7", "--set", "too_long=skip", "--print-config"]) == 0
     cfg = RewardConfig.model_validate_json(capsys.readouterr().out)
-    assert cfg.steps == 7 and cfg.too_long == "skip" and cfg.model_name == "gpt-reward"
+    assert cfg.steps == 7 and cfg.too_long == "skip" and cfg.model_name == "gpt-tiny-reward"  # the preset's name
     assert [s.path for s in cfg.sources] == ["data/preference/hh_rlhf_harmless_sample.jsonl.gz",
                                             "data/preference/dpo_en_demo.json.gz"]
 
