@@ -1,15 +1,22 @@
-"""What every kill-and-resume test shares: the step Ray Train has recorded a checkpoint for, a SIGKILL of a
-driver and every process it started, and a check that the killed run's log did not repeat itself."""
+"""What every kill-and-resume test shares: a driver run until Ray Train has recorded a checkpoint and then
+SIGKILLed with every process it started, and a check that the killed run's log did not repeat itself."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import psutil
+
+from infra.env import REPO_ROOT
 
 
 def registered_step(run_dir: Path) -> int:
@@ -44,3 +51,24 @@ def assert_no_line_repeats(text: str, most: int = 3) -> None:
     lines = Counter(re.sub(r"pid=\d+", "pid", line).strip() for line in text.splitlines() if line.strip())
     repeated = {line: n for line, n in lines.items() if n > most}
     assert not repeated, repeated
+
+
+def kill_after_checkpoint(driver: str, args: list[str], run_dir: Path, step: int, log: Path,
+                          timeout: float = 300) -> int:
+    """Run `python -c driver *args` in a fresh workspace until Ray has recorded a checkpoint at `step` or later in
+    `run_dir`, then SIGKILL it and everything it started, as when the machine dies; returns the recorded step.
+    The workspace is a short folder: Ray's socket paths must stay under 108 bytes."""
+    home = tempfile.mkdtemp(prefix="gptflow-killed-")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", driver, *args], cwd=REPO_ROOT,
+                                env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while registered_step(run_dir) < step:
+            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint at step {step} after {timeout} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc)
+        shutil.rmtree(home, ignore_errors=True)
+    return registered_step(run_dir)

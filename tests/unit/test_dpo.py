@@ -8,12 +8,6 @@ Run: `pytest tests/unit/test_dpo.py -x -q` (Ray start-up and three fits: ~1.5 mi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,10 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from killing import kill_tree as _kill_tree
-from killing import registered_step as _registered_step
+from killing import kill_after_checkpoint
 
-from infra.env import DATA_DIR, REPO_ROOT
+from infra.env import DATA_DIR
 from models.checkpoint import load_config, load_model, save_model
 from models.gpt import GPT, GPTConfig
 from tasks.bpe import save_tokenizer, train_bpe
@@ -236,23 +229,8 @@ def test_killed_dpo_run_resumes_to_the_same_curves(fitted, inputs, tmp_path):
     there and ends with the uninterrupted run's loss, margins and held-out metrics."""
     base, tok = inputs
     out = tmp_path / "stage"
-    home = tempfile.mkdtemp(prefix="gptflow-dpo-killed-")  # a short folder: Ray's socket paths stay < 108 bytes
-    log = tmp_path / "killed_run.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), base.path, tok.path, str(out)],
-                                cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh,
-                                stderr=subprocess.STDOUT)
-    run_dir = out / "ray" / "dpo"
-    deadline = time.monotonic() + 300
-    try:
-        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
-            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-        shutil.rmtree(home, ignore_errors=True)
-    killed_at = _registered_step(run_dir)
+    killed_at = kill_after_checkpoint(_DRIVER, [CFG.model_dump_json(), base.path, tok.path, str(out)],
+                                      out / "ray" / "dpo", 2 * CFG.ckpt_every, tmp_path / "killed_run.log")
     assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
     resumed = train_dpo(CFG, base, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)

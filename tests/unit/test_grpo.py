@@ -15,8 +15,6 @@ group mean and std, the clipped surrogate, the KL and the aggregation.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,8 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from killing import kill_tree as _kill_tree
-from killing import registered_step as _registered_step
+from killing import kill_after_checkpoint
 
 from tasks.grpo import GRPOConfig
 from tasks.grpo_loss import group_advantages, grpo_loss
@@ -275,32 +272,15 @@ def test_killed_grpo_run_resumes_to_the_same_curves(grpo_run, tmp_path):
     """A driver killed (SIGKILL, its Ray too) after its second checkpoint, rerun in the same folder: the resumed run
     samples what the killed one would have (prompts and seeds by (seed, step, rank)) and ends on the fixture's
     curves. Checkpoints every 5 steps instead of 10 change where the state is saved, not the arithmetic."""
-    import subprocess
-    import sys
-    import tempfile
-    import time
 
-    from infra.env import REPO_ROOT
     from tasks.grpo import train_grpo
     from tasks.refs import ModelRef, ShardsRef, TokenizerRef
 
     root = grpo_run[0]
     cfg = RAY_CFG.model_copy(update={"ckpt_every": 5})
-    out, home = tmp_path / "stage", tempfile.mkdtemp(prefix="gptflow-grpo-killed-")  # short: Ray's socket paths
-    with open(tmp_path / "killed.log", "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, cfg.model_dump_json(), str(root / "sft"),
-                                 str(root / "tok"), str(out)], cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home},
-                                stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    try:
-        while _registered_step(out / "ray" / "grpo") < 10:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-        shutil.rmtree(home, ignore_errors=True)
-    killed_at = _registered_step(out / "ray" / "grpo")
+    out = tmp_path / "stage"
+    killed_at = kill_after_checkpoint(_DRIVER, [cfg.model_dump_json(), str(root / "sft"), str(root / "tok"), str(out)],
+                                      out / "ray" / "grpo", 10, tmp_path / "killed.log", timeout=600)
     assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
     train_grpo(cfg, ModelRef(path=str(root / "sft")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")), out)

@@ -6,12 +6,6 @@ take about two minutes: Ray start-up and two fits, one of them killed and resume
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from infra.env import DATA_DIR, REPO_ROOT
+from infra.env import DATA_DIR
 from tasks.ppo_loss import (
     AdaptiveKL,
     RunningMoments,
@@ -347,30 +341,14 @@ train_ppo(PPOConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[2])
 def test_killed_ppo_run_resumes_to_the_same_curves(reference, inputs, tmp_path):
     """The issue's kill-and-resume for an RL stage: the driver and its Ray are SIGKILLed after the second
     recorded checkpoint; the rerun resumes there and its losses, rewards and KLs equal the uninterrupted run's."""
-    from killing import kill_tree as _kill_tree
-    from killing import registered_step as _registered_step
+    from killing import kill_after_checkpoint
 
     from tasks.ppo import train_ppo
 
     model, tok, _, token = inputs
     cfg, out = _cfg(token), tmp_path / "stage"
-    home = tempfile.mkdtemp(prefix="gptflow-ppo-killed-")  # a short folder: Ray's socket paths stay < 108 bytes
-    log = tmp_path / "killed_run.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, cfg.model_dump_json(), model.path, tok.path, str(out)],
-                                cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh,
-                                stderr=subprocess.STDOUT)
-    run_dir = out / "ray" / "ppo"
-    deadline = time.monotonic() + 300
-    try:
-        while _registered_step(run_dir) < 2 * cfg.ckpt_every:
-            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-        shutil.rmtree(home, ignore_errors=True)
-    killed_at = _registered_step(run_dir)
+    killed_at = kill_after_checkpoint(_DRIVER, [cfg.model_dump_json(), model.path, tok.path, str(out)],
+                                      out / "ray" / "ppo", 2 * cfg.ckpt_every, tmp_path / "killed_run.log")
     assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
     train_ppo(cfg, model, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)

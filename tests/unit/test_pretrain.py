@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from killing import kill_tree as _kill_tree
-from killing import registered_step as _registered_step
+from killing import kill_after_checkpoint
 
-from infra.env import DATA_DIR, REPO_ROOT
+from infra.env import DATA_DIR
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
 from tasks.pretrain import PretrainConfig, pretrain_gpt
@@ -329,24 +322,8 @@ def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tm
     cfg = CFG if strategy == "ddp" else CFG_FSDP
     reference = request.getfixturevalue("reference" if strategy == "ddp" else "reference_fsdp")
     out = tmp_path / "stage"  # one stage folder for both attempts, as run_stage gives a rerun
-    # The first attempt brings up its own Ray, in a short folder: Ray's socket paths must stay under 108 bytes.
-    home = tempfile.mkdtemp(prefix="gptflow-killed-")
-    env = {**os.environ, "GPTFLOW_HOME": home}
-    log = tmp_path / "killed_run.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, cfg.model_dump_json(), str(shards), str(out)],
-                                cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    run_dir = out / "ray" / "pretrain"
-    deadline = time.monotonic() + 300
-    try:
-        while _registered_step(run_dir) < 2 * cfg.ckpt_every:
-            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-        shutil.rmtree(home, ignore_errors=True)
-    killed_at = _registered_step(run_dir)
+    killed_at = kill_after_checkpoint(_DRIVER, [cfg.model_dump_json(), str(shards), str(out)], out / "ray" / "pretrain",
+                                      2 * cfg.ckpt_every, tmp_path / "killed_run.log")
     assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
 
     result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), out)  # the rerun: same folder, same RunConfig(name, storage_path)

@@ -5,22 +5,15 @@ Run: `pytest tests/unit/test_sft_train.py -q` (about 2 minutes: Ray start-up and
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from killing import assert_no_line_repeats as _assert_no_line_repeats
-from killing import kill_tree as _kill_tree
-from killing import registered_step as _registered_step
+from killing import kill_after_checkpoint
 
-from infra.env import DATA_DIR, REPO_ROOT
+from infra.env import DATA_DIR
 from models.checkpoint import load_config, load_model, save_model
 from models.gpt import GPT, GPTConfig
 from tasks.bpe import save_tokenizer, train_bpe
@@ -123,23 +116,9 @@ finetune_sft(SFTConfig.model_validate_json(sys.argv[1]), ModelRef(path=sys.argv[
 def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_path):
     base, tok = inputs
     out = tmp_path / "stage"
-    home = tempfile.mkdtemp(prefix="gptflow-sft-killed-")  # a short folder: Ray's socket paths stay < 108 bytes
     log = tmp_path / "killed_run.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, CFG.model_dump_json(), base.path, tok.path, str(out)],
-                                cwd=REPO_ROOT, env={**os.environ, "GPTFLOW_HOME": home}, stdout=fh,
-                                stderr=subprocess.STDOUT)
-    run_dir = out / "ray" / "sft"
-    deadline = time.monotonic() + 300
-    try:
-        while _registered_step(run_dir) < 2 * CFG.ckpt_every:
-            assert proc.poll() is None, f"the first attempt ended early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no second checkpoint after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-        shutil.rmtree(home, ignore_errors=True)
-    killed_at = _registered_step(run_dir)
+    killed_at = kill_after_checkpoint(_DRIVER, [CFG.model_dump_json(), base.path, tok.path, str(out)],
+                                      out / "ray" / "sft", 2 * CFG.ckpt_every, log)
     assert killed_at < CFG.steps and not (out / "model").exists(), "the kill came too late to test a resume"
     _assert_no_line_repeats(log.read_text())
 
