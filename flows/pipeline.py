@@ -1,9 +1,12 @@
-"""The pipeline flow: data -> tokenizer -> pretrain -> SFT -> one branch per alignment method -> eval of the SFT
-model and of every branch, side by side -> registry.
+"""The pipeline flow: data -> tokenizer -> pretrain -> SFT -> one branch per alignment method -> eval of every
+model (base, SFT, each branch), side by side -> registry -> eval gate.
 
 One typed line per stage: each task takes the refs of the stages before it and returns its own (`tasks/refs.py`).
-One parent MLflow run per pipeline run (named `<preset>-<gitsha7>`), a nested run per stage, the wall time
-of every stage as `time/<stage>_s` metrics on the parent, the model registered as `gpt-<preset>`.
+One parent MLflow run per pipeline run (named `<preset>-<gitsha7>`), a nested run per stage (a model's eval
+nests under the run of the stage that made it), the wall time of every stage as `time/<stage>_s` metrics on the
+parent, the comparison table and chart (`results.md`, `results.png`) on the parent. Every branch is a version of
+`gpt-<preset>` (alias = its method); the best one is the `candidate`, and the gate moves `champion` to it only
+when it beats the champion by more than the standard error (`tasks/registry.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flows.stages import (
     grpo_task,
     ppo_task,
     pretrain_task,
+    promote_task,
     register_task,
     reward_task,
     sft_task,
@@ -33,9 +37,9 @@ from flows.stages import (
 from infra.env import runs_dir
 from infra.ray_cluster import ray_session
 from tasks import tracking
-from tasks.evaluate import compare_reports
-from tasks.refs import EvalReport, ModelRef, TokenizerRef
-from tasks.registry import version_tags
+from tasks.evaluate import compare_chart, compare_reports
+from tasks.refs import EvalReport, ModelRef, RegisteredModel, TokenizerRef
+from tasks.registry import Decision, best_branch, eval_setup, report_scores, version_tags
 
 
 @flow(name="llm-pipeline", flow_run_name="pipeline-{preset}", log_prints=True)
@@ -57,21 +61,20 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
             chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
             branches, helpers = align_branches(cfg, chat, tok, root, parent, times)
+            # every model of the run on the same benchmarks: the pretrained base, the SFT model (every branch's
+            # baseline) and each branch; each eval run nests under the run of the stage that made the model
+            models = {"base": base, "sft": chat, **branches}
             reports: dict[str, EvalReport] = {}
-            for name, model in {"sft": chat, **branches}.items():  # the SFT model is every branch's baseline
-                reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root, parent, name)
+            for name, model in models.items():
+                reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root,
+                                                             model.run_id or parent, name)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
-            registered = {}
-            for i, (name, model) in enumerate(branches.items()):
-                tags = {**version_tags(preset, sha, parent, {**refs, "eval": reports[name]}, reports[name]),
-                        "align_method": name}
-                reg_cfg = cfg.registration.model_copy(  # `candidate` (and the other aliases) on the first method
-                    update={"aliases": [*(cfg.registration.aliases if i == 0 else []), name]})
-                registered[name], times[f"register_{name}"] = timed(register_task, reg_cfg, model, tok, tags, parent)
+            registered, decision = register_branches(cfg, preset, sha, parent, branches, tok, reports, refs, times)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
                 classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
                 tracking.log_metrics(parent, classifier.metrics)
         table = compare_reports(reports)
+        chart = compare_chart(reports, Path(root) / "compare" / parent / "results.png")
         times["total"] = sum(times.values())
         tracking.log_metrics(parent, {f"time/{k}_s": v for k, v in times.items()})
         tracking.log_metrics(parent, base.metrics | chat.metrics)
@@ -80,13 +83,16 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         for name, report in reports.items():  # sft/eval/arc_easy/acc, dpo/eval/arc_easy/acc, ...
             tracking.log_metrics(parent, {f"{name}/{k}": v for k, v in report.metrics.items()})
         tracking.log_text(parent, table, "results.md")
-    first = next(iter(branches))
+        tracking.log_artifact(parent, chart)
+        tracking.log_text(parent, decision.reason + "\n", "promotion.md")
+        print(f"eval of every model of this run (Markdown: results.md, chart: results.png):\n{table}")
     refs |= {f"eval_{name}": report for name, report in reports.items()}
     return {
         "run_id": parent,
         "tracking_uri": tracking.tracking_uri(),
         "experiment": tracking.EXPERIMENT,
-        "model": registered[first].model_dump(),
+        "model": registered[decision.method].model_dump(),
+        "decision": decision.model_dump(),
         "models": {name: reg.model_dump() for name, reg in registered.items()},
         "times": times,
         "cached": {s: ref.cached for s, ref in refs.items()},
@@ -94,6 +100,25 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         "eval_table": table,
         "eval_tables": {name: report.table for name, report in reports.items()},
     }
+
+
+def register_branches(cfg: PipelineConfig, preset: str, sha: str, parent: str, branches: dict[str, ModelRef],
+                      tok: TokenizerRef, reports: dict[str, EvalReport], refs: dict[str, Any],
+                      times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
+    """Each branch as a version of the preset's registered model (alias = its method), then the eval gate on the
+    best of them (`tasks.registry`): `candidate` on it, `champion` when it beats the champion."""
+    reg = cfg.registration
+    setup = eval_setup(reports["sft"], cfg.eval.model_dump(mode="json"))
+    scores = {name: report_scores(reports[name]) for name in branches}
+    registered = {}
+    for name, model in branches.items():
+        tags = {**version_tags(preset, sha, parent, {**refs, "eval": reports[name]}, reports[name], setup),
+                "align_method": name}
+        registered[name], times[f"register_{name}"] = timed(
+            register_task, reg.model_copy(update={"aliases": [name]}), model, tok, tags, parent, name)
+    best = best_branch(scores, reg.gate_metrics[0])
+    decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup, None, parent)
+    return registered, decision.model_copy(update={"method": best})
 
 
 def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root: str, parent: str,

@@ -31,7 +31,7 @@ from tasks.grpo import GRPOConfig
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
-from tasks.registry import RegistryConfig
+from tasks.registry import Decision, RegistryConfig, Score, decide, decision_tags, describe
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.stage import as_input, run_stage
@@ -52,7 +52,7 @@ def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: C
         tracking.log_stage(run_id, ref, cfg, inputs)
         if then is not None:
             then(run_id, ref)
-        return ref
+        return ref.model_copy(update={"run_id": run_id})
 
 
 def registers(stage: str, register: Callable[..., RegisteredModel], tokenizer: TokenizerRef,
@@ -169,10 +169,38 @@ def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: s
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef, tags: dict[str, str],
-                  parent_run_id: str | None = None) -> RegisteredModel:
-    """Not a cached stage: each pipeline run that reaches it registers a version (retried: registry IO)."""
-    with tracking.stage_run("register", parent_run_id) as run_id:
-        return tracking.register_model(run_id, model, tokenizer, cfg, tags)
+                  parent_run_id: str | None = None, branch: str | None = None) -> RegisteredModel:
+    """Not a cached stage: registers a version unless these weights and tokenizer already are one (retried:
+    registry IO)."""
+    name = f"register-{branch}" if branch else "register"
+    with tracking.stage_run(name, parent_run_id, {"branch": branch} if branch else None) as run_id:
+        registered = tracking.register_model(run_id, model, tokenizer, cfg, tags)
+        verb = "is already" if registered.reused else "registered as"
+        print(f"[register] {branch or 'model'} {verb} {registered.name} version {registered.version}")
+        return registered
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, scores: dict[str, Score],
+                 setup: str, contamination: dict[str, float] | None = None,
+                 parent_run_id: str | None = None) -> Decision:
+    """The eval gate (`tasks.registry.decide`) on this run's best branch: `candidate` on it, `champion` when it
+    beats the champion; the decision, both sides' numbers and the contamination report on the version."""
+    with tracking.stage_run("promote", parent_run_id, {"branch": method}) as run_id:
+        champion = tracking.alias_version(registered.name, cfg.champion_alias)
+        decision = decide(scores, setup, champion[1] if champion else None, champion[0] if champion else None,
+                          registered.version, list(cfg.gate_metrics))
+        tags = decision_tags(decision) | {f"contamination.{t}": f"{f:.4f}" for t, f in (contamination or {}).items()}
+        text = describe(registered.name, registered.version, method, scores, decision, contamination)
+        tracking.record_gate(registered.name, registered.version, list(cfg.aliases), cfg.champion_alias,
+                             decision.promote, tags, text)
+        tracking.log_params(run_id, {"candidate_version": registered.version, "outcome": decision.outcome,
+                                     "gate_metrics": ",".join(cfg.gate_metrics)})
+        tracking.log_text(run_id, text, "decision.md")
+        where = f"models:/{registered.name}@{cfg.champion_alias}"
+        print(f"[promote] {registered.name} version {registered.version} ({method}): {decision.outcome}: "
+              f"{decision.reason}; {where}")
+        return decision
 
 
 # ---------------------------------------------------------------- one flow per stage (`gptflow <stage>`)

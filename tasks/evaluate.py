@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval.benchmarks import TASKS
+from eval.benchmarks import CHANCE, TASKS
 from infra.env import resolve_path
 from tasks.refs import EvalReport, ModelRef, TokenizerRef
 
@@ -59,3 +59,42 @@ def compare_reports(reports: dict[str, EvalReport]) -> str:
         cells = ["" if v is None else (f"**{v:.4f}**" if v == best else f"{v:.4f}") for v in values]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compare_chart(reports: dict[str, EvalReport], png: Path) -> Path:
+    """The comparison as a PNG: each benchmark's acc, one bar per model, chance dashed; perplexities (log scale)
+    beside it. The same numbers as `compare_reports`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(reports)
+    scores = {n: r.scores() for n, r in reports.items()}
+    tasks = [t for t in TASKS if any(f"{t}/acc" in s for s in scores.values())]
+    ppl = sorted({k for s in scores.values() for k in s if k.endswith("perplexity")})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 1.2]})
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(xs, [scores[n].get(f"{t}/acc", 0.0) for t in tasks], width, label=n)
+    for i, t in enumerate(tasks):
+        if t in CHANCE:
+            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("acc")
+    ax.set_title("accuracy per model (dashed: chance)")
+    ax.legend(fontsize=8, ncol=min(len(names), 5))
+    for j, n in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(ppl))]
+        ax2.bar(xs, [scores[n].get(k, 0.0) for k in ppl], width, label=n)
+    ax2.set_xticks(range(len(ppl)), [k.replace("/", "\n") for k in ppl], fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_title("perplexity (lower is better)")
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

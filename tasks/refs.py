@@ -33,6 +33,8 @@ class Ref(BaseModel):
     manifest: str = Field("", description="The `manifest.json` this ref was sealed into.")
     seconds: float = 0.0
     cached: bool = Field(False, description="True when this call reused a finished folder.")
+    run_id: str = Field("", description="The MLflow run of the stage call that returned this ref (not in any key): "
+                                        "the evaluation of a model nests under it.")
 
     # Recorded as an MLflow dataset input of the stages that consume it (lineage), under this name.
     dataset_name: ClassVar[str | None] = None
@@ -144,6 +146,7 @@ class RegisteredModel(BaseModel):
     version: int
     model_uri: str
     aliases: list[str]
+    reused: bool = Field(False, description="True when the same weights and tokenizer were already this version.")
 
 
 REF_TYPES: dict[str, type[Ref]] = {

@@ -214,7 +214,18 @@ def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: R
 def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, tokenizer: TokenizerRef, name: str,
               aliases: list[str], tags: Mapping[str, str], signature: Any = None) -> RegisteredModel:
     """Log a models-from-code pyfunc (`python_model`, the file; the model and tokenizer folders as artifacts; our
-    `models/` package as code) into the run as `artifact`, register it as `name`, set its aliases and tags."""
+    `models/` package as code) into the run as `artifact`, register it as `name`, set its aliases and tags.
+
+    A model whose weights and tokenizer are already a version of `name` (tag `model_sha256`) is not logged again:
+    that version is returned, with the aliases set on it, so a rerun that changes nothing makes no new version."""
+    content = f"{model.sha256}:{tokenizer.sha256}"
+    client = MlflowClient()
+    found = find_version(name, content)
+    if found is not None:
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, found)
+        return RegisteredModel(name=name, version=found, model_uri=f"models:/{name}/{found}", aliases=aliases,
+                               reused=True)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=artifact,
@@ -226,13 +237,45 @@ def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, to
             registered_model_name=name,
             signature=signature,
         )
-    client = MlflowClient()
     version = info.registered_model_version
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version)
-    for k, v in tags.items():
+    for k, v in {**tags, "model_sha256": content}.items():
         client.set_model_version_tag(name, version, metric_name(k), str(v))
     return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=aliases)
+
+
+def find_version(name: str, content: str) -> int | None:
+    """The version of `name` tagged `model_sha256 = content` (the newest if several), or None."""
+    client = MlflowClient()
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.model_sha256 = '{content}'")
+    except MlflowException:
+        return None
+    return max((int(v.version) for v in found), default=None)
+
+
+def alias_version(name: str, alias: str) -> tuple[int, dict[str, str]] | None:
+    """(version, its tags) that `name@alias` points at; None when the model or the alias does not exist."""
+    try:
+        v = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return int(v.version), dict(v.tags)
+
+
+def record_gate(name: str, version: int, aliases: list[str], champion_alias: str, promote: bool,
+                tags: Mapping[str, str], description: str) -> None:
+    """Write the gate's outcome on `version`: its aliases (`candidate`), the champion alias when promoted, the
+    decision as tags and the version's description."""
+    client = MlflowClient()
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, str(version))
+    if promote:
+        client.set_registered_model_alias(name, champion_alias, str(version))
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), metric_name(k), str(v))
+    client.update_model_version(name, str(version), description=description)
 
 
 def _chat_signature():

@@ -12,8 +12,10 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval-sft", "eval-dpo", "eval-ppo"]  # run names
-CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_sft", "eval_dpo", "eval_ppo"]  # refs
+STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval-base", "eval-sft", "eval-dpo",
+          "eval-ppo"]  # run names
+CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_base", "eval_sft", "eval_dpo",
+          "eval_ppo"]  # refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 
@@ -22,10 +24,14 @@ def first_run(workspace):
     return llm_pipeline_flow(preset="tiny")
 
 
-def _children(client: MlflowClient, parent_id: str) -> dict:
+def _children(client: MlflowClient, parent_id: str, depth: int = 2) -> dict:
+    """The runs nested under `parent_id`, and under those (a model's eval nests under its stage's run)."""
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {r.info.run_name: r for r in runs}
+    found = {r.info.run_name: r for r in runs}
+    for r in runs if depth > 1 else []:
+        found |= _children(client, r.info.run_id, depth - 1)
+    return found
 
 
 def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, workspace):
@@ -34,19 +40,22 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
     assert parent.info.status == "FINISHED"
-    for stage in ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_sft", "eval_dpo", "eval_ppo",
-                  "register_dpo", "register_ppo", "total"]:
+    for stage in ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_base", "eval_sft", "eval_dpo",
+                  "eval_ppo", "register_dpo", "register_ppo", "promote", "total"]:
         assert parent.data.metrics[f"time/{stage}_s"] > 0
     children = _children(client, first_run["run_id"])
-    assert set(STAGES + ["register"]) <= set(children)
+    assert set(STAGES + ["register-dpo", "register-ppo", "promote"]) <= set(children), sorted(children)
+    for model, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo")):  # eval under its model
+        assert children[f"eval-{model}"].data.tags["mlflow.parentRunId"] == children[stage].info.run_id
     ppo = children["ppo"].data.metrics  # PPO's curves and the reward model it trained against
     assert {"ppo/reward", "ppo/kl", "ppo/clip_frac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
             "perf/rollout_tokens_per_s"} <= set(ppo), sorted(ppo)
     assert len(client.get_metric_history(children["ppo"].info.run_id, "ppo/reward")) >= 2  # a curve, not a point
     assert {"dpo/margin", "dpo/reward_acc"} <= set(children["dpo"].data.metrics)
     table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
-    assert table.splitlines()[0].split("|")[2:5] == [" sft ", " dpo ", " ppo "], table  # the branches side by side
+    assert table.splitlines()[0].split("|")[2:6] == [" base ", " sft ", " dpo ", " ppo "], table  # side by side
     assert first_run["eval_table"] == table
+    assert "results.png" in {a.path for a in client.list_artifacts(first_run["run_id"])}
     for stage in STAGES:
         run = children[stage]
         assert run.info.status == "FINISHED", stage
@@ -77,15 +86,20 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
         assert any(k.startswith(f"eval/{task}/") or k.startswith(f"eval/gptflow_{task}/") for k in evals), task
 
 
-def test_a_model_version_is_registered_with_its_alias(first_run):
+def test_each_branch_is_a_version_and_the_first_candidate_becomes_champion(first_run):
     client = MlflowClient()
-    m = first_run["model"]
+    m, decision = first_run["model"], first_run["decision"]
     version = client.get_model_version_by_alias(m["name"], "candidate")
     assert int(version.version) == m["version"]
     assert version.tags["preset"] == "tiny"
     assert version.tags["pipeline_run_id"] == first_run["run_id"]
-    assert version.tags["align_method"] == "dpo"
-    assert client.get_model_version_by_alias(m["name"], "dpo").version == version.version
+    assert version.tags["align_method"] == decision["method"] in ("dpo", "ppo")
+    assert decision["outcome"] == "first" and version.tags["gate.outcome"] == "first"
+    assert client.get_model_version_by_alias(m["name"], "champion").version == version.version
+    for method, reg in first_run["models"].items():
+        assert int(client.get_model_version_by_alias(m["name"], method).version) == reg["version"]
+        assert float(client.get_model_version(m["name"], str(reg["version"])).tags["score.mean/acc"]) > 0
+    assert "Gate: first" in version.description
 
 
 def test_the_registered_model_loads_and_generates(first_run):
@@ -101,6 +115,8 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
     assert all(again["cached"][s] for s in CACHED), again["cached"]
     assert again["stage_dirs"] == first_run["stage_dirs"]
+    assert again["models"] == {k: {**v, "reused": True} for k, v in first_run["models"].items()}  # no new version
+    assert again["decision"]["outcome"] == "already-champion"
     changed = llm_pipeline_flow(preset="tiny", overrides={"sft.steps": 3, "align.dpo.steps": 2})
     cached = changed["cached"]
     assert cached["data"] and cached["tokenizer"] and cached["pretrain"]

@@ -1,0 +1,110 @@
+"""The registry and its eval gate: versions reused for unchanged weights, `candidate` on the judged version, and
+`champion` moved only by a candidate that beats the champion by more than the standard error. Against a real
+MLflow store (sqlite) with real saved models; the gate's inputs are given scores, so each case is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.stages import promote_task, register_task
+from models.checkpoint import save_model
+from models.config import GPTConfig
+from models.gpt import GPT
+from tasks.refs import ModelRef, TokenizerRef
+from tasks.registry import MEAN_ACC, RegistryConfig, Score, decide, score_tags, scores_from_tags, scores_of
+from tasks.stage import path_sha256
+
+pytestmark = pytest.mark.usefixtures("one_thread", "sqlite_mlflow")
+
+NAME = "gpt-gate-test"
+SETUP = "setup-1"
+
+
+def _model(folder, seed: int) -> ModelRef:
+    torch.manual_seed(seed)
+    save_model(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)), folder)
+    return ModelRef(path=str(folder), sha256=path_sha256(folder))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> TokenizerRef:
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    folder = tmp_path_factory.mktemp("tok")
+    Tokenizer(BPE()).save(str(folder / "tokenizer.json"))
+    return TokenizerRef(path=str(folder), sha256=path_sha256(folder))
+
+
+def _scores(acc: float, se: float) -> dict[str, Score]:
+    return {MEAN_ACC: Score(value=acc, stderr=se), "arc_easy/acc": Score(value=acc, stderr=se * 2)}
+
+
+def _register(model, tok, acc, se, method="dpo"):
+    reg = RegistryConfig(model_name=NAME)
+    tags = {"eval_setup": SETUP, **score_tags(_scores(acc, se))}
+    registered = register_task.fn(reg.model_copy(update={"aliases": [method]}), model, tok, tags, None, method)
+    decision = promote_task.fn(reg, registered, method, _scores(acc, se), SETUP, {"arc_easy": 0.01})
+    return registered, decision
+
+
+def _alias(alias: str) -> int:
+    return int(MlflowClient().get_model_version_by_alias(NAME, alias).version)
+
+
+def test_first_then_worse_then_better_then_unchanged(tmp_path, tok):
+    first, d1 = _register(_model(tmp_path / "a", 0), tok, acc=0.30, se=0.01)
+    assert d1.outcome == "first" and d1.promote
+    assert _alias("champion") == _alias("candidate") == first.version
+
+    # worse, and better by less than the margin sqrt(0.01^2 + 0.01^2) = 0.0141: the champion stays
+    for i, acc in enumerate((0.25, 0.31)):
+        worse, d = _register(_model(tmp_path / f"w{i}", 10 + i), tok, acc=acc, se=0.01)
+        assert d.outcome == "kept" and not d.promote, d
+        assert d.rows[0].margin == pytest.approx(math.hypot(0.01, 0.01))
+        assert _alias("candidate") == worse.version and _alias("champion") == first.version
+        version = MlflowClient().get_model_version(NAME, str(worse.version))
+        assert version.tags["gate.outcome"] == "kept"
+        assert version.tags[f"gate.{MEAN_ACC}.champion"] == repr(0.30)
+        assert version.tags["contamination.arc_easy"] == "0.0100"
+        assert "Gate: kept" in version.description and "| mean/acc | 0." in version.description
+
+    better, d = _register(_model(tmp_path / "b", 20), tok, acc=0.40, se=0.01)
+    assert d.outcome == "promoted" and d.champion_version == first.version
+    assert _alias("champion") == _alias("candidate") == better.version
+
+    n_versions = len(MlflowClient().search_model_versions(f"name = '{NAME}'"))
+    again, d = _register(_model(tmp_path / "b2", 20), tok, acc=0.40, se=0.01)  # the same weights, saved again
+    assert again.reused and again.version == better.version
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == n_versions
+    assert d.outcome == "already-champion" and not d.promote
+
+
+def test_the_gate_compares_only_the_same_eval_setup_and_every_gate_metric():
+    champ_tags = {"eval_setup": SETUP, **score_tags(_scores(0.30, 0.01))}
+    cand = _scores(0.50, 0.01)
+    other = decide(cand, "another-setup", champ_tags, 1, 2, [MEAN_ACC])
+    assert other.outcome == "not-comparable" and not other.promote
+    # better on the mean but not on arc_easy's own (wider) margin: 0.305 - 0.30 < hypot(0.02, 0.02)
+    mixed = {MEAN_ACC: Score(value=0.5, stderr=0.01), "arc_easy/acc": Score(value=0.305, stderr=0.02)}
+    d = decide(mixed, SETUP, champ_tags, 1, 2, [MEAN_ACC, "arc_easy/acc"])
+    assert d.outcome == "kept" and [r.beats for r in d.rows] == [True, False]
+    lower = decide({"wikitext/word_perplexity": Score(value=90.0, stderr=None)}, SETUP,
+                   {"eval_setup": SETUP, "score.wikitext/word_perplexity": "100.0"}, 1, 2,
+                   ["wikitext/word_perplexity"])
+    assert lower.promote  # perplexity: lower is better
+    with pytest.raises(ValueError, match="hellaswag/acc_norm"):
+        decide(cand, SETUP, champ_tags, 1, 2, ["hellaswag/acc_norm"])
+
+
+def test_scores_carry_stderrs_and_the_mean_acc_combines_them():
+    scores = scores_of({"a": {"acc": 0.5, "acc_norm": 0.6}, "b": {"acc": 0.3}, "w": {"word_perplexity": 9.0}},
+                       {"a": {"acc": 0.03, "acc_norm": 0.04}, "b": {"acc": 0.04}, "w": {"word_perplexity": None}})
+    assert scores[MEAN_ACC].value == pytest.approx(0.4)
+    assert scores[MEAN_ACC].stderr == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
+    assert scores["w/word_perplexity"].stderr is None
+    assert scores_from_tags(score_tags(scores)) == scores
