@@ -242,7 +242,7 @@ def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, to
         client.set_registered_model_alias(name, alias, version)
     for k, v in {**tags, "model_sha256": content}.items():
         client.set_model_version_tag(name, version, metric_name(k), str(v))
-    return RegisteredModel(name=name, version=int(version), model_uri=info.model_uri, aliases=aliases)
+    return RegisteredModel(name=name, version=int(version), model_uri=f"models:/{name}/{version}", aliases=aliases)
 
 
 def find_version(name: str, content: str) -> int | None:
