@@ -1,7 +1,8 @@
 """The benchmark suite: its nine tasks, in the order tables and charts list them, and where their data lives.
 
-`eval.prepare` writes `<data_dir>/<task>.jsonl.gz` for each; `eval.taskgen` points lm-eval's task YAMLs at them;
-`tasks.evaluate.EvalConfig` runs all of them by default.
+`eval.prepare` writes `<data_dir>/<task>.jsonl.gz` (the split lm-eval evaluates) for each, plus optional
+`<task>.<split>.jsonl.gz` files for other splits (a few-shot pool: `train`, `validation`); `eval.taskgen` points
+lm-eval's task YAMLs at whichever are there; `tasks.evaluate.EvalConfig` runs all nine tasks by default.
 """
 
 from __future__ import annotations
@@ -20,10 +21,31 @@ TASKS: tuple[str, ...] = (
     "wikitext",
 )
 
+# the split lm-eval evaluates for each task (validation where lm-eval's task has no labelled test set)
+EVAL_SPLIT: dict[str, str] = {
+    "hellaswag": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "piqa": "validation",
+    "winogrande": "validation",
+    "boolq": "validation",
+    "openbookqa": "test",
+    "lambada_openai": "test",
+    "wikitext": "test",
+}
+
 
 def data_file(data_dir: Path, task: str) -> Path:
-    """The prepared records of `task`: `<data_dir>/<task>.jsonl.gz`."""
+    """The prepared records of `task`'s evaluation split: `<data_dir>/<task>.jsonl.gz`."""
     return Path(data_dir) / f"{task}.jsonl.gz"
+
+
+def split_file(data_dir: Path, task: str, split: str) -> Path:
+    """The prepared records of one split of `task`: the evaluation split is `<task>.jsonl.gz`, any other split
+    (a few-shot pool) `<task>.<split>.jsonl.gz`."""
+    if split == EVAL_SPLIT[task]:
+        return data_file(data_dir, task)
+    return Path(data_dir) / f"{task}.{split}.jsonl.gz"
 
 
 # accuracy of guessing at random: 4 choices or 2; LAMBADA's exact-word accuracy has no meaningful chance level

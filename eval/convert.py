@@ -2,8 +2,8 @@
 that lm-eval's own task reads out (pure functions; `eval.prepare` reads the files and writes the results).
 
 The raw records are llm-foundry's JSONL (`query`/`choices`/`gold`, `context`/`continuation`), the HellaSwag
-text file (6 lines per item) and `wiki.test.raw`; see `eval/prepare.py` for the table of fields and the two
-documented approximations (HellaSwag's ctx_b, WikiText's whitespace).
+text file (6 lines per item) and `wiki.test.raw`; see `eval/prepare.py` for the table of fields and the
+documented approximations (HellaSwag's ctx_a/ctx_b split, WinoGrande's blank, WikiText's whitespace).
 """
 
 from __future__ import annotations
@@ -38,41 +38,41 @@ def _gold(rec: dict[str, Any], n_choices: int, where: str) -> int:
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
 
 
-def hellaswag_query(raw_context: str) -> str:
-    """lm-eval's HellaSwag query from the text file's `activity_label: ctx` line (ctx_b re-capitalised)."""
-    text = raw_context.strip()
-    label, sep, ctx = text.partition(": ")
-    if not sep:
-        label, ctx = "", text
-    if ctx and ctx[-1] not in ".!?\"')]":  # ends mid-sentence: the fragment after the last sentence end is ctx_b
-        ends = list(_SENTENCE_END.finditer(ctx))
-        start = ends[-1].end() if ends else 0
-        ctx = ctx[:start] + ctx[start:].capitalize()
-    return f"{label}: {ctx}" if sep else ctx
+def split_hellaswag_context(ctx: str) -> tuple[str, str]:
+    """The text file's `ctx` (= ctx_a + " " + ctx_b) back into HF's (ctx_a, ctx_b).
 
-
-def hellaswag_clean(text: str) -> str:
-    """The cleanup lm-eval's HellaSwag task applies to the query and to every ending: WikiHow ` [title]` markers
-    turn into sentence breaks, any other `[...]` span is dropped, then double spaces become single ones.
-
-    The text file was mostly cleaned already, but 14 items still carry `[...]` links (e.g. `[www.kiddio.org]`).
+    ctx_b is the unfinished ActivityNet sentence that the endings complete (lm-eval capitalises it). It is
+    recovered as the fragment after the last sentence end when ctx does not end a sentence itself; WikiHow
+    items (ctx_b empty in HF) end with punctuation and keep everything in ctx_a.
     """
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    ctx = ctx.strip()
+    if not ctx or ctx[-1] in ".!?\"')]":
+        return ctx, ""
+    ends = list(_SENTENCE_END.finditer(ctx))
+    start = ends[-1].end() if ends else 0
+    return ctx[:start].rstrip(), ctx[start:]
 
 
 def convert_hellaswag_item(lines: list[str], where: str = "hellaswag") -> dict[str, Any]:
-    """6 lines (context, gold label, 4 endings) -> {query, choices, gold} as lm-eval's process_docs makes."""
+    """6 lines ("activity_label: ctx", gold label, 4 endings) -> HF Rowan/hellaswag's fields
+    {activity_label, ctx_a, ctx_b, ctx, endings, label} (label a string, as in HF; HF's `ind` and source ids
+    are not in the file); lm-eval's own process_docs then builds the query, the cleaned choices and gold."""
     if len(lines) != 6:
         raise BenchmarkDataError(f"{where}: expected 6 lines per item, got {len(lines)}")
     label = lines[1].strip()
     if not label.isdigit() or not 0 <= int(label) < 4:
         raise BenchmarkDataError(f"{where}: gold label line {label!r} is not 0-3")
+    activity, sep, ctx = lines[0].strip().partition(": ")
+    if not sep:
+        raise BenchmarkDataError(f"{where}: context line has no 'activity_label: ' prefix: {lines[0][:80]!r}")
+    ctx_a, ctx_b = split_hellaswag_context(ctx)
     return {
-        "query": hellaswag_clean(hellaswag_query(lines[0])),
-        "choices": [hellaswag_clean(e) for e in lines[2:6]],
-        "gold": int(label),
+        "activity_label": activity,
+        "ctx_a": ctx_a,
+        "ctx_b": ctx_b,
+        "ctx": ctx,
+        "endings": [e.rstrip("\r\n") for e in lines[2:6]],
+        "label": label,
     }
 
 
@@ -142,19 +142,42 @@ def convert_boolq(rec: dict[str, Any], where: str = "boolq") -> dict[str, Any]:
     return {"passage": passage, "question": question[:-1], "label": gold}
 
 
-def convert_winogrande(rec: dict[str, Any], where: str = "winogrande") -> dict[str, Any]:
-    """Keep {context_options, continuation, gold}: exactly lm-eval's partial-scoring requests.
+def winogrande_blank(options: list[str]) -> int:
+    """Where the blank was in the two partial contexts `sentence[:blank] + option_i`: their common prefix,
+    cut back to just after its last space (or to 0), so an option is whole words ("the bed" / "the blanket"
+    share "the b", the blank goes after "the "). Any cut gives back the same contexts; this one keeps the
+    options words, as in HF's records."""
+    a, b = options
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a.rfind(" ", 0, n) + 1
 
-    lm-eval: context_i = sentence[:blank] + option_i, continuation = sentence[blank + 1:].strip(), gold = answer - 1.
+
+def convert_winogrande(rec: dict[str, Any], where: str = "winogrande") -> dict[str, Any]:
+    """llm-foundry {context_options, continuation, gold} -> HF winogrande {sentence, option1, option2, answer}.
+
+    lm-eval builds context_i = sentence[:blank] + option_i and continuation = sentence[blank + 1:].strip(),
+    gold = int(answer) - 1. We invert that: blank from `winogrande_blank`, sentence = prefix + "_" + " " +
+    continuation (no space before a continuation that starts with punctuation, as in "_'s" or "_."). lm-eval
+    strips the continuation, so the space is invisible to it; the requests come out identical.
     """
     _need(rec, ("context_options", "continuation", "gold"), where)
     options = rec["context_options"]
-    if not isinstance(options, list) or len(options) != 2:
-        raise BenchmarkDataError(f"{where}: expected 2 context_options, got {options!r}")
+    if not isinstance(options, list) or len(options) != 2 or not all(isinstance(o, str) for o in options):
+        raise BenchmarkDataError(f"{where}: expected 2 context_options strings, got {options!r}")
+    gold = _gold(rec, 2, where)
+    blank = winogrande_blank(options)
+    prefix = options[0][:blank]
+    continuation = str(rec["continuation"]).strip()
+    if "_" in prefix or not options[0][blank:] or not options[1][blank:]:
+        raise BenchmarkDataError(f"{where}: cannot place the blank in context_options {options!r}")
+    gap = " " if continuation[:1].isalnum() else ""
     return {
-        "context_options": [str(o) for o in options],
-        "continuation": str(rec["continuation"]).strip(),
-        "gold": _gold(rec, 2, where),
+        "sentence": f"{prefix}_{gap}{continuation}",
+        "option1": options[0][blank:],
+        "option2": options[1][blank:],
+        "answer": str(gold + 1),
     }
 
 
@@ -197,4 +220,3 @@ def wikitext_pages(raw: str) -> list[str]:
 def is_top_heading(line: str) -> bool:
     s = line.strip()
     return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
-

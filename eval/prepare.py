@@ -5,28 +5,36 @@ task YAMLs in `eval/tasks/` can keep lm-eval's `doc_to_text` / `doc_to_target` /
 
 | task | source file | output fields (as in lm-eval's dataset) |
 |---|---|---|
-| hellaswag | `hellaswag_val_full.txt.bz2` (6 lines per item) | `query`, `choices`, `gold` (what lm-eval's `process_docs` makes) |
+| hellaswag | `hellaswag_val_full.txt.bz2` (6 lines per item) | `activity_label`, `ctx_a`, `ctx_b`, `ctx`, `endings`, `label` ("0"-"3") |
 | arc_easy, arc_challenge | `arc_*.jsonl.gz` (`query`/`choices`/`gold`) | `id`, `question`, `choices{text,label}`, `answerKey` |
 | piqa | `piqa.jsonl.gz` | `goal`, `sol1`, `sol2`, `label` |
-| winogrande | `winogrande.jsonl.gz` (`context_options`/`continuation`/`gold`) | same three fields (the requests lm-eval builds) |
+| winogrande | `winogrande.jsonl.gz` (`context_options`/`continuation`/`gold`) | `sentence` (with `_`), `option1`, `option2`, `answer` ("1"/"2") |
 | boolq | `boolq.jsonl.gz` | `passage`, `question` (no trailing "?"), `label` |
 | openbookqa | `openbook_qa.jsonl.gz` | `id`, `question_stem`, `choices{text,label}`, `answerKey` |
 | lambada_openai | `lambada_openai.jsonl.gz` (`context`/`continuation`) | `text` = context + " " + last word |
 | wikitext | `wikitext-2-raw_wiki.test.raw.gz` | `page`: one article, split at top-level ` = Title = ` lines |
 
-Two known, documented approximations (the original HF files are not available offline):
+The shared files hold only the split lm-eval evaluates, written as `<task>.jsonl.gz`. A few-shot split (e.g. the
+real `train` split) can be added from HF-layout JSONL files with `--fewshot-src DIR`: `DIR/<task>.<split>.jsonl`
+(or `.jsonl.gz`) for any split the task's YAML declares becomes `<out>/<task>.<split>.jsonl.gz`, checked record
+by record, and listed under `splits` in MANIFEST.json.
 
-- HellaSwag: lm-eval builds `activity_label + ": " + ctx_a + " " + ctx_b.capitalize()`, but the text file only
-  holds `ctx = ctx_a + " " + ctx_b`. ctx_b (the unfinished ActivityNet sentence) is recovered as the trailing
-  fragment after the last sentence end when the context does not itself end a sentence; WikiHow items (ctx_b
-  empty) end with punctuation and are left alone.
+Known, documented approximations (the original HF files are not available offline):
+
+- HellaSwag: the text file only holds `ctx = ctx_a + " " + ctx_b`. ctx_b (the unfinished ActivityNet sentence,
+  which lm-eval capitalises) is recovered as the trailing fragment after the last sentence end when the
+  context does not itself end a sentence; WikiHow items (ctx_b empty) end with punctuation and are left alone.
+- WinoGrande: the source holds lm-eval's partial contexts, not the sentence; the blank goes at the two
+  contexts' common prefix cut back to a word start (`eval.convert.winogrande_blank`), so an option that shares
+  a first word with the other ("the bed" / "the blanket") loses it to the sentence. The requests are the same.
 - WikiText: the shared copy of `wiki.test.raw` has CRLF line ends and no blank separator lines (2,891 lines
   instead of 4,358). Pages are rebuilt from it with LF line ends; the words are the same as in
   `EleutherAI/wikitext_document_level`, the whitespace is not (so byte counts differ slightly).
 
 The converters themselves are in `eval/convert.py`, the task list in `eval/benchmarks.py`.
 
-CLI: `python -m eval.prepare --src <dir with the shared files> --out <dir> [--limit N] [--wikitext-limit M]`.
+CLI: `python -m eval.prepare --src <dir with the shared files> --out <dir> [--limit N] [--wikitext-limit M]
+[--fewshot-src DIR]`.
 `--src` may be the folder holding the files, or a parent with `benchmarks/` and `pretrain/` sub-folders.
 """
 
@@ -41,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from eval.benchmarks import TASKS, data_file
+from eval.benchmarks import EVAL_SPLIT, TASKS, data_file, split_file
 from eval.convert import (
     BenchmarkDataError,
     convert_arc,
@@ -53,6 +61,8 @@ from eval.convert import (
     convert_winogrande,
     wikitext_pages,
 )
+from eval.records import check_file
+from eval.taskgen import declared_splits
 from infra.jsonl import JsonlError, open_text, read_jsonl
 
 SOURCE_FILES: dict[str, str] = {
@@ -193,7 +203,35 @@ def prepare_task(task: str, src_dir: Path, out_dir: Path, limit: int | None = No
     n = write_jsonl_gz(records, out)
     if n == 0:
         raise BenchmarkDataError(f"{src}: no records for task {task!r}")
-    return {"file": out.name, "source": src.name, "source_sha256": _sha256(src), "count": n}
+    return {"file": out.name, "split": EVAL_SPLIT[task], "source": src.name, "source_sha256": _sha256(src), "count": n}
+
+
+def find_fewshot_sources(fewshot_src: Path, task: str) -> dict[str, Path]:
+    """{split: file} of `DIR/<task>.<split>.jsonl[.gz]` for the task's declared splits other than the eval split."""
+    splits = [s for s in declared_splits(task).values() if s and s != EVAL_SPLIT[task]]
+    found = {}
+    for split in dict.fromkeys(splits):
+        for suffix in (".jsonl", ".jsonl.gz"):
+            path = Path(fewshot_src) / f"{task}.{split}{suffix}"
+            if path.is_file():
+                found[split] = path
+    return found
+
+
+def prepare_fewshot_splits(fewshot_src: Path, out_dir: Path, tasks: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Copy the HF-layout few-shot split files found in fewshot_src to `<out>/<task>.<split>.jsonl.gz`, every
+    record checked first; returns {task: {split: manifest entry}} for the tasks that have any."""
+    found = {t: find_fewshot_sources(fewshot_src, t) for t in tasks}
+    counts = {t: {s: check_file(t, p) for s, p in by_split.items()} for t, by_split in found.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for t, by_split in found.items():
+        for split, src in by_split.items():
+            dst = split_file(out_dir, t, split)
+            n = write_jsonl_gz(read_jsonl(src), dst)
+            assert n == counts[t][split], f"{src}: {n} records written, {counts[t][split]} checked"
+            entry = {"file": dst.name, "source": src.name, "source_sha256": _sha256(src), "count": n}
+            out.setdefault(t, {})[split] = entry
+    return out
 
 
 def prepare_benchmarks(
@@ -202,10 +240,12 @@ def prepare_benchmarks(
     limit: int | None = None,
     tasks: Iterable[str] | None = None,
     wikitext_limit: int | None = None,
+    fewshot_src: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write `<task>.jsonl.gz` for each task (all nine by default) plus MANIFEST.json; returns the manifest.
 
     `limit` keeps the first N items of each task; `wikitext_limit` (default: `limit`) the first N articles.
+    `fewshot_src` adds the few-shot split files found there (no limit: they are a pool to draw from).
     Every source is checked to exist before anything is written.
     """
     tasks = list(tasks) if tasks is not None else list(TASKS)
@@ -220,6 +260,9 @@ def prepare_benchmarks(
     for t in tasks:
         lim = (wikitext_limit if wikitext_limit is not None else limit) if t == "wikitext" else limit
         manifest[t] = {**prepare_task(t, src_dir, out_dir, lim), "limit": lim}
+    if fewshot_src is not None:
+        for t, splits in prepare_fewshot_splits(fewshot_src, out_dir, tasks).items():
+            manifest[t]["splits"] = splits
     mpath = out_dir / MANIFEST
     old = json.loads(mpath.read_text()) if mpath.is_file() else {}
     old.update(manifest)
@@ -233,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder for <task>.jsonl.gz")
     p.add_argument("--limit", type=int, default=None, help="keep the first N items of each task")
     p.add_argument("--wikitext-limit", type=int, default=None, help="keep the first N WikiText articles")
+    p.add_argument("--fewshot-src", type=Path, default=None, help="folder of HF-layout <task>.<split>.jsonl[.gz]")
     p.add_argument("--tasks", nargs="+", default=None, choices=TASKS, help="subset of tasks (default: all)")
     a = p.parse_args(argv)
     try:
-        manifest = prepare_benchmarks(a.src, a.out, a.limit, a.tasks, a.wikitext_limit)
+        manifest = prepare_benchmarks(a.src, a.out, a.limit, a.tasks, a.wikitext_limit, a.fewshot_src)
     except (FileNotFoundError, BenchmarkDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

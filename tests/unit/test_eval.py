@@ -83,7 +83,7 @@ def _read(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory) -> Path:
     texts = [d["page"] for d in _read(BUNDLE / "wikitext.jsonl.gz")]
-    texts += [d["query"] + " " + " ".join(d["choices"]) for d in _read(BUNDLE / "hellaswag.jsonl.gz")]
+    texts += [d["ctx"] + " " + " ".join(d["endings"]) for d in _read(BUNDLE / "hellaswag.jsonl.gz")]
     texts += [d["question"] + " " + " ".join(d["choices"]["text"]) for d in _read(BUNDLE / "arc_easy.jsonl.gz")]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -224,71 +224,6 @@ def test_gold_preferring_model_scores_one(tokenizer_path, model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the task definitions build lm-eval's requests from the converted records
-
-
-def test_requests_match_lm_eval_definitions(tmp_path):
-    tasks = _load_tasks(BUNDLE, tmp_path / "yaml", list(EXPECTED_METRICS), limit=1)
-
-    def first(name):
-        insts = _requests_by_doc(tasks[name])[0]
-        return [i.args for i in insts], insts[0].doc
-
-    args, doc = first("arc_easy")  # source: {"query": "Question: Which statement ...", "gold": 0}
-    assert args[0] == (
-        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:",
-        " Sunlight is the source of energy for nearly all ecosystems.",
-    )
-    assert [a[1] for a in args][1:] == [
-        " Most ecosystems are found on land instead of in water.",
-        " Carbon dioxide is more available than other gases.",
-        " The producers in all ecosystems are plants.",
-    ]
-    assert tasks["arc_easy"].doc_to_target(doc) == 0
-
-    args, doc = first("hellaswag")  # lm-eval capitalises ctx_b: "... on a roof. he" -> "... on a roof. He"
-    assert args[3] == ("Roof shingle removal: A man is sitting on a roof. He", " starts pulling up roofing on a roof.")
-    assert tasks["hellaswag"].doc_to_target(doc) == 3 and len(args) == 4
-
-    args, doc = first("piqa")
-    assert args[0][0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
-    assert args[1][1].startswith(
-        " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans"
-    )
-    assert tasks["piqa"].doc_to_target(doc) == 0
-
-    args, doc = first("winogrande")  # partial scoring: the option goes into the context
-    assert args == [
-        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
-        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
-    ]
-    assert tasks["winogrande"].doc_to_text(doc) == 1  # the gold index
-
-    args, doc = first("boolq")
-    assert args[0][0].startswith("All biomass goes through at least some of these steps")
-    assert args[0][0].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
-    assert [a[1] for a in args] == [" no", " yes"] and tasks["boolq"].doc_to_target(doc) == 0
-
-    args, doc = first("openbookqa")
-    stem = (
-        "A person wants to start saving money so that they can afford a nice vacation at the end of the year. "
-        "After looking over their budget and expenses, they decide the best way to save money is to"
-    )
-    assert args[1] == (stem, " quit eating lunch out")
-    assert tasks["openbookqa"].doc_to_target(doc) == 1
-
-    args, doc = first("lambada_openai")
-    assert args[0][0].endswith("his mouth curved in a confident grin, I don't care about")
-    assert args[0][1] == " signs"
-
-    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
-
-    args, doc = first("wikitext")
-    assert doc["page"].startswith(" = Robert Boulter = \n Robert Boulter is an English film")
-    assert args[0] == (wikitext_detokenizer(doc),)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # conversion of known source records
 
 
@@ -329,23 +264,70 @@ def test_converters_on_known_records():
             "sand the rocks.",
         ]
     )
-    assert hs["query"].endswith("in the wilderness. Then he") and hs["gold"] == 1 and len(hs["choices"]) == 4
-    wikihow = "Health: How to use aromatherapy for depression. Know what oils help with which symptoms."
-    assert convert.hellaswag_query(wikihow) == wikihow  # ctx_b empty: unchanged
-    from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own cleanup, the reference
-
-    for text in [
-        " Visit a site like [www.kiddio.org] to find  activities. ",
-        "[header] How to style hair [title] Opt for a pixie cut. A [style a pixie cut | pixie cut] can work.",
-        wikihow,
-    ]:
-        assert convert.hellaswag_clean(text) == preprocess(text)
+    assert hs["ctx_a"].endswith("in the wilderness.") and hs["ctx_b"] == "then he" and hs["label"] == "1"
+    wikihow = "How to use aromatherapy for depression. Know what oils help with which symptoms."
+    assert convert.split_hellaswag_context(wikihow) == (wikihow, "")  # WikiHow: ctx_b empty
+    assert convert.split_hellaswag_context("no sentence end here") == ("", "no sentence end here")
 
     raw = " = A = \r\n Text one . \r\n = = Sec = = \r\n More . \r\n = B = \r\n Two . \r\n"
     assert convert.wikitext_pages(raw) == [" = A = \n Text one . \n = = Sec = = \n More . ", " = B = \n Two . \n"]
 
     with pytest.raises(convert.BenchmarkDataError, match="gold"):
         convert.convert_openbookqa({"query": "q", "choices": ["a", "b"], "gold": 5}, 0)
+
+
+def test_bundle_records_are_the_hf_records():
+    """The first bundled HellaSwag and WinoGrande items, converted from the shared files, equal the records of
+    the HF datasets lm-eval reads (Rowan/hellaswag validation, winogrande_xl validation; HF's ids aside)."""
+    hs = _read(BUNDLE / "hellaswag.jsonl.gz")[0]
+    assert {k: hs[k] for k in ("activity_label", "ctx_a", "ctx_b", "label")} == {
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "label": "3",
+    }
+    assert hs["endings"][3] == "starts pulling up roofing on a roof."
+    wg = _read(BUNDLE / "winogrande.jsonl.gz")[0]
+    assert wg == {
+        "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+        "option1": "Sarah",
+        "option2": "Maria",
+        "answer": "2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "continuation", "sentence", "option1", "option2"),
+    [
+        (
+            ["He hid from the dog but the dog", "He hid from the dog but the cat"],
+            "won.",
+            "He hid from the dog but the _ won.",
+            "dog",
+            "cat",
+        ),
+        (
+            ["The blanket", "The bed"],
+            "got wet.",
+            "The _ got wet.",
+            "blanket",
+            "bed",
+        ),  # shared "The " goes to the sentence
+        (["so the blanket", "so the bed"], "'s wet.", "so the _'s wet.", "blanket", "bed"),  # no space before "'s"
+        (["Ann", "Annie"], "left.", "_ left.", "Ann", "Annie"),  # one option is a prefix of the other
+    ],
+)
+def test_winogrande_sentence_rebuilt_so_lm_eval_makes_the_same_requests(
+    options, continuation, sentence, option1, option2
+):
+    """Rule: the blank sits at the two contexts' common prefix cut back to a word start (`winogrande_blank`)."""
+    from lm_eval.tasks.winogrande import preprocess_winogrande as lm
+
+    rec = convert.convert_winogrande({"context_options": options, "continuation": continuation, "gold": 1})
+    assert rec == {"sentence": sentence, "option1": option1, "option2": option2, "answer": "2"}
+    assert lm.doc_to_choice(rec) == options and lm.doc_to_target(rec) == continuation and lm.doc_to_text(rec) == 1
+    with pytest.raises(convert.BenchmarkDataError, match="blank"):
+        convert.convert_winogrande({"context_options": ["a_b x", "a_b y"], "continuation": "z", "gold": 0})
 
 
 def _write_gz(path: Path, text: str, kind: str = "gz") -> None:
@@ -394,7 +376,11 @@ def test_prepare_counts_equal_source_counts(tmp_path):
         expected = prepare.source_count(task, prepare.find_source(src, task))
         assert prepare.count_jsonl_gz(path) == manifest[task]["count"] == expected, task
     assert manifest["hellaswag"]["count"] == 10 and manifest["wikitext"]["count"] == 4
-    assert _read(out / "hellaswag.jsonl.gz")[0]["query"] == "Label: ctx 0. The man"
+    assert {k: _read(out / "hellaswag.jsonl.gz")[0][k] for k in ("activity_label", "ctx_a", "ctx_b")} == {
+        "activity_label": "Label",
+        "ctx_a": "ctx 0.",
+        "ctx_b": "the man",
+    }
 
     limited = prepare.prepare_benchmarks(src, tmp_path / "lim", limit=3, wikitext_limit=2)
     assert {t: m["count"] for t, m in limited.items()} == {**{t: 3 for t in TASKS}, "wikitext": 2}
@@ -563,11 +549,21 @@ def test_compare_reports_puts_each_model_in_a_column_and_bolds_the_best_of_each_
     from tasks.evaluate import compare_reports
     from tasks.refs import EvalReport
 
-    reports = {"sft": EvalReport(path="a", metrics={"eval/arc_easy/acc": 0.30, "eval/wikitext/word_perplexity": 900.0,
-                                                    "eval/arc_easy/acc_stderr": 0.01, "eval/piqa/acc": 0.5}),
-               "dpo": EvalReport(path="b", metrics={"eval/arc_easy/acc": 0.25, "eval/wikitext/word_perplexity": 800.0,
-                                                    "eval/piqa/acc": 0.5}),
-               "ppo": EvalReport(path="c", metrics={"eval/arc_easy/acc": 0.28, "eval/piqa/acc": 0.5})}
+    reports = {
+        "sft": EvalReport(
+            path="a",
+            metrics={
+                "eval/arc_easy/acc": 0.30,
+                "eval/wikitext/word_perplexity": 900.0,
+                "eval/arc_easy/acc_stderr": 0.01,
+                "eval/piqa/acc": 0.5,
+            },
+        ),
+        "dpo": EvalReport(
+            path="b", metrics={"eval/arc_easy/acc": 0.25, "eval/wikitext/word_perplexity": 800.0, "eval/piqa/acc": 0.5}
+        ),
+        "ppo": EvalReport(path="c", metrics={"eval/arc_easy/acc": 0.28, "eval/piqa/acc": 0.5}),
+    }
     lines = compare_reports(reports).splitlines()
     assert lines[0] == "| benchmark | sft | dpo | ppo |"
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]}
