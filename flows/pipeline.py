@@ -34,7 +34,7 @@ from flows.stages import (
     timed,
     tokenizer_task,
 )
-from infra.env import runs_dir
+from infra.env import runs_dir, workspace
 from infra.ray_cluster import ray_session
 from tasks import tracking
 from tasks.evaluate import compare_chart, compare_reports
@@ -69,7 +69,8 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
                 reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root,
                                                              model.run_id or parent, name)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
-            registered, decision = register_branches(cfg, preset, sha, parent, branches, tok, reports, refs, times)
+            registered, decision = register_branches(cfg, preset, sha, root, parent, branches, tok, reports, refs,
+                                                     times)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
                 classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
                 tracking.log_metrics(parent, classifier.metrics)
@@ -102,9 +103,9 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
     }
 
 
-def register_branches(cfg: PipelineConfig, preset: str, sha: str, parent: str, branches: dict[str, ModelRef],
-                      tok: TokenizerRef, reports: dict[str, EvalReport], refs: dict[str, Any],
-                      times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
+def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, parent: str,
+                      branches: dict[str, ModelRef], tok: TokenizerRef, reports: dict[str, EvalReport],
+                      refs: dict[str, Any], times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
     """Each branch as a version of the preset's registered model (alias = its method), then the eval gate on the
     best of them (`tasks.registry`): `candidate` on it, `champion` when it beats the champion."""
     reg = cfg.registration
@@ -117,7 +118,17 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, parent: str, b
         registered[name], times[f"register_{name}"] = timed(
             register_task, reg.model_copy(update={"aliases": [name]}), model, tok, tags, parent, name)
     best = best_branch(scores, reg.gate_metrics[0])
-    decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup, None, parent)
+    champion_scores = None
+    champion = tracking.alias_version(registered[best].name, reg.champion_alias)
+    if champion and champion[0] != registered[best].version and champion[1].get("eval_setup") != setup:
+        # the champion was scored under another setup: score it again under this one before comparing
+        model, tokenizer = tracking.download_model(f"models:/{registered[best].name}/{champion[0]}",
+                                                   workspace() / "cache" / "registered")
+        report, times["eval_champion"] = timed(eval_task, cfg.eval, ModelRef(path=str(model)),
+                                               TokenizerRef(path=str(tokenizer)), root, parent, "champion")
+        champion_scores = report_scores(report)
+    decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup, None, parent,
+                                       champion_scores)
     return registered, decision.model_copy(update={"method": best})
 
 

@@ -182,14 +182,14 @@ def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef,
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, scores: dict[str, Score],
-                 setup: str, contamination: dict[str, float] | None = None,
-                 parent_run_id: str | None = None) -> Decision:
+                 setup: str, contamination: dict[str, float] | None = None, parent_run_id: str | None = None,
+                 champion_scores: dict[str, Score] | None = None) -> Decision:
     """The eval gate (`tasks.registry.decide`) on this run's best branch: `candidate` on it, `champion` when it
     beats the champion; the decision, both sides' numbers and the contamination report on the version."""
     with tracking.stage_run("promote", parent_run_id, {"branch": method}) as run_id:
         champion = tracking.alias_version(registered.name, cfg.champion_alias)
         decision = decide(scores, setup, champion[1] if champion else None, champion[0] if champion else None,
-                          registered.version, list(cfg.gate_metrics))
+                          registered.version, list(cfg.gate_metrics), champion_scores)
         tags = decision_tags(decision) | {f"contamination.{t}": f"{f:.4f}" for t, f in (contamination or {}).items()}
         text = describe(registered.name, registered.version, method, scores, decision, contamination)
         tracking.record_gate(registered.name, registered.version, list(cfg.aliases), cfg.champion_alias,

@@ -6,9 +6,10 @@ eval scores with their standard errors, the gate's decision) is decided here, wi
 
 The gate: this run's best branch (by the first gate metric) gets the alias `candidate`. It takes `champion` when
 there is no champion yet, or when it beats the champion on every gate metric by more than the standard error of
-the difference, sqrt(se_candidate^2 + se_champion^2). Scores from another evaluation setup (other tasks, limit,
-few-shot or benchmark files: `eval_setup` differs) are not compared: the champion stays. The champion's scores
-are read back from its version tags, so the gate needs no second evaluation.
+the difference, sqrt(se_candidate^2 + se_champion^2). The champion's scores are read back from its version tags
+when they come from the same evaluation setup (tasks, limit, few-shot, benchmark files: `eval_setup`); when they
+do not, the pipeline evaluates the champion again under this run's setup first (`flows/pipeline.py`), and scores
+of two setups are never compared.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def scores_from_tags(tags: Mapping[str, str]) -> dict[str, Score]:
 
 
 def decide(candidate: Mapping[str, Score], setup: str, champion: Mapping[str, str] | None,
-           champion_version: int | None, candidate_version: int, metrics: list[str]) -> Decision:
-    """Promote `candidate` over the champion (its version tags) or keep the champion; see the module docstring."""
+           champion_version: int | None, candidate_version: int, metrics: list[str],
+           champion_scores: Mapping[str, Score] | None = None) -> Decision:
+    """Promote `candidate` over the champion (its version tags) or keep the champion; see the module docstring.
+    `champion_scores`: the champion scored again under this run's `setup` (when its tags are from another)."""
     missing = [m for m in metrics if m not in candidate]
     if missing:
         raise ValueError(f"registry.gate_metrics: {missing} not among the eval scores {sorted(candidate)}")
@@ -161,11 +164,11 @@ def decide(candidate: Mapping[str, Score], setup: str, champion: Mapping[str, st
     if champion_version == candidate_version:
         return Decision(promote=False, outcome="already-champion", champion_version=champion_version,
                         reason=f"version {candidate_version} is already the champion")
-    if champion.get("eval_setup") != setup:
+    if champion_scores is None and champion.get("eval_setup") != setup:
         return Decision(promote=False, outcome="not-comparable", champion_version=champion_version,
                         reason=f"the champion (version {champion_version}) was scored on another evaluation setup "
                                f"({champion.get('eval_setup')} vs {setup}): champion kept")
-    theirs = scores_from_tags(champion)
+    theirs = dict(champion_scores) if champion_scores is not None else scores_from_tags(champion)
     rows = []
     for m in metrics:
         if m not in theirs:
