@@ -12,6 +12,7 @@ task here of the same shape as the others, and one line in `flows/pipeline.py` (
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,13 +25,26 @@ from pydantic import BaseModel
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
 from tasks.classify import ClassifyConfig
+from tasks.conversations import PreferenceSource, SFTSource
 from tasks.data import DataConfig, build_corpus, crawl_inputs
+from tasks.decontam import DecontamConfig, check_contamination
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.grpo import GRPOConfig
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
-from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
+from tasks.refs import (
+    ContaminationReport,
+    CorpusRef,
+    EvalReport,
+    InputRef,
+    ModelRef,
+    Ref,
+    RegisteredModel,
+    RunLink,
+    ShardsRef,
+    TokenizerRef,
+)
 from tasks.registry import RegistryConfig
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
@@ -165,6 +179,28 @@ def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: s
     inputs = {"model": model, "tokenizer": tokenizer, "benchmarks": as_input(cfg.data_dir)}
     return tracked_stage("eval", cfg, inputs, lambda out, _: evaluate_model(cfg, model, tokenizer, out),
                          root, parent_run_id, branch)
+
+
+def source_refs(prefix: str, sources) -> dict[str, Ref]:
+    """Every source as a stage input: a local file by its content, a Hub dataset by its spec (name, split, ...)."""
+    refs: dict[str, Ref] = {}
+    for s in sources:
+        local = resolve_path(s.path).exists()
+        spec = hashlib.sha256(s.model_dump_json().encode()).hexdigest()
+        refs[f"{prefix}_{s.label}"] = as_input(s.path) if local else InputRef(path=s.path, sha256=spec)
+    return refs
+
+
+@task(name="decontam", cache_policy=NO_CACHE)
+def decontam_task(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: list[SFTSource],
+                  preference_sources: list[PreferenceSource], root: str,
+                  parent_run_id: str | None = None) -> ContaminationReport:
+    """Benchmark items found in this run's corpus, SFT and preference data (before promotion)."""
+    inputs = {"corpus": corpus, "benchmarks": as_input(cfg.data_dir), **source_refs("sft", sft_sources),
+              **source_refs("preference", preference_sources)}
+    return tracked_stage("decontam", cfg, inputs,
+                         lambda out, _: check_contamination(cfg, corpus, sft_sources, preference_sources, out),
+                         root, parent_run_id)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
