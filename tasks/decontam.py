@@ -10,13 +10,13 @@ Run alone: `decontam_task.fn(DecontamConfig(), CorpusRef(path=...), sft_sources,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eval.benchmarks import TASKS
-from eval.decontam import MIN_WORDS, N_GRAM, BenchmarkIndex, check_texts, write_report
+from eval.decontam import MIN_WORDS, N_GRAM, BenchmarkIndex, check_tasks, check_texts, write_report
 from infra.env import resolve_path
 from infra.jsonl import iter_jsonl_folder
 from tasks.conversations import PreferenceSource, SFTSource, load_pairs, load_sft
@@ -35,6 +35,13 @@ class DecontamConfig(BaseModel):
     data_dir: str = Field("data/benchmarks", description="Folder of prepared benchmark files `<task>.jsonl.gz` "
                           "(`python -m eval.prepare` makes the full sets); doc_id = a record's line index.")
     tasks: list[str] = Field(default_factory=lambda: list(TASKS), description="Benchmarks to check.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DecontamConfig:
+        if self.min_words > self.n:
+            raise ValueError(f"min_words ({self.min_words}) must be at most n ({self.n})")
+        check_tasks(self.tasks)
+        return self
 
 
 def corpus_texts(corpus: CorpusRef) -> Iterator[tuple[str, str]]:
@@ -68,9 +75,10 @@ def check_contamination(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: Seq
     of documents read per source (`corpus`, `sft_<label>`, `preference_<label>`).
     """
     index = BenchmarkIndex.build(resolve_path(cfg.data_dir), cfg.tasks, cfg.n, cfg.min_words)
-    sources = {"corpus": corpus_texts(corpus)}
-    sources |= {f"sft_{s.label}": sft_texts(s) for s in sft_sources}
-    sources |= {f"preference_{s.label}": preference_texts(s) for s in preference_sources}
+    # chat sources are loaded before the corpus is read: a bad file fails before the long part
+    sources: dict[str, Iterable[tuple[str, str]]] = {f"sft_{s.label}": list(sft_texts(s)) for s in sft_sources}
+    sources |= {f"preference_{s.label}": list(preference_texts(s)) for s in preference_sources}
+    sources = {"corpus": corpus_texts(corpus), **sources}
     report = check_texts(index, sources)
     js, md = write_report(report, Path(out_dir))
     tasks = report["tasks"]

@@ -144,6 +144,14 @@ def test_both_record_layouts_give_the_same_words():
     assert [words(s) for s in old] == [words(s) for s in new]
 
 
+def test_words_are_datatroves_simplify_text():
+    """Our faster path gives the words of datatrove's own `simplify_text`, on real text and on accents and digits."""
+    from datatrove.utils.text import simplify_text
+
+    texts = [*c4_docs(20), "Café au lait, naïve résumé: 3.14 apples cost €2,50 on Monday.\n\tÅngström — done."]
+    assert [words(t) for t in texts] == [simplify_text(t).split() for t in texts]
+
+
 def test_bad_benchmark_input_is_one_line_naming_file_record_and_task(tmp_path):
     write_jsonl_gz(tmp_path / "piqa.jsonl.gz", [{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}, {"goal": "a"}])
     with pytest.raises(ContaminationError, match=r"piqa.jsonl.gz record 1: task 'piqa' record in no known layout \(missing 'sol1'\)"):
@@ -152,6 +160,10 @@ def test_bad_benchmark_input_is_one_line_naming_file_record_and_task(tmp_path):
         BenchmarkIndex.build(tmp_path, ["mmlu"])
     with pytest.raises(ContaminationError, match="boolq.jsonl.gz: benchmark file of task 'boolq' not found"):
         BenchmarkIndex.build(tmp_path, ["boolq"])
+    with pytest.raises(ValueError, match="unknown benchmark task.*'hellaswag_v2'"):
+        DecontamConfig(tasks=["hellaswag_v2"])
+    with pytest.raises(ValueError, match=r"min_words \(14\) must be at most n \(13\)"):
+        DecontamConfig(min_words=14)
 
 
 # ---------------------------------------------------------------------------------------------------------------
