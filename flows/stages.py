@@ -82,7 +82,9 @@ def registers(stage: str, register: Callable[..., RegisteredModel], tokenizer: T
 @task(name="data", cache_policy=NO_CACHE)
 def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> CorpusRef:
     inputs = crawl_inputs(cfg)  # listings expanded, every file asked about once
-    return tracked_stage("data", cfg, inputs, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
+    # with decontaminate on, the benchmark files' content joins the stage key (they are no reader's input)
+    keyed = {**inputs, "benchmarks": as_input(cfg.decontaminate_benchmarks)} if cfg.decontaminate else inputs
+    return tracked_stage("data", cfg, keyed, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)
