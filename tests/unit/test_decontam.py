@@ -31,9 +31,16 @@ def record(task: str, doc_id: int) -> dict:
     return list(read_jsonl(BENCH / f"{task}.jsonl.gz"))[doc_id]
 
 
-def hellaswag_text(doc_id: int) -> str:
+def hellaswag_context_and_gold(doc_id: int) -> tuple[str, str]:
+    """Our older layout (query, choices, gold) or the Hugging Face one (activity_label, ctx, endings, label)."""
     r = record("hellaswag", doc_id)
-    return f"{r['query']} {r['choices'][r['gold']]}"
+    if "query" in r:
+        return r["query"], r["choices"][r["gold"]]
+    return f"{r['activity_label']}: {r['ctx']}", r["endings"][int(r["label"])]
+
+
+def hellaswag_text(doc_id: int) -> str:
+    return " ".join(hellaswag_context_and_gold(doc_id))
 
 
 def arc_text(doc_id: int) -> str:
@@ -107,9 +114,8 @@ def test_a_paraphrase_is_not_contamination(tmp_path):
 def test_overlapping_hellaswag_items_are_both_contaminated():
     """HellaSwag items cut from one video overlap: item 4's gold ending is a sentence of item 5's context, so a
     document holding item 5 holds a 13-gram of item 4's gold segment too (as GPT-3's rule says it should)."""
-    four, five = record("hellaswag", 4), record("hellaswag", 5)
-    assert "the boy lands on his back on to a red mat" in five["query"].lower()
-    assert four["choices"][four["gold"]] == "gets up from the mat." and "The boy gets up from the mat." in five["query"]
+    (_, four_gold), (five_context, _) = hellaswag_context_and_gold(4), hellaswag_context_and_gold(5)
+    assert four_gold == "gets up from the mat." and "The boy gets up from the mat." in five_context
     index = BenchmarkIndex.build(BENCH, ["hellaswag"])
     assert sorted(m.doc_id for m in index.find(hellaswag_text(5))) == [4, 5]
 
@@ -133,15 +139,21 @@ def test_short_segments_are_one_ngram_and_very_short_ones_never_match(tmp_path):
 
 def test_both_record_layouts_give_the_same_words():
     """HellaSwag and WinoGrande in our current layout and in the Hugging Face one (which another change moves to)."""
-    hs = {"activity_label": "High jump", "ctx_a": "The boy lands on his back on to a red mat. The boy gets up from the mat.",
-          "ctx_b": "the boy", "endings": ["starts doing spins.", "celebrates by clapping and flexing both arms.",
-                                          "is dancing on the mat.", "does jump jacks on his stick."], "label": "1"}
-    old, new = item_segments("hellaswag", record("hellaswag", 5), "x"), item_segments("hellaswag", hs, "y")
-    assert [words(s) for s in old] == [words(s) for s in new]
-    wg = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+    endings = ["starts doing spins.", "celebrates by clapping and flexing both arms.", "is dancing on the mat.",
+               "does jump jacks on his stick."]
+    hf = {"activity_label": "High jump", "ctx_a": "The boy lands on his back on to a red mat. The boy gets up from the mat.",
+          "ctx_b": "the boy", "endings": endings, "label": "1"}
+    ours = {"query": "High jump: The boy lands on his back on to a red mat. The boy gets up from the mat. The boy",
+            "choices": endings, "gold": 1}
+    new, old = item_segments("hellaswag", hf, "x"), item_segments("hellaswag", ours, "y")
+    assert [words(s) for s in old] == [words(s) for s in new] and len(new) == 4
+    hf = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
           "option1": "Sarah", "option2": "Maria", "answer": "2"}
-    old, new = item_segments("winogrande", record("winogrande", 0), "x"), item_segments("winogrande", wg, "y")
-    assert [words(s) for s in old] == [words(s) for s in new]
+    ours = {"context_options": ["Sarah was a much better surgeon than Maria so Sarah",
+                                "Sarah was a much better surgeon than Maria so Maria"],
+            "continuation": "always got the easier cases.", "gold": 1}
+    new, old = item_segments("winogrande", hf, "x"), item_segments("winogrande", ours, "y")
+    assert [words(s) for s in old] == [words(s) for s in new] and len(new) == 2
 
 
 def test_words_are_datatroves_simplify_text():
