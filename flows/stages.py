@@ -12,6 +12,7 @@ task here of the same shape as the others, and one line in `flows/pipeline.py` (
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,13 +25,26 @@ from pydantic import BaseModel
 from infra.env import resolve_path, runs_dir
 from tasks import tracking
 from tasks.classify import ClassifyConfig
+from tasks.conversations import PreferenceSource, SFTSource
 from tasks.data import DataConfig, build_corpus, crawl_inputs
+from tasks.decontam import DecontamConfig, check_contamination
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.grpo import GRPOConfig
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
-from tasks.refs import CorpusRef, EvalReport, ModelRef, Ref, RegisteredModel, RunLink, ShardsRef, TokenizerRef
+from tasks.refs import (
+    ContaminationReport,
+    CorpusRef,
+    EvalReport,
+    InputRef,
+    ModelRef,
+    Ref,
+    RegisteredModel,
+    RunLink,
+    ShardsRef,
+    TokenizerRef,
+)
 from tasks.registry import Decision, RegistryConfig, Score, decide, decision_tags, describe
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
@@ -68,7 +82,9 @@ def registers(stage: str, register: Callable[..., RegisteredModel], tokenizer: T
 @task(name="data", cache_policy=NO_CACHE)
 def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> CorpusRef:
     inputs = crawl_inputs(cfg)  # listings expanded, every file asked about once
-    return tracked_stage("data", cfg, inputs, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
+    # with decontaminate on, the benchmark files' content joins the stage key (they are no reader's input)
+    keyed = {**inputs, "benchmarks": as_input(cfg.decontaminate_benchmarks)} if cfg.decontaminate else inputs
+    return tracked_stage("data", cfg, keyed, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)
@@ -85,10 +101,14 @@ def pretrain_task(cfg: PretrainConfig, shards: ShardsRef, root: str, parent_run_
                          root, parent_run_id)
 
 
-def source_inputs(sources) -> dict[str, Ref]:
-    """The local data files among `sources`, as inputs whose content joins the stage's key (a Hub name is in the
-    config, and so in the key, by name)."""
-    return {f"data_{s.label}": as_input(s.path) for s in sources if resolve_path(s.path).exists()}
+def source_inputs(sources, prefix: str = "data") -> dict[str, Ref]:
+    """Every source as a stage input: a local file by its content, a Hub dataset by its spec (name, split, ...)."""
+    refs: dict[str, Ref] = {}
+    for s in sources:
+        local = resolve_path(s.path).exists()
+        spec = hashlib.sha256(s.model_dump_json().encode()).hexdigest()
+        refs[f"{prefix}_{s.label}"] = as_input(s.path) if local else InputRef(path=s.path, sha256=spec)
+    return refs
 
 
 @task(name="sft", cache_policy=NO_CACHE)
@@ -165,6 +185,18 @@ def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: s
     inputs = {"model": model, "tokenizer": tokenizer, "benchmarks": as_input(cfg.data_dir)}
     return tracked_stage("eval", cfg, inputs, lambda out, _: evaluate_model(cfg, model, tokenizer, out),
                          root, parent_run_id, branch)
+
+
+@task(name="decontam", cache_policy=NO_CACHE)
+def decontam_task(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: list[SFTSource],
+                  preference_sources: list[PreferenceSource], root: str,
+                  parent_run_id: str | None = None) -> ContaminationReport:
+    """Benchmark items found in this run's corpus, SFT and preference data (before promotion)."""
+    inputs = {"corpus": corpus, "benchmarks": as_input(cfg.data_dir), **source_inputs(sft_sources, "sft"),
+              **source_inputs(preference_sources, "preference")}
+    return tracked_stage("decontam", cfg, inputs,
+                         lambda out, _: check_contamination(cfg, corpus, sft_sources, preference_sources, out),
+                         root, parent_run_id)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

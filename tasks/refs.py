@@ -112,6 +112,22 @@ class EvalReport(Ref):
         return {k.removeprefix("eval/"): v for k, v in self.metrics.items() if "stderr" not in k}
 
 
+class ContaminationReport(Ref):
+    """Benchmark items found in this run's training data: `path` is `contamination.json` (`eval/decontam.py`);
+    `files["table"]` the Markdown table."""
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(Path(self.path).read_text())
+
+    def contaminated(self) -> dict[str, list[int]]:
+        """The contaminated doc_ids of each task (a doc_id is the record's index in the task's data file)."""
+        return {task: r["doc_ids"] for task, r in self.report()["tasks"].items()}
+
+    def fractions(self) -> dict[str, float]:
+        """The contaminated fraction of each task's items."""
+        return {task: r["fraction"] for task, r in self.report()["tasks"].items()}
+
+
 class RunLink(BaseModel):
     """Where a stage's worker processes log their per-step metrics: the stage's MLflow run."""
 
@@ -150,7 +166,8 @@ class RegisteredModel(BaseModel):
 
 
 REF_TYPES: dict[str, type[Ref]] = {
-    cls.__name__: cls for cls in (Ref, InputRef, CorpusRef, ShardsRef, TokenizerRef, ModelRef, EvalReport)
+    cls.__name__: cls
+    for cls in (Ref, InputRef, CorpusRef, ShardsRef, TokenizerRef, ModelRef, EvalReport, ContaminationReport)
 }
 
 

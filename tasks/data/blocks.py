@@ -4,6 +4,7 @@
   or truncated file (the other files' documents are kept; the skip is counted with the file name).
 - `TextReader`: the same for JSONL text sources (datatrove's `JsonlReader` stops the task on a truncated gzip).
 - `SourceSampler`: keeps a deterministic fraction of each source's documents (the mixing weights).
+- `BenchmarkDecontFilter`: drops documents that hold a benchmark item's n-gram (`DataConfig.decontaminate`).
 - `SpanDedupFilter`: datatrove's C4 sentence-span dedup filter, counting the documents it drops and what it cuts.
 - `PhoneNumberFormatter`: masks phone numbers; datatrove's `PIIFormatter` only does emails and IPs.
 - `document_text`: the content getter of the exact-dedup hash (module level, so workers can unpickle it).
@@ -186,6 +187,44 @@ class SourceSampler(BaseFilter):
             return True
         draw = xxhash.xxh64_intdigest(f"{self.seed}/{doc.id}") / 2**64
         return draw < rate or (False, "sampled_out")
+
+
+class BenchmarkDecontFilter(BaseFilter):
+    """Drop every document that shares a word n-gram with a benchmark item (`eval/decontam.py`, GPT-3's rule), as
+    `decontaminated`; the removed document's metadata names the task, doc_id and n-gram, and a stat
+    `contaminated_<task>` counts them per task.
+
+    Not datatrove's `NGramsDecontFilter`: it has a fixed n only (no whole-segment n-gram for short items) and reads
+    an index that its indexer builds through lighteval. The index is built from the prepared benchmark files in
+    each worker, on its first batch (it is not pickled with the block).
+    """
+
+    name = "🦠 Benchmark decontamination"
+
+    def __init__(self, data_dir: str, tasks: list[str], n: int, min_words: int, exclusion_writer=None,
+                 batch_size: int = 64):
+        super().__init__(exclusion_writer, batch_size)
+        self.data_dir, self.tasks, self.n, self.min_words = data_dir, list(tasks), n, min_words
+        self._index = None
+
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        from eval.decontam import BenchmarkIndex
+
+        if self._index is None:
+            self._index = BenchmarkIndex.build(self.data_dir, self.tasks, self.n, self.min_words)
+        results: list[bool | tuple[bool, str]] = []
+        for doc, matches in zip(batch, self._index.find_many([d.text for d in batch]), strict=True):
+            if not matches:
+                results.append(True)
+                continue
+            m = matches[0]
+            doc.metadata.update(contaminated_task=m.task, contaminated_doc_id=m.doc_id, contaminated_ngram=m.ngram)
+            self.stat_update(f"contaminated_{m.task}")
+            results.append((False, "decontaminated"))
+        return results
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return self.filter_batch([doc])[0]
 
 
 class SpanDedupFilter(SentenceDedupFilter):

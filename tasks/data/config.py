@@ -120,6 +120,18 @@ class DataConfig(BaseModel):
         "download), after exact/MinHash dedup and before PII masking; a document left with < 50 words or < 3 "
         "sentences is dropped as too_short_after_span_dedup (datatrove's defaults).",
     )
+    decontaminate: bool = Field(
+        False,
+        description="Drop every document that shares a word 13-gram with a benchmark item (GPT-3's rule, "
+        "eval/decontam.py: segments of 8-12 words count as one n-gram) of any of the nine tasks in "
+        "decontaminate_benchmarks; the last filter, counted as decontaminated. Off by default: the decontam stage "
+        "reports contamination either way, and removal changes the corpus.",
+    )
+    decontaminate_benchmarks: str = Field(
+        "data/benchmarks",
+        description="The prepared benchmark files (`<task>.jsonl.gz`, `python -m eval.prepare`) decontaminate "
+        "checks against; repo-relative or absolute.",
+    )
     seed: int = Field(0, description="Seed of the per-source sampling draw (a hash of seed and document id).")
     tasks: int = Field(2, ge=1, description="datatrove tasks (shards) per stage; files are sharded across tasks.")
     workers: int = Field(2, ge=1, description="Tasks run at once (processes); 2 for a 2-core machine.")

@@ -16,6 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from infra.env import resolve_path
 from infra.startup import patch_datatrove_dependency_check
 from tasks.data.config import CRAWL_SOURCE, DataConfig
 from tasks.data.inputs import crawl_files, deal_files, is_wet, split_root, text_files
@@ -115,7 +116,8 @@ def reader_steps(cfg: DataConfig, inputs: Mapping[str, InputRef], lists_dir: Pat
 
 
 def filter_steps(cfg: DataConfig, removed: Path) -> list[Step]:
-    """Source sampling, then language ID, Gopher and C4 filters, each writing what it drops to `removed/<key>/`."""
+    """Source sampling, then language ID, Gopher and C4 filters and, when asked, benchmark decontamination, each
+    writing what it drops to `removed/<key>/`."""
     from datatrove.pipeline.filters import (
         C4BadWordsFilter,
         C4QualityFilter,
@@ -143,6 +145,17 @@ def filter_steps(cfg: DataConfig, removed: Path) -> list[Step]:
         steps.append(("c4_quality", C4QualityFilter(exclusion_writer=excluded("c4_quality"))))
     if cfg.c4_badwords:
         steps.append(("c4_badwords", C4BadWordsFilter(exclusion_writer=excluded("c4_badwords"))))
+    if cfg.decontaminate:
+        from eval.benchmarks import TASKS, data_file
+        from eval.decontam import MIN_WORDS, N_GRAM
+        from tasks.data.blocks import BenchmarkDecontFilter
+
+        data_dir = str(resolve_path(cfg.decontaminate_benchmarks))
+        missing = [str(data_file(data_dir, t)) for t in TASKS if not data_file(data_dir, t).is_file()]
+        if missing:  # before any worker starts
+            raise FileNotFoundError(f"decontaminate: benchmark file(s) not found: {', '.join(missing)}")
+        steps.append(("decontaminate", BenchmarkDecontFilter(data_dir, list(TASKS), N_GRAM, MIN_WORDS,
+                                                              exclusion_writer=excluded("decontaminate"))))
     return steps
 
 

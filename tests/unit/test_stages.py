@@ -14,16 +14,27 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.stages import data_task, dpo_task, eval_task, pretrain_task, register_task, sft_task, tokenizer_task
+from flows.stages import (
+    data_task,
+    decontam_task,
+    dpo_task,
+    eval_task,
+    pretrain_task,
+    register_task,
+    sft_task,
+    tokenizer_task,
+)
 from infra.env import DATA_DIR
 from models.checkpoint import load_model, save_model
 from models.config import GPTConfig
 from models.gpt import GPT
+from tasks.conversations import PreferenceSource, SFTSource
 from tasks.data import DataConfig
+from tasks.decontam import DecontamConfig
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
-from tasks.refs import CorpusRef, EvalReport, ModelRef, ShardsRef, TokenizerRef
+from tasks.refs import ContaminationReport, CorpusRef, EvalReport, ModelRef, ShardsRef, TokenizerRef
 from tasks.registry import RegistryConfig
 from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
@@ -130,6 +141,21 @@ def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
     assert {"manifest.json", "loss_curve.png", "margins.png", "history.json"} <= artifacts(run)
     manifest = json.loads(Path(aligned.manifest).read_text())
     assert manifest["inputs"]["model"]["sha256"] == chat.sha256  # lineage: the SFT model's hash, not re-derived
+
+
+def test_decontam_task(root):
+    corpus = CorpusRef(path=str(DATA_DIR / "text"))  # a folder of *.jsonl.gz documents, as the data stage writes
+    sft = [SFTSource(path="data/sft/alpaca_en_demo.json.gz")]
+    prefs = [PreferenceSource(path="data/preference/hh_rlhf_harmless_sample.jsonl.gz")]
+    cfg = DecontamConfig(tasks=["arc_easy", "piqa"])
+    report = decontam_task.fn(cfg, corpus, sft, prefs, root)
+    assert isinstance(report, ContaminationReport) and report.fractions() == {"arc_easy": 0.0, "piqa": 0.0}
+    run = stage_run("decontam")
+    assert run.data.params["n"] == "13" and run.data.metrics["decontam/arc_easy/fraction"] == 0.0
+    assert run.data.metrics["decontam/docs_sft_alpaca_en_demo"] == 999
+    assert run.data.metrics["decontam/docs_preference_hh_rlhf_harmless_sample"] == 120  # 60 pairs: with the chosen, with the rejected reply
+    assert {"manifest.json", "contamination.json", "contamination.md"} <= artifacts(run)
+    assert decontam_task.fn(cfg, corpus, sft, prefs, root).cached
 
 
 def test_eval_and_register_tasks(tokenizer, base_model, root):
