@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.align import AlignConfig
 from tasks.classify import ClassifyConfig
 from tasks.data import DataConfig
+from tasks.decontam import DecontamConfig
 from tasks.evaluate import EvalConfig
 from tasks.pretrain import PretrainConfig
 from tasks.registry import RegistryConfig
@@ -32,6 +33,9 @@ class PipelineConfig(BaseModel):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="The 13-gram check of the "
+                                     "benchmarks against this run's training data, before promotion (its data_dir "
+                                     "and tasks follow `eval`).")
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     run_classify: bool = Field(False, description="Also fine-tune the pretrained model as a BoolQ classifier (GPT-1 style, `classify`), registered as classify.model_name. Off by default: it would add ~12 % (~14 s) to the tiny pipeline.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

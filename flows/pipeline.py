@@ -17,11 +17,14 @@ from typing import Any
 
 from prefect import flow
 
+from eval.benchmarks import TASKS
+from eval.decontam import clean_scores
 from flows.config import PipelineConfig
 from flows.presets import PresetName, resolve
 from flows.stages import (
     classify_task,
     data_task,
+    decontam_task,
     dpo_task,
     eval_task,
     grpo_task,
@@ -37,8 +40,10 @@ from flows.stages import (
 from infra.env import runs_dir, workspace
 from infra.ray_cluster import ray_session
 from tasks import tracking
-from tasks.evaluate import compare_chart, compare_reports
-from tasks.refs import EvalReport, ModelRef, RegisteredModel, TokenizerRef
+from tasks.conversations import PreferenceSource, SFTSource
+from tasks.decontam import DecontamConfig
+from tasks.evaluate import clean_table, compare_chart, compare_reports
+from tasks.refs import ContaminationReport, EvalReport, ModelRef, RegisteredModel, TokenizerRef
 from tasks.registry import Decision, best_branch, eval_setup, report_scores, version_tags
 
 
@@ -63,14 +68,17 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             branches, helpers = align_branches(cfg, chat, tok, root, parent, times)
             # every model of the run on the same benchmarks: the pretrained base, the SFT model (every branch's
             # baseline) and each branch; each eval run nests under the run of the stage that made the model
+            contamination, times["decontam"] = timed(decontam_task, decontam_config(cfg), corpus,
+                                                     *training_sources(cfg), root, parent)
             models = {"base": base, "sft": chat, **branches}
             reports: dict[str, EvalReport] = {}
             for name, model in models.items():
                 reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root,
                                                              model.run_id or parent, name)
+            clean = clean_tables(reports, contamination)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
             registered, decision = register_branches(cfg, preset, sha, root, parent, branches, tok, reports, refs,
-                                                     times)
+                                                     contamination, times)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
                 classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
                 tracking.log_metrics(parent, classifier.metrics)
@@ -86,6 +94,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         tracking.log_text(parent, table, "results.md")
         tracking.log_artifact(parent, chart)
         tracking.log_text(parent, decision.reason + "\n", "promotion.md")
+        tracking.log_text(parent, contamination.table() + "\n" + clean, "contamination.md")
         print(f"eval of every model of this run (Markdown: results.md, chart: results.png):\n{table}")
     refs |= {f"eval_{name}": report for name, report in reports.items()}
     return {
@@ -105,7 +114,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
 
 def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, parent: str,
                       branches: dict[str, ModelRef], tok: TokenizerRef, reports: dict[str, EvalReport],
-                      refs: dict[str, Any], times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
+                      refs: dict[str, Any], contamination: ContaminationReport, times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
     """Each branch as a version of the preset's registered model (alias = its method), then the eval gate on the
     best of them (`tasks.registry`): `candidate` on it, `champion` when it beats the champion."""
     reg = cfg.registration
@@ -127,9 +136,38 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
         report, times["eval_champion"] = timed(eval_task, cfg.eval, ModelRef(path=str(model)),
                                                TokenizerRef(path=str(tokenizer)), root, parent, "champion")
         champion_scores = report_scores(report)
-    decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup, None, parent,
-                                       champion_scores)
+    decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup,
+                                       contamination.fractions(), parent, champion_scores)
     return registered, decision.model_copy(update={"method": best})
+
+
+def decontam_config(cfg: PipelineConfig) -> DecontamConfig:
+    """The decontamination check of exactly the benchmarks the eval stage scores."""
+    return cfg.decontam.model_copy(update={"data_dir": cfg.eval.data_dir,
+                                           "tasks": [t for t in cfg.eval.tasks if t in TASKS]})
+
+
+def training_sources(cfg: PipelineConfig) -> tuple[list[SFTSource], list[PreferenceSource]]:
+    """The chat and preference data this run trains on: SFT's, and each alignment method's."""
+    sft, pairs = list(cfg.sft.sources), []
+    if "dpo" in cfg.align.methods:
+        pairs += cfg.align.dpo.sources
+    if "ppo" in cfg.align.methods:
+        pairs += cfg.align.reward.sources
+        sft += cfg.align.ppo.sources
+    return sft, pairs
+
+
+def clean_tables(reports: dict[str, EvalReport], contamination: ContaminationReport) -> str:
+    """Each model's scores on each task's clean subset (the items no training text shares an n-gram with), logged
+    to its eval run as `clean/<task>/<metric>`; returns the Markdown table of every model's acc, all and clean."""
+    dirty = contamination.contaminated()
+    clean = {name: clean_scores(r.dir / "samples", {t: dirty.get(t, []) for t in r.tasks()})
+             for name, r in reports.items()}
+    for name, scores in clean.items():
+        tracking.log_metrics(reports[name].run_id, {f"clean/{t}/{m}": v for t, ms in scores.items()
+                                                    for m, v in ms.items()})
+    return clean_table(reports, clean)
 
 
 def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root: str, parent: str,

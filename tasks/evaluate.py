@@ -61,6 +61,23 @@ def compare_reports(reports: dict[str, EvalReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def clean_table(reports: dict[str, EvalReport], clean: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: each task's acc on all its items and, in brackets, on its clean subset (`eval.decontam.
+    clean_scores`), a column per model; the clean item count beside the task."""
+    names = list(reports)
+    lines = ["| task (clean items) | " + " | ".join(f"{n}: acc (clean)" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for task in dict.fromkeys(t for s in clean.values() for t in s):
+        cells = []
+        for n in names:
+            full, part = reports[n].scores().get(f"{task}/acc"), clean[n].get(task, {})
+            cells.append("" if full is None or "acc" not in part else f"{full:.4f} ({part['acc']:.4f})")
+        count = next(int(s[task]["n"]) for s in clean.values() if task in s)
+        if any(cells):
+            lines.append(f"| {task} ({count}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_chart(reports: dict[str, EvalReport], png: Path) -> Path:
     """The comparison as a PNG: each benchmark's acc, one bar per model, chance dashed; perplexities (log scale)
     beside it. The same numbers as `compare_reports`."""

@@ -111,6 +111,10 @@ class EvalReport(Ref):
         """The headline numbers (no standard errors), for tags and the registry."""
         return {k.removeprefix("eval/"): v for k, v in self.metrics.items() if "stderr" not in k}
 
+    def tasks(self) -> list[str]:
+        """The benchmarks scored, in the order of the metrics."""
+        return list(dict.fromkeys(k.split("/")[0] for k in self.scores()))
+
 
 class ContaminationReport(Ref):
     """Benchmark items found in this run's training data: `path` is `contamination.json` (`eval/decontam.py`);
@@ -126,6 +130,9 @@ class ContaminationReport(Ref):
     def fractions(self) -> dict[str, float]:
         """The contaminated fraction of each task's items."""
         return {task: r["fraction"] for task, r in self.report()["tasks"].items()}
+
+    def table(self) -> str:
+        return self.file("table").read_text()
 
 
 class RunLink(BaseModel):
