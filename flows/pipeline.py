@@ -96,7 +96,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         tracking.log_text(parent, decision.reason + "\n", "promotion.md")
         tracking.log_text(parent, contamination.table() + "\n" + clean, "contamination.md")
         print(f"eval of every model of this run (Markdown: results.md, chart: results.png):\n{table}")
-    refs |= {f"eval_{name}": report for name, report in reports.items()}
+    refs |= {"decontam": contamination, **{f"eval_{name}": report for name, report in reports.items()}}
     return {
         "run_id": parent,
         "tracking_uri": tracking.tracking_uri(),

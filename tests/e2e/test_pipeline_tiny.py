@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import llm_pipeline_flow
 from tasks.tracking import EXPERIMENT
 
-STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval-base", "eval-sft", "eval-dpo",
+STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "decontam", "eval-base", "eval-sft", "eval-dpo",
           "eval-ppo"]  # run names
-CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "eval_base", "eval_sft", "eval_dpo",
+CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "decontam", "eval_base", "eval_sft", "eval_dpo",
           "eval_ppo"]  # refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
@@ -55,7 +55,11 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
     assert table.splitlines()[0].split("|")[2:6] == [" base ", " sft ", " dpo ", " ppo "], table  # side by side
     assert first_run["eval_table"] == table
-    assert "results.png" in {a.path for a in client.list_artifacts(first_run["run_id"])}
+    assert {"results.png", "contamination.md"} <= {a.path for a in client.list_artifacts(first_run["run_id"])}
+    report = Path(client.download_artifacts(first_run["run_id"], "contamination.md")).read_text()
+    assert "| hellaswag |" in report and "acc (clean)" in report, report
+    assert {"decontam/hellaswag/fraction", "decontam/arc_easy/fraction"} <= set(children["decontam"].data.metrics)
+    assert "clean/arc_easy/acc" in children["eval-sft"].data.metrics
     for stage in STAGES:
         run = children[stage]
         assert run.info.status == "FINISHED", stage
@@ -99,7 +103,8 @@ def test_each_branch_is_a_version_and_the_first_candidate_becomes_champion(first
     for method, reg in first_run["models"].items():
         assert int(client.get_model_version_by_alias(m["name"], method).version) == reg["version"]
         assert float(client.get_model_version(m["name"], str(reg["version"])).tags["score.mean/acc"]) > 0
-    assert "Gate: first" in version.description
+    assert "Gate: first" in version.description and "Contamination" in version.description
+    assert 0.0 <= float(version.tags["contamination.hellaswag"]) <= 1.0
 
 
 def test_the_registered_model_loads_and_generates(first_run):
