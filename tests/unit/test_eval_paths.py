@@ -220,7 +220,7 @@ def test_request_cache_is_keyed_by_the_model_content(model_dir, tokenizer_json, 
 
 
 def test_chat_prompt_is_what_sft_and_grpo_trained_on(model_dir, tokenizer_json, tmp_path):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from tasks.chat import render
     from tasks.verifiable import VerifiablePrompt, prompt_ids
@@ -237,7 +237,7 @@ def test_chat_prompt_is_what_sft_and_grpo_trained_on(model_dir, tokenizer_json, 
 
     # through lm-eval: the arithmetic task's chat prompts are GRPO's prompt_ids
     tm = TaskManager(include_path=str(write_task_configs(BUNDLE, tmp_path / "t", ["arithmetic"])), include_defaults=False)
-    task = get_task_dict(["gptflow_arithmetic"], tm)["gptflow_arithmetic"]
+    task = tm.load(["gptflow_arithmetic"])["tasks"]["gptflow_arithmetic"]
     task.build_all_requests(limit=3, apply_chat_template=True, chat_template=lm.apply_chat_template,
                             tokenizer_name=lm.tokenizer_name)
     for inst in task.instances:
