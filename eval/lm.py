@@ -197,26 +197,41 @@ class GPTFlowLM(LM):
         for i, (tokens, n_pred) in enumerate(seqs):
             windows.extend((i, inp, tgt) for inp, tgt in self._windows(tokens, n_pred))
         windows.sort(key=lambda w: -len(w[1]))
-        logprob = [0.0] * len(seqs)
-        greedy = [True] * len(seqs)
+        logprob = torch.zeros(len(seqs), dtype=torch.float64)
+        misses = torch.zeros(len(seqs), dtype=torch.long)
+        head_only = hasattr(self.model, "hidden_states") and hasattr(self.model, "lm_head")
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or 65536
         start = 0
         while start < len(windows):
             longest = len(windows[start][1])
-            bs = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
+            bs = self.batch_size if head_only else max(1, min(self.batch_size, LOGITS_BUDGET // (longest * vocab)))
             batch = windows[start : start + bs]
             start += len(batch)
-            x = torch.zeros(len(batch), longest, dtype=torch.long)
-            for r, (_, inp, _) in enumerate(batch):
-                x[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits, *_ = self.model(x.to(self._device))
-            for r, (i, inp, tgt) in enumerate(batch):
-                n = len(tgt)
-                rows = F.log_softmax(logits[r, len(inp) - n : len(inp)].float(), dim=-1)  # (n, V)
-                target = torch.tensor(tgt, dtype=torch.long, device=rows.device)
-                logprob[i] += rows.gather(1, target.unsqueeze(1)).sum().item()
-                greedy[i] = greedy[i] and bool((rows.argmax(dim=-1) == target).all())
-        return list(zip(logprob, greedy, strict=True))
+            lp, hit = self._target_logprobs(batch, longest, head_only)  # (N,) each, N = targets in the batch
+            owner = torch.tensor([i for i, _, tgt in batch for _ in tgt])  # (N,) the sequence of each target
+            logprob.index_add_(0, owner, lp.double().cpu())
+            misses.index_add_(0, owner, (~hit).long().cpu())
+        return [(lp, miss == 0) for lp, miss in zip(logprob.tolist(), misses.tolist(), strict=True)]
+
+    def _target_logprobs(self, batch: list[tuple[int, list[int], list[int]]], longest: int,
+                         head_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each target token of a batch of windows, and whether it is the argmax. A GPT runs its output
+        head only on the target positions (`hidden_states`, then `lm_head`): no (B, T, V) logits."""
+        x = torch.zeros(len(batch), longest, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for r, (_, inp, tgt) in enumerate(batch):
+            x[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            rows += [r] * len(tgt)
+            cols += range(len(inp) - len(tgt), len(inp))
+            targets += tgt
+        x = x.to(self._device)
+        if head_only:
+            logits = self.model.lm_head(self.model.hidden_states(x)[rows, cols])  # (N, V)
+        else:
+            logits = self.model(x)[0][rows, cols]  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(targets, dtype=torch.long, device=logp.device)
+        return logp.gather(1, target.unsqueeze(1)).squeeze(1), logp.argmax(dim=-1) == target
 
     # -- lm-eval API -------------------------------------------------------------------------------------------
 

@@ -116,6 +116,21 @@ def test_hf_backend_and_ours_agree_on_the_same_requests(model_dir, tokenizer_jso
     assert len(set(choices)) == 4  # a model that tells the choices apart, not a constant
 
 
+def test_batches_run_longest_first_and_padding_changes_nothing(model_dir, tokenizer_json):
+    from lm_eval.api.instance import Instance
+
+    texts = ["Which is larger, 3 or 8?", "The man", " = Robert Boulter = is an English film actor .", "x y z w", "A"]
+    reqs = [Instance("loglikelihood", {}, (t, " and then"), i) for i, t in enumerate(texts)]
+    batched = GPTFlowLM(model_dir=model_dir, tokenizer=tokenizer_json, batch_size=3, device="cpu")
+    alone = GPTFlowLM(model_dir=model_dir, tokenizer=tokenizer_json, batch_size=1, device="cpu")
+    widths = []
+    batched.model.wte.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape))  # every (B, T) fed
+    got, ref = batched.loglikelihood(reqs), alone.loglikelihood(reqs)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
+    assert [g for _, g in got] == [g for _, g in ref]
+    assert [s[0] for s in widths] == [3, 2] and widths[0][1] > widths[1][1]  # two batches, the longest first
+
+
 # ----------------------------------------------------------------------------------------------------------
 # known values: every token has probability 1/V
 
@@ -201,16 +216,17 @@ def test_request_cache_is_keyed_by_the_model_content(model_dir, tokenizer_json, 
         return summary, [x["loglikelihoods"] for t in tasks for x in _samples(tmp_path / name, t)]
 
     first, second = _trained_gpt(tokenizer_json, seed=0), _trained_gpt(tokenizer_json, seed=1)
+    calls = []
+    first.wte.register_forward_pre_hook(lambda *_: calls.append(1))  # one per forward pass of the first model
     s1, lls1 = run(first, "a", cache)
+    assert calls
     s2, lls2 = run(second, "b", cache)
     s2_fresh, lls2_fresh = run(second, "b_nocache", None)
     assert s1["config"]["model_hash"] != s2["config"]["model_hash"]
     assert lls2 != lls1 and lls2 == lls2_fresh and s2["results"] == s2_fresh["results"]
     assert len(list(cache.glob("*.db"))) == 2  # one file per model
 
-    calls = []
-    forward = first.forward
-    first.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    calls.clear()
     s1_again, lls1_again = run(first, "a_again", cache)
     assert calls == [] and lls1_again == lls1 and s1_again["results"] == s1["results"]  # all from the cache
 
