@@ -8,7 +8,10 @@ tokens (bundled), context `--block`. Both classes get the same batch size, devic
 up on a few requests first, then timed on all of them (`loglikelihood`, lm-eval's call). The two results are
 compared request by request (max absolute difference of the log-likelihoods), so a fast wrong path shows.
 
-Run: `python -m bench.eval [--docs 200 --batch 16] [--out bench/results/eval_cpu.json]`.
+Run: `python -m bench.eval [--docs 200 --batch 16] [--out bench/results/eval_cpu.json]`. Measured
+(`bench/results/eval_cpu.json`: 800 requests, batch 16, 4 layers x 128, context 256, 2 threads on 2 CPU cores
+shared with other jobs): ours 12.1 requests/s, hf 8.9 (1.36x), log-likelihoods equal to 4e-5. Before ours ran the
+output head only on the target positions it was 0.97x (7.8 vs 8.0 requests/s).
 """
 
 from __future__ import annotations
