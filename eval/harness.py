@@ -1,8 +1,8 @@
 """Run the benchmark suite with lm-eval on a saved model, and report it.
 
 - `run_benchmarks(...)`: evaluates a saved model on the local task copies (see `eval/tasks/`, `eval/prepare.py`)
-  with `lm_eval.simple_evaluate` and a `TaskManager` that only knows those tasks; writes results.json and
-  results.md.
+  with `lm_eval.simple_evaluate` and a `TaskManager` that only knows those tasks; writes results.json,
+  results.md and samples/<task>.jsonl (per-document scores, `write_samples`).
 - `plot_results(results, png_path)`: bar chart of the accuracies and perplexities.
 
 The model is scored through `eval.lm.GPTFlowLM` (lm-eval model "gptflow", registered when this module is imported).
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from eval.benchmarks import TASKS
+from eval.benchmarks import GENERATIVE_TASKS, TASKS
 from eval.lm import GPTFlowLM
 from eval.taskgen import GROUP, expand_tasks, lm_eval_name, short_name, write_task_configs
 
@@ -318,13 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tasks", nargs="+", default=["core"], help=f"any of: core {' '.join(TASKS)}")
+    p.add_argument("--tasks", nargs="+", default=["core"], help=f"any of: core {' '.join(TASKS + GENERATIVE_TASKS)}")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--data-dir", type=Path, default=repo / "data" / "benchmarks")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--chat-template", action="store_true", help="render prompts as chat turns (chat models)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="lm-eval request cache, keyed by the model's hash")
+    p.add_argument("--device", default="auto")
     p.add_argument("--plot", action="store_true", help="also write results.png")
     a = p.parse_args(argv)
-    summary = run_benchmarks(a.model_dir, a.tokenizer, a.tasks, a.limit, a.data_dir, a.out, a.batch_size)
+    summary = run_benchmarks(a.model_dir, a.tokenizer, a.tasks, a.limit, a.data_dir, a.out, a.batch_size,
+                             num_fewshot=a.num_fewshot, seed=a.seed, chat_template=a.chat_template,
+                             cache_dir=a.cache_dir, device=a.device)
     if a.plot:
         plot_results(summary, a.out / "results.png")
     print(summary["table_md"])
