@@ -68,7 +68,8 @@ def check_data_files(data_dir: Path, tasks: Iterable[str]) -> dict[str, Path]:
         raise FileNotFoundError(
             "benchmark data file(s) missing: "
             + ", ".join(missing)
-            + " (make them with: python -m eval.prepare --src <shared data dir> --out <data_dir>)"
+            + " (make them with: python -m eval.prepare --src <shared data dir> --out <data_dir>;"
+            + " arithmetic.jsonl.gz with: python -m tasks.verifiable <data_dir>)"
         )
     return files
 

@@ -132,3 +132,9 @@ def score_response(doc: dict, results: list[str]) -> dict[str, float]:
     alone, by the same checker as GRPO's reward."""
     prompt = VerifiablePrompt(question=doc["question"], answer=int(doc["answer"]))
     return {"exact_match": float(reward(prompt, results[0]) == 1.0)}
+
+
+if __name__ == "__main__":  # python -m tasks.verifiable DATA_DIR: write DATA_DIR/arithmetic.jsonl.gz
+    import sys
+
+    print(write_benchmark(Path(sys.argv[1]) / "arithmetic.jsonl.gz"))

@@ -288,13 +288,41 @@ def test_arithmetic_task_is_held_out_and_scored_by_the_checker(model_dir, tokeni
     assert score_response(doc, [f" {doc['answer']}"]) == {"exact_match": 1.0}
     assert score_response(doc, [f"{doc['answer']} or"]) == {"exact_match": 0.0}
 
+    # a GPT fitted to the first three answers (chat-rendered, as GRPO prompts) gets them right, and the fourth not
+    model = _fit_answers(tokenizer_json, bundled[:3])
     out = tmp_path / "run"
-    summary = run_benchmarks(model_dir, tokenizer_json, ["arithmetic"], 4, BUNDLE, out, device="cpu", chat_template=True)
+    summary = run_benchmarks(model_dir, tokenizer_json, ["arithmetic"], 4, BUNDLE, out, device="cpu",
+                             chat_template=True, model=model)
     lines = _samples(out, "arithmetic")
-    assert [x["doc_id"] for x in lines] == [0, 1, 2, 3] and all("response" in x for x in lines)
-    for x, d in zip(lines, bundled[:4], strict=True):
-        assert x["metrics"] == score_response(d, [x["response"]]) and x["target"] == str(d["answer"])
-    assert summary["results"]["arithmetic"]["exact_match"] == sum(x["metrics"]["exact_match"] for x in lines) / 4
+    assert [x["doc_id"] for x in lines] == [0, 1, 2, 3]
+    assert [x["response"] for x in lines[:3]] == [str(d["answer"]) for d in bundled[:3]]  # stopped at <|end|>
+    assert [x["metrics"]["exact_match"] for x in lines] == [1.0, 1.0, 1.0, 0.0]
+    assert all(x["target"] == str(d["answer"]) for x, d in zip(lines, bundled, strict=False))
+    assert summary["results"]["arithmetic"]["exact_match"] == 0.75
+
+
+def _fit_answers(tokenizer_json: Path, docs: list[dict], steps: int = 400) -> GPT:
+    """A fresh GPT trained on `<|user|>question<|end|><|assistant|>answer<|end|>` of `docs` until it recites them."""
+    from tasks.verifiable import VerifiablePrompt, answer_ids, prompt_ids
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    rows = [prompt_ids(p, tok) + answer_ids(p, tok) for p in (VerifiablePrompt(**d) for d in docs)]
+    width = max(map(len, rows)) - 1
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r) - 1], y[i, : len(r) - 1] = torch.tensor(r[:-1]), torch.tensor(r[1:])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=BLOCK, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    return model.eval()
 
 
 def test_fewshot_examples_follow_the_seed(model_dir, tokenizer_json, tmp_path):
@@ -310,6 +338,13 @@ def test_fewshot_examples_follow_the_seed(model_dir, tokenizer_json, tmp_path):
     assert all(c.count("Question:") == 1 for c in zero) and all(c.count("Question:") == 2 for c in one)
     assert one == again and one != other
     assert all(o.endswith(z) for o, z in zip(one, zero, strict=True))
+
+    task_dir = write_task_configs(BUNDLE, tmp_path / "a", ["arithmetic"])  # chat: the example is an earlier turn
+    raw = _simple_evaluate(lm, ["gptflow_arithmetic"], 2, task_dir, bootstrap_iters=0, num_fewshot=1, seed=1,
+                           chat_template=True, cache=None)
+    for s in raw["samples"]["gptflow_arithmetic"]:
+        ctx = s["arguments"][0][0]
+        assert ctx.count("<|user|>") == 2 and ctx.count("<|assistant|>") == 2 and ctx.endswith("?<|end|><|assistant|>")
 
 
 def test_device_auto_picks_the_gpu_when_there_is_one(model_dir, tokenizer_json):
