@@ -204,9 +204,14 @@ class GPTFlowLM(LM):
         start = 0
         while start < len(windows):
             longest = len(windows[start][1])
-            bs = self.batch_size if head_only else max(1, min(self.batch_size, LOGITS_BUDGET // (longest * vocab)))
-            batch = windows[start : start + bs]
-            start += len(batch)
+            end, logits = start, 0  # (N, V) logits of a batch stay under LOGITS_BUDGET (rolling windows: N ~ B * T)
+            while end < len(windows) and end - start < self.batch_size:
+                logits += (len(windows[end][2]) if head_only else longest) * vocab
+                if end > start and logits > LOGITS_BUDGET:
+                    break
+                end += 1
+            batch = windows[start:end]
+            start = end
             lp, hit = self._target_logprobs(batch, longest, head_only)  # (N,) each, N = targets in the batch
             owner = torch.tensor([i for i, _, tgt in batch for _ in tgt])  # (N,) the sequence of each target
             logprob.index_add_(0, owner, lp.double().cpu())

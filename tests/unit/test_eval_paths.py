@@ -116,7 +116,7 @@ def test_hf_backend_and_ours_agree_on_the_same_requests(model_dir, tokenizer_jso
     assert len(set(choices)) == 4  # a model that tells the choices apart, not a constant
 
 
-def test_batches_run_longest_first_and_padding_changes_nothing(model_dir, tokenizer_json):
+def test_batches_run_longest_first_and_padding_changes_nothing(model_dir, tokenizer_json, monkeypatch):
     from lm_eval.api.instance import Instance
 
     texts = ["Which is larger, 3 or 8?", "The man", " = Robert Boulter = is an English film actor .", "x y z w", "A"]
@@ -129,6 +129,12 @@ def test_batches_run_longest_first_and_padding_changes_nothing(model_dir, tokeni
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
     assert [g for _, g in got] == [g for _, g in ref]
     assert [s[0] for s in widths] == [3, 2] and widths[0][1] > widths[1][1]  # two batches, the longest first
+
+    monkeypatch.setattr("eval.lm.LOGITS_BUDGET", 3 * batched.model.config.vocab_size)  # room for 3 target rows
+    widths.clear()
+    small = batched.loglikelihood(reqs)
+    assert len(widths) == len(reqs)  # " and then" is 2 targets: one request per batch
+    assert [ll for ll, _ in small] == pytest.approx([ll for ll, _ in got], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------
