@@ -49,7 +49,7 @@ def _samples(out_dir: Path, task: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory) -> Path:
     texts = [d["page"] for d in _read(BUNDLE / "wikitext.jsonl.gz")]
-    texts += [d["query"] + " " + " ".join(d["choices"]) for d in _read(BUNDLE / "hellaswag.jsonl.gz")]
+    texts += [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in _read(BUNDLE / "piqa.jsonl.gz")]
     texts += [d["question"] for d in _read(BUNDLE / "arithmetic.jsonl.gz")]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -167,14 +167,15 @@ def test_uniform_model_scores_what_the_data_implies(tokenizer_json, tmp_path):
     tok = Tokenizer.from_file(str(tokenizer_json))
     V, n = tok.get_vocab_size(), 25
     out = tmp_path / "run"
-    summary = run_benchmarks(tmp_path, tokenizer_json, ["hellaswag", "arc_easy", "wikitext"], n, BUNDLE, out,
+    summary = run_benchmarks(tmp_path, tokenizer_json, ["piqa", "arc_easy", "wikitext"], n, BUNDLE, out,
                              batch_size=8, device="cpu", model=Uniform(V))
 
     def n_tokens(ctx: str, cont: str) -> int:
         return len(tok.encode(ctx + cont, add_special_tokens=False).ids) - len(tok.encode(ctx, add_special_tokens=False).ids)
 
     docs = {
-        "hellaswag": [(d["query"], d["choices"], d["gold"]) for d in _read(BUNDLE / "hellaswag.jsonl.gz")[:n]],
+        "piqa": [(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"])
+                 for d in _read(BUNDLE / "piqa.jsonl.gz")[:n]],
         "arc_easy": [(f"Question: {d['question']}\nAnswer:", d["choices"]["text"],
                       d["choices"]["label"].index(d["answerKey"])) for d in _read(BUNDLE / "arc_easy.jsonl.gz")[:n]],
     }
