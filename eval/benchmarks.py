@@ -1,8 +1,10 @@
-"""The benchmark suite: its nine tasks, in the order tables and charts list them, and where their data lives.
+"""The benchmark suite: its nine log-likelihood tasks (the `core` group), in the order tables and charts list
+them, the generative tasks scored by code, and where their data lives.
 
 `eval.prepare` writes `<data_dir>/<task>.jsonl.gz` (the split lm-eval evaluates) for each, plus optional
 `<task>.<split>.jsonl.gz` files for other splits (a few-shot pool: `train`, `validation`); `eval.taskgen` points
-lm-eval's task YAMLs at whichever are there; `tasks.evaluate.EvalConfig` runs all nine tasks by default.
+lm-eval's task YAMLs at whichever are there; `tasks.verifiable.write_benchmark` writes the arithmetic file;
+`tasks.evaluate.EvalConfig` runs all of them by default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ TASKS: tuple[str, ...] = (
     "wikitext",
 )
 
+# generate_until tasks, greedy, scored by code; kept out of `core` (its mean acc is over the nine)
+GENERATIVE_TASKS: tuple[str, ...] = ("arithmetic",)
+
 # the split lm-eval evaluates for each task (validation where lm-eval's task has no labelled test set)
 EVAL_SPLIT: dict[str, str] = {
     "hellaswag": "validation",
@@ -32,6 +37,7 @@ EVAL_SPLIT: dict[str, str] = {
     "openbookqa": "test",
     "lambada_openai": "test",
     "wikitext": "test",
+    "arithmetic": "test",
 }
 
 

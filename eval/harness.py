@@ -1,8 +1,8 @@
 """Run the benchmark suite with lm-eval on a saved model, and report it.
 
 - `run_benchmarks(...)`: evaluates a saved model on the local task copies (see `eval/tasks/`, `eval/prepare.py`)
-  with `lm_eval.simple_evaluate` and a `TaskManager` that only knows those tasks; writes results.json and
-  results.md.
+  with `lm_eval.simple_evaluate` and a `TaskManager` that only knows those tasks; writes results.json,
+  results.md and samples/<task>.jsonl (per-document scores, `write_samples`).
 - `plot_results(results, png_path)`: bar chart of the accuracies and perplexities.
 
 The model is scored through `eval.lm.GPTFlowLM` (lm-eval model "gptflow", registered when this module is imported).
@@ -10,6 +10,7 @@ The model is scored through `eval.lm.GPTFlowLM` (lm-eval model "gptflow", regist
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -19,11 +20,12 @@ from typing import Any
 
 import torch
 
-from eval.benchmarks import TASKS
+from eval.benchmarks import GENERATIVE_TASKS, TASKS
 from eval.lm import GPTFlowLM
 from eval.taskgen import GROUP, expand_tasks, lm_eval_name, short_name, write_task_configs
 
 DEFAULT_BOOTSTRAP_ITERS = 1000  # lm-eval's default is 100000: minutes of CPU for perplexity stderrs
+DEFAULT_SEED = 1234  # lm-eval's default fewshot/torch/numpy seed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,17 +80,24 @@ def run_benchmarks(
     out_dir: Path,
     batch_size: int = 16,
     *,
+    num_fewshot: int = 0,
+    seed: int = DEFAULT_SEED,
+    chat_template: bool = False,
+    cache_dir: Path | None = None,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
-    device: str = "cpu",
+    device: str = "auto",
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model in `model_dir` on `tasks` and write results.json + results.md into out_dir.
+    """Evaluate the model in `model_dir` on `tasks`; write results.json, results.md and samples/<task>.jsonl.
 
-    tasks: short names ("hellaswag", ...), their "gptflow_" names, or "core" for all nine (adds a "core" row
-    with the unweighted mean acc). limit: first N documents of each task (None = all). data_dir: folder with
-    `<task>.jsonl.gz` from `eval.prepare` (e.g. the repo's `data/benchmarks`). `model` (optional) is used
-    instead of loading `model_dir`. Returns {"results": {task: {metric: value}}, "stderr": {...},
-    "table_md": str, "samples_count": {task: {"original": N, "effective": n}}, ...}.
+    tasks: short names ("hellaswag", "arithmetic", ...), their "gptflow_" names, or "core" for the nine
+    log-likelihood tasks (adds a "core" row with the unweighted mean acc). limit: first N documents of each task
+    (None = all). data_dir: folder with `<task>.jsonl.gz` (e.g. the repo's `data/benchmarks`). num_fewshot:
+    examples from each task's own few-shot split, drawn with `seed` (every lm-eval seed is `seed`).
+    chat_template: prompts rendered as chat turns (lm-eval's `apply_chat_template`). cache_dir: lm-eval's
+    request cache, one SQLite file per model content hash there. `model` (optional) is used instead of loading
+    `model_dir`. Returns {"results": {task: {metric: value}}, "stderr": {...}, "table_md": str,
+    "samples_count": {task: {"original": N, "effective": n}}, "config": {..., "model_hash"}, ...}.
     """
     t0 = time.perf_counter()
     if not tasks:
@@ -99,26 +108,42 @@ def run_benchmarks(
     task_dir = write_task_configs(Path(data_dir), out_dir / "lm_eval_tasks", leaves)  # checks the data files
     if not Path(tokenizer_json).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
-    lm = GPTFlowLM(
-        model=model,
-        model_dir=None if model is not None else model_dir,
-        tokenizer=tokenizer_json,
-        batch_size=batch_size,
-        device=device,
-    )
+    lm = GPTFlowLM(model=model, model_dir=None if model is not None else model_dir, tokenizer=tokenizer_json,
+                   batch_size=batch_size, device=device)
+    model_hash = content_hash(lm.model, tokenizer_json)
+    cache = None if cache_dir is None else str(Path(cache_dir) / f"lm-eval-{model_hash[:24]}")
     wanted = [lm_eval_name(t) for t in tasks]
     wanted = [GROUP] if GROUP in wanted else list(dict.fromkeys(wanted))
-    raw = _simple_evaluate(lm, wanted, limit, task_dir, bootstrap_iters)
+    if GROUP in wanted:
+        wanted += [lm_eval_name(t) for t in leaves if t not in TASKS]
+    raw = _simple_evaluate(lm, wanted, limit, task_dir, bootstrap_iters=bootstrap_iters, num_fewshot=num_fewshot,
+                           seed=seed, chat_template=chat_template, cache=cache)
     results, stderr = _collect(raw, [lm_eval_name(t) for t in leaves] + ([GROUP] if GROUP in wanted else []))
+    write_samples(raw, out_dir / "samples")
     config = {"model_dir": str(model_dir), "tokenizer": str(tokenizer_json), "tasks": list(tasks), "limit": limit,
-              "batch_size": batch_size, "bootstrap_iters": bootstrap_iters}
+              "batch_size": batch_size, "num_fewshot": num_fewshot, "seed": seed, "chat_template": chat_template,
+              "bootstrap_iters": bootstrap_iters, "model_hash": model_hash, "device": str(lm.device)}
     summary = _summary(raw, results, stderr, lm, config, round(time.perf_counter() - t0, 2))
     _write_reports(summary, out_dir)
     return summary
 
 
-def _simple_evaluate(lm: GPTFlowLM, wanted: list[str], limit: int | None, task_dir: Path,
-                     bootstrap_iters: int) -> dict[str, Any]:
+def content_hash(model: torch.nn.Module, tokenizer_json: Path) -> str:
+    """sha256 of the model's weights (names, shapes, dtypes, bytes), its config and the tokenizer file: what
+    decides every answer, so the request cache never serves one model's answers to another."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update(repr(config.model_dump() if hasattr(config, "model_dump") else config).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(Path(tokenizer_json).read_bytes())
+    return h.hexdigest()
+
+
+def _simple_evaluate(lm: GPTFlowLM, wanted: list[str], limit: int | None, task_dir: Path, *, bootstrap_iters: int,
+                     num_fewshot: int, seed: int, chat_template: bool, cache: str | None) -> dict[str, Any]:
     """lm-eval on the rendered task folder only (indexing its built-in tasks costs ~19 s)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -127,15 +152,50 @@ def _simple_evaluate(lm: GPTFlowLM, wanted: list[str], limit: int | None, task_d
     raw = lm_eval.simple_evaluate(
         model=lm,
         tasks=wanted,
+        num_fewshot=num_fewshot,
         limit=limit,
+        use_cache=cache,
         task_manager=tm,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=True,
+        apply_chat_template=chat_template,
+        fewshot_as_multiturn=chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     shutil.rmtree(task_dir / ".datasets_cache", ignore_errors=True)  # Arrow copies of the data: not results
     if raw is None:  # only on non-zero ranks, which never happens here
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return raw
+
+
+def write_samples(raw: dict[str, Any], samples_dir: Path) -> dict[str, Path]:
+    """`<samples_dir>/<task>.jsonl`, one line per document, in doc_id order:
+    {"doc_id": index in the task's evaluation split (its line in the data file), "metrics": {metric: per-document
+    value}, "loglikelihoods": [one per request: each choice's, or the document's rolling one], "target": the gold
+    answer as lm-eval's doc_to_target gives it}, and "response" (the generated text) for generative tasks."""
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, samples in raw.get("samples", {}).items():
+        path = samples_dir / f"{short_name(name)}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for s in sorted(samples, key=lambda s: s["doc_id"]):
+                f.write(json.dumps(_sample_line(s), default=str) + "\n")
+        files[short_name(name)] = path
+    return files
+
+
+def _sample_line(sample: dict[str, Any]) -> dict[str, Any]:
+    resps = sample["filtered_resps"]  # one per request: (loglikelihood, is_greedy), a rolling float, or text
+    line: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "metrics": {m: sample[m] for m in sample["metrics"]}}
+    if resps and isinstance(resps[0], str):
+        line["loglikelihoods"], line["response"] = [], resps[0]
+    else:
+        line["loglikelihoods"] = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+    line["target"] = sample.get("target")
+    return line
 
 
 def _collect(raw: dict[str, Any], names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float | None]]]:
@@ -258,13 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tasks", nargs="+", default=["core"], help=f"any of: core {' '.join(TASKS)}")
+    p.add_argument("--tasks", nargs="+", default=["core"], help=f"any of: core {' '.join(TASKS + GENERATIVE_TASKS)}")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--data-dir", type=Path, default=repo / "data" / "benchmarks")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--chat-template", action="store_true", help="render prompts as chat turns (chat models)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="lm-eval request cache, keyed by the model's hash")
+    p.add_argument("--device", default="auto")
     p.add_argument("--plot", action="store_true", help="also write results.png")
     a = p.parse_args(argv)
-    summary = run_benchmarks(a.model_dir, a.tokenizer, a.tasks, a.limit, a.data_dir, a.out, a.batch_size)
+    summary = run_benchmarks(a.model_dir, a.tokenizer, a.tasks, a.limit, a.data_dir, a.out, a.batch_size,
+                             num_fewshot=a.num_fewshot, seed=a.seed, chat_template=a.chat_template,
+                             cache_dir=a.cache_dir, device=a.device)
     if a.plot:
         plot_results(summary, a.out / "results.png")
     print(summary["table_md"])

@@ -7,10 +7,15 @@ continuation tokens are `encode(context + continuation)[len(encode(context)):]`,
 by the end-of-text token, and inputs longer than the model's block size keep their rightmost tokens. Rolling
 log-likelihoods (perplexity tasks) use disjoint prediction windows of `block_size` tokens, each with as much
 preceding context as fits, starting from the end-of-text token; every token is predicted exactly once.
+
+Requests are batched longest first (right padding never changes a causal model's real positions); generation is
+greedy with the KV cache (`models.generate`), requests of equal generation settings batched together. With
+`apply_chat_template` lm-eval renders prompts in our one chat template (`models.tokens`), as the SFT stage trained.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +27,7 @@ from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 from torch.nn import functional as F
 
-from models.tokens import EOT
+from models.tokens import CHAT_TEMPLATE, END, EOT, role_token
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -48,17 +53,18 @@ class GPTFlowLM(LM):
         tokenizer: Tokenizer | str | Path | None = None,
         model_dir: str | Path | None = None,
         batch_size: int | str | None = 16,
-        device: str | torch.device | None = "cpu",
+        device: str | torch.device | None = "auto",
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         eot_token: str = EOT,
+        use_kv_cache: bool = True,
         **unused: Any,
     ) -> None:
         super().__init__()
         unused = {k: v for k, v in unused.items() if v is not None and k not in ("max_batch_size",)}
         if unused:
             log.warning("gptflow LM ignores arguments %s", sorted(unused))
-        self._device = torch.device(device or "cpu")
+        self._device = pick_device(device)
         if model is None:
             if model_dir is None:
                 raise ValueError("gptflow LM needs model=<GPT> or model_dir=<folder with model.safetensors>")
@@ -87,6 +93,7 @@ class GPTFlowLM(LM):
         self._max_length = int(block)
         self.batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
+        self.use_kv_cache = use_kv_cache
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab is not None and tokenizer.get_vocab_size(with_added_tokens=True) > vocab:
             raise ValueError(
@@ -117,8 +124,27 @@ class GPTFlowLM(LM):
         return self._max_length
 
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def tokenizer_name(self) -> str:
-        return "gptflow-tokenizer"
+        """Names lm-eval's request-cache files: the tokenizer's content hash, so two tokenizers never share one."""
+        digest = hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+        return f"gptflow-{digest}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The one chat template (the Jinja form the Hugging Face export carries), when chat is asked for."""
+        return CHAT_TEMPLATE if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`<|user|>question<|end|><|assistant|>`: the turns as `tasks.chat.render` tokenizes them for SFT (its role
+        and end tokens are special tokens, so encoding this string gives the same ids)."""
+        for m in chat_history:
+            if self.tokenizer.token_to_id(role_token(m["role"])) is None:
+                raise ValueError(f"chat template: the tokenizer has no token for role {m['role']!r}")
+        text = "".join(role_token(m["role"]) + m["content"] + END for m in chat_history)
+        return text + (role_token("assistant") if add_generation_prompt else "")
 
     def tok_encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -171,26 +197,46 @@ class GPTFlowLM(LM):
         for i, (tokens, n_pred) in enumerate(seqs):
             windows.extend((i, inp, tgt) for inp, tgt in self._windows(tokens, n_pred))
         windows.sort(key=lambda w: -len(w[1]))
-        logprob = [0.0] * len(seqs)
-        greedy = [True] * len(seqs)
+        logprob = torch.zeros(len(seqs), dtype=torch.float64)
+        misses = torch.zeros(len(seqs), dtype=torch.long)
+        head_only = hasattr(self.model, "hidden_states") and hasattr(self.model, "lm_head")
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or 65536
         start = 0
         while start < len(windows):
             longest = len(windows[start][1])
-            bs = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
-            batch = windows[start : start + bs]
-            start += len(batch)
-            x = torch.zeros(len(batch), longest, dtype=torch.long)
-            for r, (_, inp, _) in enumerate(batch):
-                x[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits, *_ = self.model(x.to(self._device))
-            for r, (i, inp, tgt) in enumerate(batch):
-                n = len(tgt)
-                rows = F.log_softmax(logits[r, len(inp) - n : len(inp)].float(), dim=-1)  # (n, V)
-                target = torch.tensor(tgt, dtype=torch.long, device=rows.device)
-                logprob[i] += rows.gather(1, target.unsqueeze(1)).sum().item()
-                greedy[i] = greedy[i] and bool((rows.argmax(dim=-1) == target).all())
-        return list(zip(logprob, greedy, strict=True))
+            end, logits = start, 0  # (N, V) logits of a batch stay under LOGITS_BUDGET (rolling windows: N ~ B * T)
+            while end < len(windows) and end - start < self.batch_size:
+                logits += (len(windows[end][2]) if head_only else longest) * vocab
+                if end > start and logits > LOGITS_BUDGET:
+                    break
+                end += 1
+            batch = windows[start:end]
+            start = end
+            lp, hit = self._target_logprobs(batch, longest, head_only)  # (N,) each, N = targets in the batch
+            owner = torch.tensor([i for i, _, tgt in batch for _ in tgt])  # (N,) the sequence of each target
+            logprob.index_add_(0, owner, lp.double().cpu())
+            misses.index_add_(0, owner, (~hit).long().cpu())
+        return [(lp, miss == 0) for lp, miss in zip(logprob.tolist(), misses.tolist(), strict=True)]
+
+    def _target_logprobs(self, batch: list[tuple[int, list[int], list[int]]], longest: int,
+                         head_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each target token of a batch of windows, and whether it is the argmax. A GPT runs its output
+        head only on the target positions (`hidden_states`, then `lm_head`): no (B, T, V) logits."""
+        x = torch.zeros(len(batch), longest, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for r, (_, inp, tgt) in enumerate(batch):
+            x[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            rows += [r] * len(tgt)
+            cols += range(len(inp) - len(tgt), len(inp))
+            targets += tgt
+        x = x.to(self._device)
+        if head_only:
+            logits = self.model.lm_head(self.model.hidden_states(x)[rows, cols])  # (N, V)
+        else:
+            logits = self.model(x)[0][rows, cols]  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(targets, dtype=torch.long, device=logp.device)
+        return logp.gather(1, target.unsqueeze(1)).squeeze(1), logp.argmax(dim=-1) == target
 
     # -- lm-eval API -------------------------------------------------------------------------------------------
 
@@ -221,37 +267,55 @@ class GPTFlowLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
         return out
 
-    @torch.inference_mode()
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, one request at a time, re-running the last block_size tokens each step."""
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args[0], dict(req.args[1] or {})
-            until = gen_kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            if self.eot_token not in until:
-                until.append(self.eot_token)
-            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0.0:
-                log.warning("gptflow LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
-            tokens = self.tok_encode(context) or [self._eot_id]
-            new: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (tokens + new)[-self._max_length :]
-                logits, *_ = self.model(torch.tensor([window], dtype=torch.long, device=self._device))
-                nxt = int(logits[0, -1].argmax())
-                if nxt == self._eot_id:
-                    break
-                new.append(nxt)
-                text = self.tok_decode(new)
-                if any(s and s in text for s in until):
-                    break
-            cut = min((text.find(s) for s in until if s and s in text), default=len(text))
-            text = text[:cut]
+        """Greedy decoding with the KV cache: requests with the same generation settings are decoded together,
+        `batch_size` at a time, longest prompt first. A context longer than `block_size - max_gen_toks + 1`
+        keeps its rightmost tokens (HFLM does the same). The text ends before the first stop string."""
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for k, req in enumerate(requests):
+            groups.setdefault(repr(sorted((req.args[1] or {}).items())), []).append(k)
+        for ks in groups.values():
+            until, max_new = self._gen_settings(requests[ks[0]].args[1])
+            room = max(1, self._max_length - max_new + 1)  # the last generated token is never fed back
+            prompts = {k: (self.tok_encode(requests[k].args[0]) or [self._eot_id])[-room:] for k in ks}
+            order = sorted(ks, key=lambda k: -len(prompts[k]))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                new = self._greedy([prompts[k] for k in batch], min(max_new, self._max_length))
+                for k, ids in zip(batch, new, strict=True):
+                    text = self.tok_decode(ids)
+                    out[k] = text[: min((text.find(s) for s in until if s and s in text), default=len(text))]
+        for req, text in zip(requests, out, strict=True):
             self.cache_hook.add_partial("generate_until", req.args, text)
-            out.append(text)
-        return out
+        return out  # type: ignore[return-value]
+
+    def _gen_settings(self, gen_kwargs: dict | None) -> tuple[list[str], int]:
+        """(stop strings incl. the end-of-text token, max new tokens) of a request; sampling is not supported."""
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        if self.eot_token not in until:
+            until.append(self.eot_token)
+        max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+        if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0.0:
+            log.warning("gptflow LM decodes greedily; ignoring sampling arguments %s", gen_kwargs)
+        return until, max_new
+
+    @torch.inference_mode()
+    def _greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        """New tokens of each prompt, greedy, stopping at the end-of-text token (`models.generate`)."""
+        from models.generate import generate
+
+        return generate(self.model, prompts, max_new, temperature=0.0, stop_ids=[self._eot_id],
+                        use_cache=self.use_kv_cache)
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """"auto" (or None): the GPU when there is one, else the CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def _parse_batch_size(batch_size: int | str | None) -> int:

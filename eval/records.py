@@ -27,6 +27,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "openbookqa": ("question_stem", "choices", "answerKey"),
     "lambada_openai": ("text",),
     "wikitext": ("page",),
+    "arithmetic": ("question", "answer"),
 }
 
 

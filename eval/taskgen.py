@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from eval.benchmarks import EVAL_SPLIT, TASKS, split_file
+from eval.benchmarks import EVAL_SPLIT, GENERATIVE_TASKS, TASKS, split_file
 from eval.records import check_file
 
 __all__ = ["EVAL_SPLIT", "write_task_configs", "split_keys", "check_data_files", "expand_tasks", "lm_eval_name"]
@@ -29,6 +29,7 @@ GROUP = "gptflow_core"
 PLACEHOLDER = "__DATASET_KWARGS__"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 _SPLIT_LINE = re.compile(r"^(training_split|validation_split|test_split|fewshot_split):[^\n]*\n", re.MULTILINE)
+KNOWN = TASKS + GENERATIVE_TASKS
 
 
 def lm_eval_name(task: str) -> str:
@@ -36,8 +37,8 @@ def lm_eval_name(task: str) -> str:
     short = short_name(task)
     if short == "core":
         return GROUP
-    if short not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)} or 'core' (all of them)")
+    if short not in KNOWN:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(KNOWN)} or 'core' (the first nine)")
     return PREFIX + short
 
 
@@ -46,7 +47,7 @@ def short_name(task: str) -> str:
 
 
 def expand_tasks(tasks: Iterable[str]) -> list[str]:
-    """Short names of the leaf tasks behind `tasks` ('core' expands to all nine), in order, no repeats."""
+    """Short names of the leaf tasks behind `tasks` ('core' expands to the nine), in order, no repeats."""
     out: list[str] = []
     for t in tasks:
         name = lm_eval_name(t)
@@ -109,7 +110,8 @@ def check_data_files(data_dir: Path, tasks: Iterable[str]) -> dict[str, dict[str
         raise FileNotFoundError(
             "benchmark data file(s) missing: "
             + ", ".join(missing)
-            + " (make them with: python -m eval.prepare --src <shared data dir> --out <data_dir>)"
+            + " (make them with: python -m eval.prepare --src <shared data dir> --out <data_dir>;"
+            + " arithmetic.jsonl.gz with: python -m tasks.verifiable <data_dir>)"
         )
     for t, by_split in files.items():
         for path in by_split.values():
@@ -134,7 +136,7 @@ def render_task(task: str, files: dict[str, Path], cache_dir: Path) -> str:
 
 def write_task_configs(data_dir: Path, out_dir: Path, tasks: Iterable[str] | None = None) -> Path:
     """Write gptflow_<task>.yaml for `tasks` (default: all nine) into out_dir; the group file is written when
-    all nine are present. Returns out_dir, ready for TaskManager(include_path=out_dir)."""
+    all nine are among them. Returns out_dir, ready for TaskManager(include_path=out_dir)."""
     tasks = expand_tasks(tasks) if tasks is not None else list(TASKS)
     files = check_data_files(data_dir, tasks)
     out_dir = Path(out_dir).resolve()
@@ -144,6 +146,6 @@ def write_task_configs(data_dir: Path, out_dir: Path, tasks: Iterable[str] | Non
     cache_dir = out_dir / ".datasets_cache"
     for t in tasks:
         (out_dir / f"{PREFIX}{t}.yaml").write_text(render_task(t, files[t], cache_dir), encoding="utf-8")
-    if set(tasks) == set(TASKS):
+    if set(TASKS) <= set(tasks):
         (out_dir / f"{GROUP}.yaml").write_text(_template(GROUP.removeprefix(PREFIX)), encoding="utf-8")
     return out_dir

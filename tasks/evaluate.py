@@ -1,8 +1,10 @@
 """Evaluation stage: lm-eval benchmarks (HellaSwag, ARC, PIQA, WinoGrande, BoolQ, OpenBookQA, LAMBADA,
-WikiText) on the model, from local files. The harness itself lives in `eval/`.
+WikiText, and the generative arithmetic task scored by code) on the model, from local files. The harness itself
+lives in `eval/`.
 
 In: a `ModelRef` (a `model/` folder) and the `TokenizerRef`. Out: an `EvalReport` to `results.json`, with
-`results.md` (the table) and `results.png`. Run alone: `gptflow eval --model DIR --tokenizer DIR`.
+`results.md` (the table), `results.png` and `samples/<task>.jsonl` (per-document scores).
+Run alone: `gptflow eval --model DIR --tokenizer DIR`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval.benchmarks import CHANCE, TASKS
+from eval.benchmarks import CHANCE, GENERATIVE_TASKS, TASKS
 from infra.env import resolve_path
 from tasks.refs import EvalReport, ModelRef, TokenizerRef
 
@@ -19,10 +21,18 @@ from tasks.refs import EvalReport, ModelRef, TokenizerRef
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tasks: list[str] = Field(default_factory=lambda: list(TASKS), description="Benchmarks to run.")
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS + GENERATIVE_TASKS),
+                             description="Benchmarks to run: the nine log-likelihood tasks and the arithmetic one.")
     limit: int | None = Field(None, ge=1, description="Documents per task (None: all in the data folder).")
     data_dir: str = Field("data/benchmarks", description="Folder of prepared benchmark JSONL files (`python -m eval.prepare` makes the full sets).")
-    batch_size: int = Field(16, ge=1, description="Requests per forward pass.")
+    batch_size: int = Field(16, ge=1, description="Requests per forward pass (and prompts decoded together).")
+    num_fewshot: int = Field(0, ge=0, description="Examples from each task's own few-shot split before each question "
+                             "(0: zero-shot). Drawn with `seed`, never the evaluated document itself.")
+    seed: int = Field(1234, description="Seed of the few-shot sampler and lm-eval's other seeds (lm-eval's default).")
+    chat_template: bool = Field(False, description="Render each prompt in the chat template the SFT stage trained on "
+                                "(lm-eval's apply_chat_template; few-shot examples as turns). For chat models.")
+    cache_dir: str | None = Field(None, description="lm-eval's request cache folder; its file is named by the model's "
+                                  "content hash, so one model's answers are never served to another. None: no cache.")
 
 
 def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir: Path) -> EvalReport:
@@ -34,12 +44,15 @@ def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, ou
     from eval.harness import plot_results, run_benchmarks
 
     report = run_benchmarks(Path(model.path), tokenizer.tokenizer_json, list(cfg.tasks), cfg.limit,
-                            resolve_path(cfg.data_dir), out_dir, batch_size=cfg.batch_size)
+                            resolve_path(cfg.data_dir), out_dir, batch_size=cfg.batch_size,
+                            num_fewshot=cfg.num_fewshot, seed=cfg.seed, chat_template=cfg.chat_template,
+                            cache_dir=None if cfg.cache_dir is None else resolve_path(cfg.cache_dir))
     plot_results(report["results"], out_dir / "results.png")
     metrics = {f"eval/{task}/{name}": value for task, m in report["results"].items() for name, value in m.items()
                if isinstance(value, (int, float))}
     counts = {"tasks": len(report["results"]), **{f"docs_{t}": n for t, n in report.get("samples_count", {}).items()}}
-    files = {"results": out_dir / "results.json", "table": out_dir / "results.md", "plot": out_dir / "results.png"}
+    files = {"results": out_dir / "results.json", "table": out_dir / "results.md", "plot": out_dir / "results.png",
+             "samples": out_dir / "samples"}  # a folder: <task>.jsonl per task (eval/README.md)
     return EvalReport(path=str(files["results"]), counts=counts, metrics=metrics,
                       files={name: str(p) for name, p in files.items()}, artifacts=["table", "results", "plot"])
 

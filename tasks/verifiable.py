@@ -100,3 +100,41 @@ def answer_ids(prompt: VerifiablePrompt, tok) -> list[int]:
     from models.tokens import END
 
     return tok.encode(str(prompt.answer), add_special_tokens=False).ids + [tok.token_to_id(END)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the evaluation stage's generative benchmark (lm-eval task `gptflow_arithmetic`, eval/tasks/gptflow_arithmetic.yaml)
+
+BENCHMARK_OPERANDS = (10, 99)  # two-digit operands: GRPO trains on 0..max_operand (default 9), so never on these
+
+
+def benchmark_prompts(n: int = 100, seed: int = 1234, task: Task = "larger") -> list[VerifiablePrompt]:
+    """`n` prompts of `task` over two-digit operands, shuffled by `seed`: held out of GRPO's training prompts
+    as long as its `max_operand` stays below 10 (the decontamination report checks the rest)."""
+    lo, hi = BENCHMARK_OPERANDS
+    pairs = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if task != "larger" or a != b]
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [_question(task, *pairs[i]) for i in order]
+
+
+def write_benchmark(path: Path, n: int = 100, seed: int = 1234) -> Path:
+    """`<data_dir>/arithmetic.jsonl.gz`: one `{"question", "answer"}` record per line (the bundle's file)."""
+    import gzip
+    import json
+
+    with gzip.GzipFile(path, "wb", mtime=0) as raw:  # mtime 0: the same prompts give the same bytes
+        raw.write("".join(json.dumps(p.model_dump()) + "\n" for p in benchmark_prompts(n, seed)).encode())
+    return Path(path)
+
+
+def score_response(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval `process_results` of `gptflow_arithmetic`: exact_match 1.0 when the greedy response is the answer
+    alone, by the same checker as GRPO's reward."""
+    prompt = VerifiablePrompt(question=doc["question"], answer=int(doc["answer"]))
+    return {"exact_match": float(reward(prompt, results[0]) == 1.0)}
+
+
+if __name__ == "__main__":  # python -m tasks.verifiable DATA_DIR: write DATA_DIR/arithmetic.jsonl.gz
+    import sys
+
+    print(write_benchmark(Path(sys.argv[1]) / "arithmetic.jsonl.gz"))

@@ -538,7 +538,9 @@ def test_evaluate_model_reports_scores_and_files(model_dir, tokenizer_path, tmp_
     tok = TokenizerRef(path=str(tokenizer_path.parent), shards=ShardsRef(path=str(tmp_path)))
     report = evaluate_model(cfg, ModelRef(path=str(model_dir)), tok, tmp_path / "eval")
     assert report.path == str(tmp_path / "eval" / "results.json")
-    assert set(report.files) == {"results", "table", "plot"} and all(report.file(f).is_file() for f in report.files)
+    assert set(report.files) == {"results", "table", "plot", "samples"}
+    assert all(report.file(f).is_file() for f in ("results", "table", "plot"))
+    assert sorted(p.name for p in report.file("samples").iterdir()) == ["arc_easy.jsonl", "wikitext.jsonl"]
     assert report.artifacts == ["table", "results", "plot"] and report.table.startswith("# Benchmarks")
     results = json.loads(report.file("results").read_text())["results"]
     assert report.scores() == {f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
