@@ -42,7 +42,7 @@ from infra.ray_cluster import ray_session
 from tasks import tracking
 from tasks.conversations import PreferenceSource, SFTSource
 from tasks.decontam import DecontamConfig
-from tasks.evaluate import clean_table, compare_chart, compare_reports
+from tasks.evaluate import EvalConfig, clean_table, compare_chart, compare_reports
 from tasks.refs import ContaminationReport, EvalReport, ModelRef, RegisteredModel, TokenizerRef
 from tasks.registry import Decision, best_branch, eval_setup, report_scores, version_tags
 
@@ -73,7 +73,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             models = {"base": base, "sft": chat, **branches}
             reports: dict[str, EvalReport] = {}
             for name, model in models.items():
-                reports[name], times[f"eval_{name}"] = timed(eval_task, cfg.eval, model, tok, root,
+                reports[name], times[f"eval_{name}"] = timed(eval_task, eval_config(cfg, name), model, tok, root,
                                                              model.run_id or parent, name)
             clean = clean_tables(reports, contamination)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
@@ -118,7 +118,7 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
     """Each branch as a version of the preset's registered model (alias = its method), then the eval gate on the
     best of them (`tasks.registry`): `candidate` on it, `champion` when it beats the champion."""
     reg = cfg.registration
-    setup = eval_setup(reports["sft"], cfg.eval.model_dump(mode="json"))
+    setup = eval_setup(reports[next(iter(branches))])
     scores = {name: report_scores(reports[name]) for name in branches}
     registered = {}
     for name, model in branches.items():
@@ -133,12 +133,20 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
         # the champion was scored under another setup: score it again under this one before comparing
         model, tokenizer = tracking.download_model(f"models:/{registered[best].name}/{champion[0]}",
                                                    workspace() / "cache" / "registered")
-        report, times["eval_champion"] = timed(eval_task, cfg.eval, ModelRef(path=str(model)),
+        report, times["eval_champion"] = timed(eval_task, eval_config(cfg, "champion"), ModelRef(path=str(model)),
                                                TokenizerRef(path=str(tokenizer)), root, parent, "champion")
         champion_scores = report_scores(report)
     decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup,
                                        contamination.fractions(), parent, champion_scores)
     return registered, decision.model_copy(update={"method": best})
+
+
+def eval_config(cfg: PipelineConfig, model: str) -> EvalConfig:
+    """The eval stage's config for one of the run's models: chat models (all but the pretrained base) are
+    prompted through their chat template unless `eval.chat_template` says otherwise."""
+    if cfg.eval.chat_template is not None:
+        return cfg.eval
+    return cfg.eval.model_copy(update={"chat_template": model != "base"})
 
 
 def decontam_config(cfg: PipelineConfig) -> DecontamConfig:

@@ -29,8 +29,10 @@ class EvalConfig(BaseModel):
     num_fewshot: int = Field(0, ge=0, description="Examples from each task's own few-shot split before each question "
                              "(0: zero-shot). Drawn with `seed`, never the evaluated document itself.")
     seed: int = Field(1234, description="Seed of the few-shot sampler and lm-eval's other seeds (lm-eval's default).")
-    chat_template: bool = Field(False, description="Render each prompt in the chat template the SFT stage trained on "
-                                "(lm-eval's apply_chat_template; few-shot examples as turns). For chat models.")
+    chat_template: bool | None = Field(None, description="Render each prompt in the chat template the SFT stage "
+                                       "trained on (lm-eval's apply_chat_template; few-shot examples as turns). None: "
+                                       "the pipeline uses it for its chat models (SFT and every branch), not for the "
+                                       "base model; `gptflow eval` does not.")
     cache_dir: str | None = Field(None, description="lm-eval's request cache folder; its file is named by the model's "
                                   "content hash, so one model's answers are never served to another. None: no cache.")
 
@@ -45,7 +47,7 @@ def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, ou
 
     report = run_benchmarks(Path(model.path), tokenizer.tokenizer_json, list(cfg.tasks), cfg.limit,
                             resolve_path(cfg.data_dir), out_dir, batch_size=cfg.batch_size,
-                            num_fewshot=cfg.num_fewshot, seed=cfg.seed, chat_template=cfg.chat_template,
+                            num_fewshot=cfg.num_fewshot, seed=cfg.seed, chat_template=bool(cfg.chat_template),
                             cache_dir=None if cfg.cache_dir is None else resolve_path(cfg.cache_dir))
     plot_results(report["results"], out_dir / "results.png")
     metrics = {f"eval/{task}/{name}": value for task, m in report["results"].items() for name, value in m.items()
@@ -54,7 +56,7 @@ def evaluate_model(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, ou
     files = {"results": out_dir / "results.json", "table": out_dir / "results.md", "plot": out_dir / "results.png",
              "samples": out_dir / "samples"}  # a folder: <task>.jsonl per task (eval/README.md)
     return EvalReport(path=str(files["results"]), counts=counts, metrics=metrics,
-                      files={name: str(p) for name, p in files.items()}, artifacts=["table", "results", "plot"])
+                      files={name: str(p) for name, p in files.items()}, artifacts=["table", "results", "plot", "samples"])
 
 
 def compare_reports(reports: dict[str, EvalReport]) -> str:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,11 +101,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def eval_setup(report: EvalReport, eval_params: Mapping[str, Any]) -> str:
-    """What makes two runs' scores comparable: the eval stage's parameters and the benchmark files' hash."""
-    manifest = json.loads(open(report.manifest).read()) if report.manifest else {}
-    data = manifest.get("inputs", {}).get("benchmarks", {}).get("sha256", "")
-    blob = json.dumps({"params": dict(eval_params), "benchmarks": data}, sort_keys=True, default=str)
+def eval_setup(report: EvalReport) -> str:
+    """What makes two runs' scores comparable: the eval stage's parameters and the benchmark files' hash, read
+    from the report's manifest."""
+    manifest = json.loads(Path(report.manifest).read_text())
+    data = manifest["inputs"]["benchmarks"]["sha256"]
+    params = {k: v for k, v in manifest["params"].items() if k not in ("batch_size", "cache_dir")}  # not scores
+    blob = json.dumps({"params": params, "benchmarks": data}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
