@@ -541,7 +541,7 @@ def test_evaluate_model_reports_scores_and_files(model_dir, tokenizer_path, tmp_
     assert set(report.files) == {"results", "table", "plot", "samples"}
     assert all(report.file(f).is_file() for f in ("results", "table", "plot"))
     assert sorted(p.name for p in report.file("samples").iterdir()) == ["arc_easy.jsonl", "wikitext.jsonl"]
-    assert report.artifacts == ["table", "results", "plot"] and report.table.startswith("# Benchmarks")
+    assert report.artifacts == ["table", "results", "plot", "samples"] and report.table.startswith("# Benchmarks")
     results = json.loads(report.file("results").read_text())["results"]
     assert report.scores() == {f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
     assert report.counts["tasks"] == 2 and report.counts["docs_arc_easy"]["effective"] == 2
