@@ -15,22 +15,19 @@ An input may also be an fsspec URL (`https://`, `s3://`): it is hashed from what
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from infra.env import resolve_path
+from infra.locks import file_lock
 from tasks.code_version import code_version
 from tasks.refs import InputRef, Ref, dump_ref, load_ref
 
@@ -134,30 +131,6 @@ def stage_key(stage: str, params: Mapping[str, Any], input_hashes: Mapping[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@contextmanager
-def stage_lock(path: Path, stage: str) -> Iterator[None]:
-    """Hold an exclusive OS lock (`flock`) on `path` for the block; wait for the process that holds it, saying once
-    who that is (its pid and host, which it writes into the file). The OS releases it when the holder exits or is
-    killed. `flock` locks are per machine: runs on several machines must not share one workspace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            log.warning("%s: waiting for %s, which is computing %s", stage, holder, path.with_suffix(""))
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     if not (stage_dir / "_SUCCESS").exists():
         return None
@@ -210,11 +183,11 @@ def run_stage(
 ) -> Ref:
     """Run `core(out_dir)` unless a finished folder for the same key exists; return the stage's sealed ref.
 
-    The key hashes the stage name, the config, the inputs' content and the code version of module `code` (default:
-    the module of the config's class, which lives next to the stage's core). The core runs under the folder's
-    lock (`stage_lock`). `manifest.json` (inputs with hashes, parameters, code version, counts, metrics, outputs
-    with hashes, the ref) is written when the core returns, `_SUCCESS` last; a folder without `_SUCCESS` is the
-    stage's unfinished work, which a stage that checkpoints resumes.
+    The key hashes the stage name, the config, the inputs' content and the code version of module `code`
+    (default: the module of the config's class, which lives next to the stage's core). The core runs under the
+    folder's lock (`infra.locks.file_lock`). `manifest.json` (inputs with hashes, parameters, code version,
+    counts, metrics, outputs with hashes, the ref) is written when the core returns, `_SUCCESS` last; a folder
+    without `_SUCCESS` is the stage's unfinished work, which a stage that checkpoints resumes.
     """
     refs = {name: as_input(v) for name, v in inputs.items()}
     hashes = input_hashes(stage, refs)
@@ -224,7 +197,7 @@ def run_stage(
     out_dir = Path(root) / stage / key
     if (ref := reuse(stage, out_dir)) is not None:
         return ref
-    with stage_lock(Path(root) / stage / f"{key}.lock", stage):
+    with file_lock(Path(root) / stage / f"{key}.lock", stage):
         if (ref := reuse(stage, out_dir)) is not None:  # the run we waited for finished it
             return ref
         return compute(stage, key, refs, hashes, params, version, core, out_dir)

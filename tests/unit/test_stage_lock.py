@@ -116,3 +116,22 @@ def test_different_keys_run_at_the_same_time(tmp_path, procs):
     rb, err_b = finish(b)
     assert ra["key"] != rb["key"] and not ra["cached"] and not rb["cached"]
     assert "waiting for" not in err_a + err_b
+
+
+OPEN_STORE = """
+from tasks import tracking
+tracking.set_experiment()
+print(tracking.mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id)
+"""
+
+
+@pytest.mark.slow  # three processes import mlflow and create its tables: ~20 s on 2 cores
+def test_pipelines_starting_at_once_on_a_fresh_workspace_share_one_mlflow_store(tmp_path):
+    # Unlocked, two of three processes failed creating the tables ("duplicate column name: step").
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GPTFLOW_HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    runs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.communicate(timeout=120), p.returncode) for p in runs]
+    assert all(rc == 0 for _, rc in results), [err[-500:] for (_, err), rc in results if rc]
+    assert len({out.strip() for (out, _), _ in results}) == 1  # one experiment, not one each
