@@ -135,3 +135,23 @@ def test_pipelines_starting_at_once_on_a_fresh_workspace_share_one_mlflow_store(
     results = [(p.communicate(timeout=120), p.returncode) for p in runs]
     assert all(rc == 0 for _, rc in results), [err[-500:] for (_, err), rc in results if rc]
     assert len({out.strip() for (out, _), _ in results}) == 1  # one experiment, not one each
+
+
+START_SERVER = """
+from infra.env import setup_env
+setup_env()
+from infra.prefect_server import local_server
+print(local_server().api_url())
+"""
+
+
+@pytest.mark.slow  # three Prefect servers start on 2 cores: ~35 s
+def test_pipelines_starting_at_once_on_a_fresh_workspace_share_one_prefect_database(tmp_path):
+    # Unlocked, one of three servers failed migrating the database ("duplicate column name: block_type_name").
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env |= {"PYTHONPATH": str(REPO_ROOT), "GPTFLOW_HOME": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", START_SERVER], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.communicate(timeout=300), p.returncode) for p in runs]
+    assert all(rc == 0 for _, rc in results), [err[-500:] for (_, err), rc in results if rc]
+    assert len({out.strip() for (out, _), _ in results}) == 3  # three servers on one database
