@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_code_version.py -q
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.env import REPO_ROOT
-from tasks.code_version import PACKAGES, compute_code_version, installed_version
+from tasks.code_version import PACKAGES, compute_code_version, imported_names, installed_version
 from tasks.refs import Ref
 from tasks.stage import run_stage, stage_key
 from tasks.tokenizer import TokenizerConfig
@@ -92,3 +93,10 @@ def test_the_manifest_says_which_code_computed_the_stage(tmp_path):
     assert "tasks/tracking.py" not in code["modules"] and "models/gpt.py" not in code["modules"]
     assert code["libraries"]["tokenizers"] == installed_version("tokenizers")
     assert stage_key("s", {}, {}, "a") != stage_key("s", {}, {}, "b")
+
+
+def test_imports_are_read_from_the_source_relative_and_lazy_ones_included():
+    tree = ast.parse("import a.b\nfrom .c import d\nfrom .. import e\n\ndef f():\n    from x.y import z\n")
+    assert imported_names(tree, "pkg.sub.mod", is_package=False) == {
+        "a.b", "pkg.sub.c", "pkg.sub.c.d", "pkg", "pkg.e", "x.y", "x.y.z"}
+    assert imported_names(ast.parse("from . import g"), "pkg.sub", is_package=True) == {"pkg.sub", "pkg.sub.g"}
