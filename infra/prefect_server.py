@@ -28,20 +28,37 @@ from infra.startup import warm_up_routes
 STARTUP_FAILED = 3  # uvicorn's exit status when it cannot start: its port was taken since we chose it, or else
 
 
-# uvicorn with the arguments after the parent's PID, stopped (SIGTERM: a clean shut-down) once that parent is
-# gone. At exit the CLI stops its server itself; this covers a CLI that was killed (SIGKILL, the OOM killer),
-# which would otherwise leave its server running for good.
+# uvicorn with the arguments after the parent's PID and a lock file, stopped (SIGTERM: a clean shut-down) once
+# that parent is gone. At exit the CLI stops its server itself; this covers a CLI that was killed (SIGKILL, the OOM
+# killer), which would otherwise leave its server running for good. Its start-up (creating and migrating the
+# workspace's database, registering block types) holds the lock until /health answers: two servers starting at
+# once on a fresh workspace (two pipelines) both ran the migrations, and one failed ("duplicate column name").
 SERVE_WHILE_PARENT_LIVES = """
-import os, signal, sys, threading, time
-parent = int(sys.argv[1])
+import fcntl, http.client, os, signal, sys, threading, time
+parent, lock = int(sys.argv[1]), open(sys.argv[2], "a+")
+port = int(sys.argv[sys.argv.index("--port") + 1])
+fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits, killed or not
 
 def watch():
     while os.getppid() == parent:
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGTERM)
 
+def unlock_when_up():
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/api/health")
+            if conn.getresponse().status == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+
 threading.Thread(target=watch, daemon=True).start()
-sys.argv = ["uvicorn", *sys.argv[2:]]
+threading.Thread(target=unlock_when_up, daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[3:]]
 from uvicorn.main import main
 main()
 """
@@ -74,7 +91,9 @@ class LocalServer:
     def _launch(self) -> None:
         self.port = free_port()
         env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        cmd = [sys.executable, "-c", SERVE_WHILE_PARENT_LIVES, str(os.getpid()),
+        home = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")  # where its sqlite database is
+        os.makedirs(home, exist_ok=True)
+        cmd = [sys.executable, "-c", SERVE_WHILE_PARENT_LIVES, str(os.getpid()), os.path.join(home, "server.lock"),
                "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         self.proc = proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)

@@ -4,6 +4,11 @@ A stage writes into `<runs>/<stage>/<key>/`, where `key` hashes the stage name, 
 of its inputs. `manifest.json` (inputs with hashes, parameters, counts, outputs) is written last, then
 `_SUCCESS`; a folder with `_SUCCESS` is reused as it is, so a rerun with the same inputs and parameters does
 not recompute it. A folder without it is the stage's own scratch: stages that checkpoint resume from it.
+The key also holds the version of the code that computes the stage (`tasks.code_version`: its modules' source
+and the versions of the libraries they call), so a code change reruns the stage; `manifest.json` says which.
+One process at a time works in a stage folder: `run_stage` holds an OS lock on `<stage>/<key>.lock` while the core
+runs, so a second run of the same stage and key (another pipeline on the same workspace) waits, then reuses the
+finished folder. The OS drops the lock when its holder dies, so a killed run leaves no stale lock.
 An input may also be an fsspec URL (`https://`, `s3://`): it is hashed from what its server says about it
 (`url_sha256`), not downloaded.
 """
@@ -22,6 +27,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from infra.env import resolve_path
+from infra.locks import file_lock
+from tasks.code_version import code_version
 from tasks.refs import InputRef, Ref, dump_ref, load_ref
 
 log = logging.getLogger(__name__)
@@ -117,8 +124,10 @@ def path_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, params: Mapping[str, Any], input_hashes: Mapping[str, str]) -> str:
-    blob = json.dumps({"stage": stage, "params": params, "inputs": dict(input_hashes)}, sort_keys=True, default=str)
+def stage_key(stage: str, params: Mapping[str, Any], input_hashes: Mapping[str, str], code: str) -> str:
+    """The stage folder's name: a hash of the stage, its parameters, its inputs' content and its code version."""
+    blob = json.dumps({"stage": stage, "params": params, "inputs": dict(input_hashes), "code": code},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -170,22 +179,42 @@ def run_stage(
     inputs: Mapping[str, Ref | Path | str],
     core: Callable[[Path], Ref],
     root: Path,
+    code: str | None = None,
 ) -> Ref:
     """Run `core(out_dir)` unless a finished folder for the same key exists; return the stage's sealed ref.
 
-    The key hashes the stage name, the config and the inputs' content. `manifest.json` (inputs with hashes,
-    parameters, counts, metrics, outputs with hashes, the ref) is written when the core returns, `_SUCCESS`
-    last; a folder without `_SUCCESS` is the stage's unfinished work, which a stage that checkpoints resumes.
+    The key hashes the stage name, the config, the inputs' content and the code version of module `code`
+    (default: the module of the config's class, which lives next to the stage's core). The core runs under the
+    folder's lock (`infra.locks.file_lock`). `manifest.json` (inputs with hashes, parameters, code version,
+    counts, metrics, outputs with hashes, the ref) is written when the core returns, `_SUCCESS` last; a folder
+    without `_SUCCESS` is the stage's unfinished work, which a stage that checkpoints resumes.
     """
     refs = {name: as_input(v) for name, v in inputs.items()}
     hashes = input_hashes(stage, refs)
     params = cfg.model_dump(mode="json")
-    key = stage_key(stage, params, hashes)
+    version = code_version(code or type(cfg).__module__)
+    key = stage_key(stage, params, hashes, version["sha256"])
     out_dir = Path(root) / stage / key
+    if (ref := reuse(stage, out_dir)) is not None:
+        return ref
+    with file_lock(Path(root) / stage / f"{key}.lock", stage):
+        if (ref := reuse(stage, out_dir)) is not None:  # the run we waited for finished it
+            return ref
+        return compute(stage, key, refs, hashes, params, version, core, out_dir)
+
+
+def reuse(stage: str, out_dir: Path) -> Ref | None:
+    """The ref of a finished stage folder, marked cached; None when it is not finished."""
     done = read_manifest(out_dir)
-    if done is not None:
-        log.info("%s: inputs and parameters unchanged, reusing %s", stage, out_dir)
-        return load_ref(done["ref"]).model_copy(update={"cached": True})
+    if done is None:
+        return None
+    log.info("%s: inputs, parameters and code unchanged, reusing %s", stage, out_dir)
+    return load_ref(done["ref"]).model_copy(update={"cached": True})
+
+
+def compute(stage: str, key: str, refs: Mapping[str, Ref], hashes: Mapping[str, str], params: dict[str, Any],
+            version: dict[str, Any], core: Callable[[Path], Ref], out_dir: Path) -> Ref:
+    """Run the core in `out_dir` (under the lock), seal its ref, write `manifest.json`, then `_SUCCESS`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ref = core(out_dir)
@@ -197,6 +226,7 @@ def run_stage(
         "dir": str(out_dir),
         "inputs": {name: {"path": refs[name].path, "sha256": hashes[name]} for name in refs},
         "params": params,
+        "code_version": version,
         "counts": ref.counts,
         "metrics": ref.metrics,
         "outputs": output_hashes(ref),

@@ -10,7 +10,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from infra.env import REPO_ROOT, workspace
+from infra.locks import file_lock
 from tasks.refs import ModelRef, Ref, RegisteredModel, TokenizerRef
 from tasks.registry import RegistryConfig
 
@@ -49,14 +50,23 @@ def set_experiment() -> None:
     """Select the experiment; on a local store, create it with its artifacts in the workspace.
 
     A local sqlite store's default artifact root is `./mlruns` of whatever folder the process runs in, which
-    scattered model artifacts over the user's working folders; a tracking server decides for itself.
+    scattered model artifacts over the user's working folders; a tracking server decides for itself. On a sqlite
+    store this holds the database's file lock: the first access creates and migrates its tables, which two
+    processes starting at once (two pipelines on a fresh workspace) did both, one failing with "duplicate column".
     """
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None and not tracking_uri().startswith(("http:", "https:")):
-        try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(workspace() / "mlartifacts").as_uri())
-        except MlflowException:  # created meanwhile by a concurrent stage
-            pass
-    mlflow.set_experiment(EXPERIMENT)
+    db = sqlite_file(tracking_uri())
+    with file_lock(db.with_name(f"{db.name}.lock"), "MLflow") if db else nullcontext():
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None and not tracking_uri().startswith(("http:", "https:")):
+            try:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=(workspace() / "mlartifacts").as_uri())
+            except MlflowException:  # created meanwhile by a process on another machine
+                pass
+        mlflow.set_experiment(EXPERIMENT)
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for a server or another database."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @contextmanager

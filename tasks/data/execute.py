@@ -71,7 +71,11 @@ def seed_offline_assets(assets_dir: Path = ASSETS_DIR) -> list[Path]:
         for folder in folders:
             dst = folder / strip_protocol(url).replace("/", "_")
             if not (dst.is_file() and Path(f"{dst}.completed").exists() and dst.stat().st_size == src.stat().st_size):
-                shutil.copyfile(src, dst)
+                # a temporary name, then a rename: another run seeding at the same time never truncates the file
+                # under this run's workers, nor they under its
+                tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
                 Path(f"{dst}.completed").touch()
             seeded.append(dst)
     return seeded
