@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
     plan.add_argument("--preset", default="tiny", help="tiny, small, gpt2-124m, or the planning-only gpt3-175b, llama2-7b")
-    plan.add_argument("--tokens", type=float, help="training tokens (default: Chinchilla-optimal, 20 per parameter)")
+    plan.add_argument("--tokens", type=float, help="training tokens (default: a pipeline preset's schedule, steps x tokens per step; else Chinchilla-optimal, 20 per parameter)")
     plan.add_argument("--gpu", default="h100", help="GPU whose dense bf16 peak sets the time: h100, h200, a100, l4, a10g")
     plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
+    plan.add_argument("--price-per-hour", type=float, help="price of one GPU-hour, for the cost line")
     return p
 
 
@@ -165,7 +166,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu.lower() not in GPUS:
         raise GptflowError(f"unknown --gpu '{args.gpu}'; choose one of: {', '.join(GPUS)}")
     args.gpu = args.gpu.lower()
-    print(render_plan(args.preset, int(args.tokens) if args.tokens else None, args.gpu, args.mfu, args.gpus))
+    print(render_plan(args.preset, int(args.tokens) if args.tokens else None, args.gpu, args.mfu, args.gpus,
+                      args.price_per_hour))
     return 0
 
 

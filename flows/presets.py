@@ -3,10 +3,17 @@
 - `tiny`: the test and debug flavour. The whole pipeline on the bundled sample crawl in about 2-3 minutes on
   2 CPU cores. ~0.5M-parameter LLaMA-style GPT, context 128; 2 Ray workers x 8 sequences x 128 tokens =
   2,048 tokens per step, 80 steps = 164k tokens.
-- `small`: a ~10M-parameter model, context 256, for a workstation; 2 workers x 16 x 256 x 2 accum = 16k tokens
-  per step, 2,000 steps = 33M tokens (Chinchilla-optimal for 10M params would be ~200M).
-- `gpt2-124m`: GPT-2 small (12 layers, d_model 768, 12 heads, context 1024, vocab padded to 50,304) on GPUs:
-  8 workers x 16 x 1024 x 4 accum = 524k tokens per step (GPT-3 paper's 0.5M batch for this size).
+- `small`: a 13.8M-parameter model, context 256, for a workstation, on 50 WET files of a Common Crawl snapshot.
+- `gpt2-124m`: GPT-2 small (12 layers, d_model 768, 12 heads, context 1024, vocab padded to 50,304) on GPUs, on
+  14,100 WET files of the same snapshot.
+
+Data for `small` and `gpt2-124m` is sized from the data stage's measured yield (flows/plan.py, CRAWL_YIELD): on the
+bundled crawl sample, 86 pages kept 9,018 bytes of English text after every filter and dedup, 105 bytes a page;
+at ~30,000 pages per Common Crawl file and GPT-2's 4.2 bytes per token that is ~750k tokens per WARC/WET file,
+95% of them in the train split. Without access to data.commoncrawl.org, point `data.inputs` at a local copy of
+the listing or your own WARC/WET files (`--set 'data.inputs=["..."]'`); the data stage stops at its first step
+with that advice. The pretrain stage checks the budget before training: the schedule's tokens over the shards'
+train tokens must stay within pretrain.max_passes (4).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Literal
 from flows.config import PipelineConfig
 from models.config import GPTConfig
 from tasks.align import AlignConfig
+from tasks.data.config import DataConfig
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.ppo import PPOConfig
@@ -28,7 +36,13 @@ from tasks.tokenizer import TokenizerConfig
 PresetName = Literal["tiny", "small", "gpt2-124m"]
 
 
+# Common Crawl's May 2024 snapshot: its WET listing (plain text, ~0.1 GB a file, ~10x smaller than the WARC).
+CC_SNAPSHOT_WET = "https://data.commoncrawl.org/crawl-data/CC-MAIN-2024-22/wet.paths.gz"
+
+
 def tiny() -> PipelineConfig:
+    # The bundled crawl sample + 300 C4 documents: 184,863 train tokens with the 2,048 BPE; 80 steps x 2,048 =
+    # 163,840 tokens, 0.9 passes.
     vocab = 2048
     return PipelineConfig(
         preset="tiny",
@@ -56,10 +70,16 @@ def tiny() -> PipelineConfig:
 
 
 def small() -> PipelineConfig:
+    # 13.8M parameters; 2 workers x 16 x 256 x 2 accum = 16,384 tokens per step, 2,000 steps = 32.8M tokens:
+    # 2.4 tokens per parameter (Chinchilla's 20 would be 275M: raise steps for a compute-optimal run).
+    # Data: 32.8M / (750k tokens per file x 0.95 train share) = 46 files -> 50 (~5 GB of WET), ~1 pass.
+    # Compute: 89.7M FLOPs per token x 32.8M = 2.9e15 FLOPs: ~8 h at 100 GFLOP/s (a 16-core workstation CPU),
+    # seconds on one H100.
     base = tiny()
     vocab = 8192
     return base.model_copy(update={
         "preset": "small",
+        "data": DataConfig(inputs=[CC_SNAPSHOT_WET], max_files=50, text_sources={}),
         "tokenizer": TokenizerConfig(vocab_size=vocab),
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=6, n_head=6, n_embd=384),
@@ -76,10 +96,15 @@ def small() -> PipelineConfig:
 
 
 def gpt2_124m() -> PipelineConfig:
+    # 124.5M parameters; 8 workers x 16 x 1024 x 4 accum = 524,288 tokens per step (GPT-3's 0.5M batch for this
+    # size), 19,073 steps = 10.0B tokens: 80 per parameter (Chinchilla's 20: 2.5B; nanoGPT/llm.c train 10B).
+    # Data: 10.0B / (750k x 0.95) = 14,035 files -> 14,100 (~1.4 TB of WET; ~16% of the snapshot), ~1 pass.
+    # Compute: 855M FLOPs per token x 10B = 8.6e18 FLOPs: 0.75 h on 8 x H100 at 40% MFU (6 GPU-hours).
     base = small()
     vocab = 50304  # 50,257 rounded up to a multiple of 64 for fast matmuls
     return base.model_copy(update={
         "preset": "gpt2-124m",
+        "data": base.data.model_copy(update={"max_files": 14_100}),
         "tokenizer": TokenizerConfig(source="gpt2"),  # GPT-2's own vocabulary and merges (bundled)
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="gpt2", vocab_size=vocab, block_size=1024, n_layer=12, n_head=12, n_embd=768),

@@ -45,6 +45,21 @@ class PretrainConfig(TrainOptions):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay on matrices (GPT-3: 0.1).")
     eval_batches: int = Field(4, ge=1, description="Validation micro-batches per evaluation.")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget of the training steps in seconds (evaluation and checkpoints not counted), "
+        "as speedrun recipes compare: training stops at the first step that ends past it, and the learning-rate "
+        "schedule follows the clock (its position is elapsed / budget * steps, so the decay reaches its floor at "
+        "the budget). `steps` then only shapes the schedule and caps the run. None: train `steps` steps.",
+    )
+    max_passes: float = Field(
+        4.0,
+        gt=0,
+        description="Most passes over the training tokens the schedule may make before the stage refuses to "
+        "start (Muennighoff et al. 2023: up to ~4 epochs of repeated data cost about as little as fresh data).",
+    )
+    allow_repeats: bool = Field(False, description="Train even when the schedule makes more than max_passes passes.")
 
     @model_validator(mode="after")
     def _check_batch_tokens(self) -> PretrainConfig:
@@ -71,6 +86,24 @@ class PretrainConfig(TrainOptions):
     @property
     def tokens_per_step(self) -> int:
         return self.num_workers * self.batch_size * self.accum_steps * self.model.block_size
+
+
+# ---------------------------------------------------------------- the data budget
+
+
+def check_data_budget(cfg: PretrainConfig, train_tokens: int, where: str = "the shards") -> float:
+    """Passes the schedule makes over `train_tokens`; a one-line error with the numbers when they exceed
+    `cfg.max_passes` and repeats are not allowed. Under a time budget `steps` is the cap, so this is the most."""
+    planned = cfg.steps * cfg.tokens_per_step
+    passes = planned / max(train_tokens, 1)
+    if passes > cfg.max_passes and not cfg.allow_repeats:
+        raise GptflowError(
+            f"pretraining would read {planned:,} tokens ({cfg.steps:,} steps x {cfg.tokens_per_step:,} tokens) but "
+            f"{where} hold {train_tokens:,} training tokens: {passes:,.1f} passes, over pretrain.max_passes="
+            f"{cfg.max_passes:g}; add data (data.inputs, data.max_files), lower pretrain.steps, or set "
+            "pretrain.allow_repeats=true"
+        )
+    return passes
 
 
 # ---------------------------------------------------------------- the driver
@@ -146,9 +179,11 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
     """
     from tasks.train_worker import train_loop_per_worker
 
-    vocab = shards.index()["vocab_size"]
+    index = shards.index()
+    vocab = index["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise GptflowError(f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    check_data_budget(cfg, index["splits"]["train"]["tokens"], f"the shards in {shards.path}")
     config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
               "run": (run or RunLink()).model_dump()}
     history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,
@@ -161,12 +196,16 @@ def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], fin
                seconds: float) -> ModelRef:
     """Counts, and the final metrics: losses from the history, speed from the last report to Ray."""
     model_dir = out_dir / "model"
+    planned = {"reason": "steps", "step": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step, "elapsed_s": math.nan}
+    stop = history.get("stop", planned)  # why the run ended: its steps or its time budget, with what it managed
     metrics = {"pretrain/final_train_loss": history["train"][-1][1], "pretrain/final_val_loss": history["val"][-1][1],
                "pretrain/val_bpb": final.get("val_bpb", math.nan),
                "pretrain/tokens_per_s": final.get("perf_tokens_per_s", math.nan),
-               "pretrain/mfu": final.get("perf_mfu", math.nan), "pretrain/fit_seconds": seconds}
+               "pretrain/mfu": final.get("perf_mfu", math.nan), "pretrain/fit_seconds": seconds,
+               "pretrain/tokens": stop["tokens"], "pretrain/train_seconds": stop["elapsed_s"],
+               "pretrain/stopped_by_time_budget": float(stop["reason"] == "time_budget")}
     files = {"model": model_dir, "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json",
              "config": model_dir / "config.json"}
-    return ModelRef(path=str(model_dir), counts={"steps": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step},
+    return ModelRef(path=str(model_dir), counts={"steps": stop["step"], "tokens": stop["tokens"]},
                     metrics=metrics, files={k: str(v) for k, v in files.items()},
                     artifacts=["loss_curve", "history", "config"])

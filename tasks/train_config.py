@@ -42,10 +42,13 @@ class TrainOptions(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 
-def lr_at(step: int, cfg: TrainOptions) -> float:
-    """The learning rate of step `step` (from 0): linear warmup, then cosine or warmup-stable-decay to the floor."""
+def lr_at(step: float, cfg: TrainOptions) -> float:
+    """The learning rate of step `step` (from 0): linear warmup, then cosine or warmup-stable-decay to the floor.
+
+    `step` may be fractional: a run on a time budget passes `elapsed / budget * steps` (`lr_at_time`).
+    """
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return min(cfg.lr, cfg.lr * (step + 1) / cfg.warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
         decay_start = int(cfg.steps * 0.8)
@@ -55,3 +58,9 @@ def lr_at(step: int, cfg: TrainOptions) -> float:
         return cfg.lr - (cfg.lr - floor) * frac
     frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def lr_at_time(elapsed_s: float, budget_s: float, cfg: TrainOptions) -> float:
+    """The learning rate on a wall-clock budget: the schedule's position is the share of the budget spent, so
+    warmup takes warmup_steps/steps of the time and the decay reaches its floor when the budget runs out."""
+    return lr_at(min(elapsed_s / budget_s, 1.0) * cfg.steps, cfg)

@@ -32,7 +32,7 @@ from tasks import train_state
 from tasks.pretrain import PretrainConfig
 from tasks.refs import RunLink
 from tasks.stage import GptflowError
-from tasks.train_config import lr_at
+from tasks.train_config import lr_at, lr_at_time
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Worker:
     save_config: GPTConfig  # the architecture written beside the weights in every checkpoint
     stage: str = "pretrain"  # names the log lines
     start_step: int = 0
+    elapsed_s: float = 0.0  # training seconds before start_step (a time budget's clock, continued on resume)
     history: dict[str, list] = field(default_factory=lambda: {"train": [], "val": [], "resumes": []})
 
     @property
@@ -209,6 +210,7 @@ def _restore(w: Worker, d: Path) -> None:
         w.opt.load_state_dict(opt_state)
     train_state.load_rng(d / f"rng_rank{w.rank}.safetensors")
     w.start_step, w.history = meta["step"], meta["history"]
+    w.elapsed_s = meta.get("elapsed_s", 0.0)  # checkpoints from before time budgets have none
     w.history.setdefault("resumes", []).append(w.start_step)
     if w.rank == 0:
         log.info("[%s] resumed from checkpoint at step %d", w.stage, w.start_step)
@@ -396,7 +398,7 @@ def save_checkpoint(w: Worker, step: int, loss: float, metrics: dict[str, float]
         model_sd, opt_sd = _full_state(w.raw, w.opt, w.fsdp)  # FSDP: gathered on every rank, kept by rank 0
         if w.rank == 0:
             save_state_dict(model_sd, w.save_config, d)
-            meta = {"step": step, "history": w.history,
+            meta = {"step": step, "elapsed_s": w.elapsed_s, "history": w.history,
                     "optimizer": train_state.save_optimizer_state(opt_sd, d / "optimizer.safetensors")}
             train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -422,34 +424,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_loop(w, data, RunLink.model_validate(config.get("run") or {}), config.get("progress"))
 
 
+def _shared_clock(w: Worker, elapsed_s: float) -> float:
+    """Rank 0's clock on every rank (a collective call): the ranks must agree on the learning rate and on the
+    step a time budget stops at, or their weights and collectives would part."""
+    if w.world == 1:
+        return elapsed_s
+    t = torch.tensor(elapsed_s, dtype=torch.float64, device=w.device)
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
+
+
 def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: bool = False) -> None:
     """Step from `w.start_step` to `w.cfg.steps`: learning rate `lr_at`, log every `log_every`, evaluate every
     `eval_every`, checkpoint every `ckpt_every` (each also at the last step). `eval_first`: a validation loss at
-    step 0 too (fine-tuning's "before"); not repeated on resume."""
+    step 0 too (fine-tuning's "before"); not repeated on resume.
+
+    With `cfg.time_budget_s` (pretraining), the clock drives the run: the learning rate is `lr_at_time` of the
+    training seconds so far (rank 0's, continued from the checkpoint on resume; evaluation and checkpoints do
+    not count), and the step that ends past the budget is the last. The history records why the run stopped,
+    its steps, tokens and seconds."""
     cfg = w.cfg
+    budget = getattr(cfg, "time_budget_s", None)
     meter = Meter(w, run, progress)
     if eval_first and w.start_step == 0:
         w.history["val"].append([0, data.evaluate(w)["val/loss"]])
         meter.restart_clock(0)
+    if budget is not None and w.elapsed_s >= budget:
+        return  # a finished run started again: its last checkpoint is the result
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
     loss = math.nan
+    t0 = time.perf_counter()
     for step in range(w.start_step, cfg.steps):
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg) if budget is None else lr_at_time(w.elapsed_s, budget, cfg)
         loss_t, gnorm_t = _worker_step(w, data, step, lr)
-        done, last = step + 1, step + 1 == cfg.steps
-        pending.append((done, _rank_mean(loss_t, w.world)))  # the whole global batch's loss, not rank 0's share
+        pending.append((step + 1, _rank_mean(loss_t, w.world)))  # the global batch's loss, not rank 0's share
+        w.elapsed_s += time.perf_counter() - t0
+        if budget is not None:  # a host sync each step, so the clock sees the step's work done
+            w.elapsed_s = _shared_clock(w, w.elapsed_s)
+        t0 = time.perf_counter()
+        out_of_time = budget is not None and w.elapsed_s >= budget
+        done, last = step + 1, step + 1 == cfg.steps or out_of_time
         log_due, ckpt_due = done % cfg.log_every == 0 or last, done % cfg.ckpt_every == 0 or last
         if log_due or ckpt_due:
             loss = _flush(pending, w.history)
         meter.progress_bar(done, loss if log_due else None)
         metrics = meter.train_metrics(done, lr, loss, gnorm_t) if log_due else {}
+        if log_due:
+            metrics.update({"train/tokens": done * meter.tokens_per_step, "train/elapsed_s": w.elapsed_s})
         if log_due and hasattr(data, "step_metrics"):
             metrics.update(data.step_metrics(w))
+        paused = time.perf_counter()  # evaluation and checkpoints stay off the clock
         if done % cfg.eval_every == 0 or last:
             metrics.update(data.evaluate(w))
             w.history["val"].append([done, metrics["val/loss"]])
         meter.log(metrics, done)
+        if last:
+            w.history["stop"] = {"reason": "time_budget" if out_of_time else "steps", "step": done,
+                                 "tokens": done * meter.tokens_per_step, "elapsed_s": w.elapsed_s}
         if ckpt_due:
             save_checkpoint(w, done, loss, metrics)
         if log_due:
             meter.restart_clock(done)
+        t0 += time.perf_counter() - paused
+        if last:
+            break

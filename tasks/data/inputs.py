@@ -69,8 +69,12 @@ def read_listing(listing: str) -> list[str]:
     try:
         with fsspec.open(resolved, "rt", compression="infer", encoding="utf-8") as f:
             lines = [line.strip() for line in f]
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"crawl listing not found: {listing} (looked for {resolved})") from e
+    except FileNotFoundError as e:  # fsspec's http raises it for a 404 and for an unreachable host alike
+        raise FileNotFoundError(
+            f"crawl listing not found: {listing} (looked for {resolved}); without access to it, point the data "
+            f"stage at a local copy or your own files: --set 'data.inputs=[\"path/to/wet.paths.gz\"]' (or WARC/WET "
+            "files), with data.paths_base=FOLDER for a local mirror of the listed files"
+        ) from e
     except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip though named .gz, cut short, binary
         raise ValueError(f"crawl listing {listing} is unreadable: {type(e).__name__}: {e}") from e
     if not any(lines):

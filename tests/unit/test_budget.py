@@ -1,0 +1,115 @@
+"""Recipes on a budget: each preset's data against its schedule, the data-budget check before training, and
+pretraining on a wall-clock budget (one 2-worker Ray fit, ~30 s on 2 cores).
+
+Run: `.venv/bin/python -m pytest tests/unit/test_budget.py -x -q`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from flows.plan import TOKENS_PER_CRAWL_FILE, TRAIN_SHARE, preset_data_tokens, render_plan
+from flows.presets import PRESETS, resolve
+from infra.env import DATA_DIR
+from models.gpt import GPTConfig
+from tasks.data.inputs import read_listing
+from tasks.pretrain import PretrainConfig, check_data_budget, pretrain_gpt
+from tasks.refs import CorpusRef, ShardsRef
+from tasks.stage import GptflowError
+from tasks.tokenizer import TokenizerConfig, build_tokenizer
+from tasks.train_config import lr_at, lr_at_time
+
+TINY_TRAIN_TOKENS = 184_863  # the tiny pipeline's shards (bundled crawl + C4 demo, 2,048 BPE), from its index.json
+
+
+# ---------------------------------------------------------------- presets and their data (no Ray)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_each_preset_resolves_and_its_data_covers_its_schedule(name):
+    cfg = resolve(name).pretrain
+    planned = cfg.steps * cfg.tokens_per_step
+    have = TINY_TRAIN_TOKENS if name == "tiny" else preset_data_tokens(name)
+    assert check_data_budget(cfg, have) <= 1.0  # each preset's own data: at most one pass
+    if name != "tiny":  # on the tiny sample instead, the bigger presets stop with the numbers
+        with pytest.raises(GptflowError, match=rf"{planned:,} tokens .* hold {TINY_TRAIN_TOKENS:,} training tokens"):
+            check_data_budget(cfg, TINY_TRAIN_TOKENS)
+        assert resolve(name).data.max_files * TOKENS_PER_CRAWL_FILE * TRAIN_SHARE >= planned
+
+
+def test_an_unreachable_listing_names_itself_and_where_to_point_instead():
+    # The presets' listing, on a host that does not exist (hermetic: no request leaves the machine).
+    listing = resolve("small").data.inputs[0].replace("https://data.commoncrawl.org", "file:///nonexistent")
+    with pytest.raises(FileNotFoundError, match=r"crawl listing not found: file:///nonexistent/crawl-data/"
+                                                r"CC-MAIN-2024-22/wet.paths.gz .* --set 'data.inputs="):
+        read_listing(listing)
+
+
+def test_plan_prints_data_and_cost():
+    out = render_plan("gpt2-124m", None, "h100", 0.4, 8, price_per_hour=2.0)
+    assert "9,999,745,024 train tokens = 14,035 Common Crawl files" in out
+    assert "6.0 GPU-hours x $2.00 = $12" in out
+    assert "1.00 passes" in out
+
+
+def test_schedule_on_the_clock_spans_warmup_and_reaches_the_floor():
+    cfg = PretrainConfig(model=GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8),
+                         steps=100, warmup_steps=10, lr=1e-3, time_budget_s=10)
+    assert lr_at_time(0.5, 10, cfg) == pytest.approx(lr_at(5, cfg))  # 5% of the time = 5% of the steps
+    assert lr_at_time(1.0, 10, cfg) == pytest.approx(cfg.lr)  # warmup ends at 10% of the time
+    assert lr_at_time(10, 10, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert lr_at_time(30, 10, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # past the budget: the floor
+
+
+# ---------------------------------------------------------------- the check in the stage, and a time budget (Ray)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz")), out)
+    return out / "shards"
+
+
+MODEL = GPTConfig(arch="llama", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=32)
+
+
+def test_a_long_schedule_on_a_small_corpus_stops_before_training(shards, tmp_path):
+    train = json.loads((shards / "index.json").read_text())["splits"]["train"]["tokens"]
+    cfg = PretrainConfig(model=MODEL, steps=5000, batch_size=8, num_workers=2)  # 5,000 x 1,024 = 5.1M tokens
+    passes = 5000 * 1024 / train
+    assert passes > 4
+    with pytest.raises(GptflowError, match=rf"5,120,000 tokens .* hold {train:,} training tokens: {passes:,.1f} passes"):
+        pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()  # stopped before Ray was asked for anything
+    allowed = cfg.model_copy(update={"allow_repeats": True})
+    assert check_data_budget(allowed, train) == pytest.approx(passes)
+    assert check_data_budget(cfg.model_copy(update={"max_passes": math.ceil(passes)}), train) == pytest.approx(passes)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shards, tmp_path):
+    import ray
+
+    budget = 8.0
+    cfg = PretrainConfig(model=MODEL, steps=100_000, batch_size=8, lr=3e-3, warmup_steps=5_000, num_workers=2,
+                         log_every=1, eval_every=100_000, ckpt_every=100_000, time_budget_s=budget,
+                         allow_repeats=True)
+    try:
+        ref = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
+    finally:
+        ray.shutdown()
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    stop = history["stop"]
+    assert stop["reason"] == "time_budget" and 10 < stop["step"] < cfg.steps
+    step_s = stop["elapsed_s"] / stop["step"]
+    assert budget <= stop["elapsed_s"] < budget + 3 * step_s, stop  # ends within about one step of the budget
+    assert ref.counts == {"steps": stop["step"], "tokens": stop["step"] * cfg.tokens_per_step}
+    assert ref.metrics["pretrain/tokens"] == stop["tokens"] and ref.metrics["pretrain/stopped_by_time_budget"] == 1.0
+    ckpt = sorted((tmp_path / "out" / "ray").rglob("train_state.json"))[-1]
+    assert json.loads(ckpt.read_text())["elapsed_s"] == stop["elapsed_s"]  # the clock a resume continues from
