@@ -218,7 +218,8 @@ def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, 
                  champion_scores: dict[str, Score] | None = None) -> Decision:
     """The eval gate (`tasks.registry.decide`) on this run's best branch: `candidate` on it, `champion` when it
     beats the champion; the decision, both sides' numbers and the contamination report on the version."""
-    with tracking.stage_run("promote", parent_run_id, {"branch": method}) as run_id:
+    with tracking.stage_run("promote", parent_run_id, {"branch": method}) as run_id, \
+            tracking.registry_lock(registered.name):  # the champion read is the one the alias moves from
         champion = tracking.alias_version(registered.name, cfg.champion_alias)
         decision = decide(scores, setup, champion[1] if champion else None, champion[0] if champion else None,
                           registered.version, list(cfg.gate_metrics), champion_scores)

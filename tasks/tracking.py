@@ -230,6 +230,22 @@ def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, to
     that version is returned, with the aliases set on it, so a rerun that changes nothing makes no new version."""
     content = f"{model.sha256}:{tokenizer.sha256}"
     client = MlflowClient()
+    with registry_lock(name):
+        return _register_once(run_id, artifact, python_model, model, tokenizer, name, aliases, tags, signature,
+                              content, client)
+
+
+@contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """One run at a time reads and writes the versions and aliases of `name` (two runs registering the same weights,
+    or judging against the same champion, at once). Per machine, like every workspace lock."""
+    with file_lock(workspace() / "locks" / f"registry-{metric_name(name)}.lock", f"registry {name}"):
+        yield
+
+
+def _register_once(run_id: str, artifact: str, python_model: str, model: ModelRef, tokenizer: TokenizerRef,
+                   name: str, aliases: list[str], tags: Mapping[str, str], signature: Any, content: str,
+                   client: MlflowClient) -> RegisteredModel:
     found = find_version(name, content)
     if found is not None:
         for alias in aliases:

@@ -108,3 +108,46 @@ def test_scores_carry_stderrs_and_the_mean_acc_combines_them():
     assert scores[MEAN_ACC].stderr == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
     assert scores["w/word_perplexity"].stderr is None
     assert scores_from_tags(score_tags(scores)) == scores
+
+
+_REGISTER = """
+import os, sys, time
+from flows.stages import register_task
+from tasks.refs import ModelRef, TokenizerRef
+from tasks.registry import RegistryConfig
+from tasks import tracking
+model, tok, sha_m, sha_t, go = sys.argv[1:6]
+lookup = tracking.find_version
+def slow_lookup(*args):  # widen the window between "is it there?" and "register it" to make the race certain
+    found = lookup(*args)
+    time.sleep(2)
+    return found
+tracking.find_version = slow_lookup
+print("READY", flush=True)
+while not os.path.exists(go):  # both start registering together, imports done
+    time.sleep(0.01)
+reg = register_task.fn(RegistryConfig(model_name="gpt-race-test", aliases=["dpo"]), ModelRef(path=model, sha256=sha_m),
+                       TokenizerRef(path=tok, sha256=sha_t), {}, None, "dpo")
+print("VERSION", reg.version, reg.reused)
+"""
+
+
+def test_two_runs_registering_the_same_weights_at_once_make_one_version(tmp_path, tok):
+    import os
+    import subprocess
+    import sys
+
+    from infra.env import REPO_ROOT
+
+    model = _model(tmp_path / "m", 30)
+    go = tmp_path / "go"
+    args = [sys.executable, "-c", _REGISTER, model.path, tok.path, model.sha256, tok.sha256, str(go)]
+    procs = [subprocess.Popen(args, cwd=REPO_ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert all(p.stdout.readline().strip() == "READY" for p in procs)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    results = sorted(line.split()[1:] for out in outs for line in out.splitlines() if line.startswith("VERSION"))
+    assert results == [["1", "False"], ["1", "True"]], outs  # one registered it, the other found it
+    assert len(MlflowClient().search_model_versions("name = 'gpt-race-test'")) == 1
