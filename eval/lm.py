@@ -74,6 +74,7 @@ class GPTFlowLM(LM):
         self.model = model.to(self._device).eval()
         if tokenizer is None:
             raise ValueError("gptflow LM needs tokenizer=<tokenizers.Tokenizer or path to tokenizer.json>")
+        tokenizer_source = str(tokenizer) if isinstance(tokenizer, (str, Path)) else "(given)"
         if isinstance(tokenizer, (str, Path)):
             path = Path(tokenizer)
             if not path.is_file():
@@ -95,10 +96,11 @@ class GPTFlowLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.use_kv_cache = use_kv_cache
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and tokenizer.get_vocab_size(with_added_tokens=True) > vocab:
-            raise ValueError(
-                f"tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, model vocab_size {vocab}"
-            )
+        n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab is not None and n_tokens > vocab:
+            where = f"model {model_dir}" if model_dir is not None else "the model"
+            raise ValueError(f"tokenizer {tokenizer_source} has {n_tokens} tokens but {where} has vocab_size {vocab}: "
+                             "not the tokenizer this model was trained with")
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> GPTFlowLM:

@@ -149,3 +149,26 @@ def test_prepare_fewshot_src_copies_checked_hf_splits(tmp_path):
     (fs / "piqa.train.jsonl").write_text(json.dumps({"goal": "g"}) + "\n")
     with pytest.raises(BenchmarkDataError, match=r"piqa\.train\.jsonl record 0 .*missing"):
         prepare.prepare_benchmarks(src, tmp_path / "out2", limit=4, tasks=["piqa"], fewshot_src=fs)
+
+
+def test_a_model_whose_vocabulary_does_not_match_its_tokenizer_is_named_before_scoring(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from eval.harness import run_benchmarks
+    from infra.env import DATA_DIR
+    from models.checkpoint import save_model
+    from models.config import GPTConfig
+    from models.gpt import GPT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["some text to learn a few merges from"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))  # 256 bytes + merges + 1: more than the model's 64
+    save_model(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)), tmp_path / "model")
+    with pytest.raises(ValueError) as err:
+        run_benchmarks(tmp_path / "model", tmp_path / "tokenizer.json", ["arc_easy"], 2,
+                       DATA_DIR / "benchmarks", tmp_path / "out")
+    line = _one_line(err)
+    assert str(tmp_path / "tokenizer.json") in line and str(tmp_path / "model") in line and "vocab_size 64" in line
+    assert not (tmp_path / "out" / "results.json").exists()
