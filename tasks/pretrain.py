@@ -113,8 +113,9 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     """One Ray Train fit of `loop` on `cfg.num_workers` workers, the pattern of every training stage.
 
     Same name and storage path on every call: Ray V2 finds its checkpoint snapshot there and hands the latest
-    checkpoint to get_checkpoint(), so a rerun of a killed (or failed) run resumes. No in-process retries
-    (max_failures=0): a failure surfaces; the stage rerun resumes from the last checkpoint.
+    checkpoint to get_checkpoint(), so a rerun of a killed (or failed) run resumes. Within a fit, a worker that
+    dies is survived `cfg.max_failures` times: Ray Train restarts the whole worker group, which restores the same
+    latest checkpoint through the same path (`setup_worker`), so the run goes on exactly as it would have.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -127,7 +128,7 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str((out_dir / "ray").resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     return trainer.fit()
 

@@ -40,6 +40,12 @@ class TrainOptions(BaseModel):
     eval_every: int = Field(50, ge=1, description="Validation every N steps (and at the end).")
     ckpt_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    max_failures: int = Field(
+        2,
+        ge=-1,
+        description="Times Ray Train restarts the worker group from the last checkpoint after a worker dies (a "
+        "killed process, a lost node) before the fit fails; -1: without limit, 0: never (the stage rerun resumes).",
+    )
 
 
 def lr_at(step: float, cfg: TrainOptions) -> float:
