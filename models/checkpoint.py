@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from infra.atomic import atomic_path, write_text
 from models.gpt import GPT, GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,8 +38,9 @@ def save_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, out_dir: Pat
     """`save_model` for a full state dict gathered from a sharded (FSDP) model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(_for_save(sd, config), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:  # whole or absent: a crash or a full disk leaves no half file
+        save_file(_for_save(sd, config), str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
     return out_dir
 
 

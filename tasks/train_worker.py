@@ -184,15 +184,16 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
     fsdp = cfg.strategy == "fsdp" and world > 1
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt is not None else nullcontext() as d:
+        d = train_state.usable_checkpoint(Path(d), world) if d is not None else None  # skips a half-written one
         if d is not None:
-            load_weights(raw, Path(d))  # whole weights (and adapters), before any sharding
+            load_weights(raw, d)  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
         opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         w = Worker(cfg, rank, world, device, raw, model, opt, amp, accum or cfg.accum_steps,
                    save_config or cfg.model, stage)
         if d is not None:
-            _restore(w, Path(d))
+            _restore(w, d)
     if cfg.compile:
         w.model = torch.compile(w.model)
     return w
@@ -400,7 +401,8 @@ def save_checkpoint(w: Worker, step: int, loss: float, metrics: dict[str, float]
             save_state_dict(model_sd, w.save_config, d)
             meta = {"step": step, "elapsed_s": w.elapsed_s, "history": w.history,
                     "optimizer": train_state.save_optimizer_state(opt_sd, d / "optimizer.safetensors")}
-            train_state.write_json(d / "train_state.json", meta)  # written last: the folder is complete
+            meta["files"] = train_state.file_sizes(d)  # what a whole copy of this checkpoint holds
+            train_state.write_json(d / train_state.STATE_FILE, meta)  # written last: the completion marker
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 

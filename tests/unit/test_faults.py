@@ -8,6 +8,7 @@ Run: `.venv/bin/python -m pytest tests/unit/test_faults.py -q` (add `-m "not slo
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -97,3 +98,72 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(shards, replica, 
     history = _assert_curve(tmp_path, replica)
     assert len(history["resumes"]) == 1 and history["resumes"][0] >= CFG.ckpt_every, history["resumes"]
     assert result.metrics["pretrain/final_train_loss"] == pytest.approx(replica[-1], abs=1e-5)
+
+
+# ---------------------------------------------------------------- a checkpoint half-written when its process died
+
+
+def _write_checkpoint(d: Path, step: int, world: int = 2) -> Path:
+    """A checkpoint folder as `save_checkpoint` writes it (weights, AdamW state, each rank's RNG, the marker last)."""
+    import torch
+
+    from models.checkpoint import save_model
+    from models.gpt import GPT
+    from tasks import train_state
+
+    d.mkdir(parents=True)
+    torch.manual_seed(step)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    opt = model.configure_optimizer(1e-3, 0.1)
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))[1].backward()
+    opt.step()
+    save_model(model, d)
+    meta = {"step": step, "history": {}, "optimizer": train_state.save_optimizer(opt, d / "optimizer.safetensors")}
+    for rank in range(world):
+        train_state.save_rng(d / f"rng_rank{rank}.safetensors")
+    train_state.write_json(d / train_state.STATE_FILE, {**meta, "files": train_state.file_sizes(d)})
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no marker", "a rank's RNG missing"])
+def test_a_half_written_checkpoint_is_skipped_for_the_previous_one(damage, tmp_path, caplog):
+    from tasks.train_state import STATE_FILE, usable_checkpoint
+
+    old, new = _write_checkpoint(tmp_path / "checkpoint_000005", 5), _write_checkpoint(tmp_path / "checkpoint_000010", 10)
+    assert not list(tmp_path.rglob(".*.tmp")), "a temporary file was left behind"
+    assert usable_checkpoint(new, world=2) == new  # whole: used as it is
+    if damage == "truncated weights":  # the process died while the weights were copied
+        weights = new / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no marker":  # died before the marker, which is written last
+        (new / STATE_FILE).unlink()
+    else:
+        (new / "rng_rank1.safetensors").unlink()
+    with caplog.at_level("WARNING"):
+        assert usable_checkpoint(new, world=2) == old
+    assert "checkpoint_000010 is incomplete" in caplog.text and "resuming from checkpoint_000005" in caplog.text
+    (old / "optimizer.safetensors").write_bytes(b"")  # and when no earlier one is whole either: a fresh start
+    assert usable_checkpoint(new, world=2) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_resumes_from_the_previous_checkpoint_when_the_latest_is_truncated(shards, ray_once, tmp_path):
+    """A fit to step 10 (checkpoints at 5 and 10); the weights of the latest checkpoint truncated as by a crash mid-
+    copy; the stage rerun skips it, resumes from step 5 and ends on the same losses as the replica."""
+    cfg = CFG.model_copy(update={"steps": 10})
+    pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path)
+    latest = tmp_path / "ray" / "pretrain" / "checkpoint_000010"
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shutil.rmtree(tmp_path / "model")  # the stage's exports: gone, as when the run died before them
+    (tmp_path / "history.json").unlink()
+
+    result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path)
+
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["resumes"] == [5]
+    steps, losses = np.array(history["train"]).T
+    assert list(steps) == list(range(1, 11))
+    np.testing.assert_allclose(losses, _one_process_replica(cfg, shards)[0], rtol=0, atol=1e-5)
+    assert result.metrics["pretrain/final_train_loss"] == pytest.approx(losses[-1])
