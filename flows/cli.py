@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_env()
     quiet_logs()
+    from infra.atomic import DiskFullError
     from tasks.stage import GptflowError
 
     try:
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             return cmd_chat(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
-    except (GptflowError, FileNotFoundError) as e:
+    except (GptflowError, FileNotFoundError, DiskFullError) as e:  # DiskFullError: a full disk, named with its free space
         print(f"gptflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

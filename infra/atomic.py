@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,17 +24,27 @@ class DiskFullError(OSError):
 
 
 def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in _NO_ROOM
+    """Whether `e` is a write that found no room. Writers in Rust (safetensors' `save_file`) raise their own error
+    type with the OS error only in the text ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_ROOM
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return m is not None and int(m.group(1)) in _NO_ROOM
 
 
-def disk_full_error(path: Path, e: OSError) -> DiskFullError:
-    """`e` as a one-line error naming `path` and the free space of its file system."""
+def _errno(e: BaseException) -> int:
+    return e.errno if isinstance(e, OSError) else int(re.search(r"\(os error (\d+)\)", str(e)).group(1))
+
+
+def disk_full_error(path: Path, e: BaseException) -> DiskFullError:
+    """`e` (see `is_disk_full`) as a one-line error naming `path` and the free space of its file system."""
     try:
         free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:,.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(e.errno, f"no room to write {path} ({e.strerror}; {free} there): free some space and "
-                                  "rerun, finished work is kept")
+    code = _errno(e)
+    return DiskFullError(code, f"no room to write {path} ({os.strerror(code)}; {free} there): free some space "
+                               "and rerun, finished work is kept")
 
 
 def fsync_path(path: Path) -> None:
@@ -56,13 +67,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         if is_disk_full(e) and not isinstance(e, DiskFullError):
             raise disk_full_error(path, e) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -4,6 +4,10 @@ Each document is followed by `<|endoftext|>`; a document goes to `val` or `train
 the same document always lands in the same split. `index.json` records the dtype, vocabulary size, separator
 id, the shards of each split (tokens, documents) and, when the records carry `metadata.source`, the counts
 per source. The tokenizer stage (`tasks/tokenizer.py`) writes them; the trainers memory-map them.
+
+A shard is written under a temporary name and renamed when it is whole, and `index.json` is written last, the
+same way (`infra.atomic`): a crash or a full disk leaves no file that looks complete, and a full disk is one
+error naming the shard and the free space.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from infra.atomic import disk_full_error, is_disk_full, write_text
 from models.tokens import EOT
 from tasks.bpe import all_cores, text_encoder, valid_unicode
 from tasks.stage import GptflowError
@@ -56,8 +62,17 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):04d}.bin"
-        self._fh = open(self.out_dir / name, "wb")  # noqa: SIM115 (kept open across writes, closed by close())
+        self._path, self._tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"  # renamed by close() when whole
+        self._fh = open(self._tmp, "wb")  # noqa: SIM115 (kept open across writes, closed by close())
         self.shards.append({"file": name, "tokens": 0, "docs": 0})
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self._path, e) from e
+            raise
 
     def write(self, ids: np.ndarray) -> None:
         """Append one document."""
@@ -77,7 +92,7 @@ class ShardWriter:
             # documents i..j-1 start before this shard is full (document i always does)
             j = i + max(1, int(np.searchsorted(starts[i:] - starts[i], room, side="left")))
             a, b = int(starts[i]), int(ends[j - 1])
-            self._fh.write(tokens[a:b].astype(self.dtype, copy=False).tobytes())
+            self._write(tokens[a:b].astype(self.dtype, copy=False).tobytes())
             self.shards[-1]["tokens"] += b - a
             self.shards[-1]["docs"] += j - i
             self.tokens += b - a
@@ -85,9 +100,30 @@ class ShardWriter:
             i = j
 
     def close(self) -> None:
-        if self._fh is not None:
+        """Finish the open shard: flushed to disk, then renamed to its final name."""
+        if self._fh is None:
+            return
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
             self._fh.close()
+        except OSError as e:
+            self.abort()
+            if is_disk_full(e):
+                raise disk_full_error(self._path, e) from e
+            raise
+        self._fh = None
+        os.replace(self._tmp, self._path)
+
+    def abort(self) -> None:
+        """Drop the open shard's partial file (after an error): nothing is left that looks like a whole shard."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # the error being handled is the one to report
             self._fh = None
+            self._tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- the two splits
@@ -153,6 +189,10 @@ class _Splits:
         for w in self.writers.values():
             w.close()
 
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
     def splits(self) -> dict[str, dict[str, Any]]:
         """The `splits` part of `index.json`; `sources` only when some document named its source."""
         has_sources = any(src != "unknown" for split in self.by_source.values() for src in split)
@@ -195,8 +235,10 @@ def write_shards(tok: Tokenizer, docs: Docs, cfg: TokenizerConfig, out_dir: Path
     repaired = [0]
     try:
         _encode_into(text_encoder(tok), docs, cfg, splits, repaired)
-    finally:
-        splits.close()
+    except BaseException:
+        splits.abort()
+        raise
+    splits.close()
     n_docs = {s: w.docs for s, w in splits.writers.items()}
     if n_docs["val"] == 0 or n_docs["train"] == 0:
         raise GptflowError(f"corpus too small to split: {n_docs['train']} train and {n_docs['val']} validation documents")
@@ -209,5 +251,5 @@ def write_shards(tok: Tokenizer, docs: Docs, cfg: TokenizerConfig, out_dir: Path
         "repaired_docs": repaired[0],
         "splits": splits.splits(),
     }
-    (out_dir / "index.json").write_text(json.dumps(index, indent=2))
+    write_text(out_dir / "index.json", json.dumps(index, indent=2))  # last: the shards are complete
     return index

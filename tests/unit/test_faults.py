@@ -167,3 +167,45 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_latest_is_truncated
     assert list(steps) == list(range(1, 11))
     np.testing.assert_allclose(losses, _one_process_replica(cfg, shards)[0], rtol=0, atol=1e-5)
     assert result.metrics["pretrain/final_train_loss"] == pytest.approx(losses[-1])
+
+
+# ---------------------------------------------------------------- the disk filling up
+
+
+_FILL = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a real kernel limit: writes past it fail (EFBIG)
+from infra.env import setup_env
+setup_env()
+out = Path(sys.argv[2])
+if sys.argv[1] == "shards":
+    from tasks.refs import CorpusRef
+    from tasks.tokenizer import TokenizerConfig, build_tokenizer
+    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=sys.argv[3]), out)
+else:
+    from models.checkpoint import save_model
+    from models.gpt import GPT, GPTConfig
+    save_model(GPT(GPTConfig(vocab_size=1024, block_size=64, n_layer=2, n_head=4, n_embd=64)), out)
+"""
+
+
+@pytest.mark.parametrize("what, victim", [("shards", "shards/train_0000.bin"), ("checkpoint", "model.safetensors")])
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_file_looking_whole(what, victim, tmp_path):
+    """Token shards (the tokenizer stage) and checkpoint weights written under a file-size limit the writes hit:
+    the error names the file and the free space, and neither that file nor the shards' index is left behind."""
+    import subprocess
+    import sys
+
+    from infra.env import REPO_ROOT
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _FILL, what, str(out), str(CORPUS)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"no room to write {out / victim}" in last and "MiB free there" in last, proc.stderr[-2000:]
+    assert "DiskFullError" in last
+    assert not (out / victim).exists()
+    assert not (out / "shards" / "index.json").exists()
+    assert not list(out.rglob("*.tmp")), list(out.rglob("*"))
