@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,6 +25,7 @@ from infra.env import REPO_ROOT, workspace
 from infra.locks import file_lock
 from tasks.refs import ModelRef, Ref, RegisteredModel, TokenizerRef
 from tasks.registry import RegistryConfig
+from tasks.stage import GptflowError
 
 EXPERIMENT = "llm-pipeline"
 
@@ -54,6 +57,7 @@ def set_experiment() -> None:
     store this holds the database's file lock: the first access creates and migrates its tables, which two
     processes starting at once (two pipelines on a fresh workspace) did both, one failing with "duplicate column".
     """
+    check_server()
     db = sqlite_file(tracking_uri())
     with file_lock(db.with_name(f"{db.name}.lock"), "MLflow") if db else nullcontext():
         if mlflow.get_experiment_by_name(EXPERIMENT) is None and not tracking_uri().startswith(("http:", "https:")):
@@ -62,6 +66,26 @@ def set_experiment() -> None:
             except MlflowException:  # created meanwhile by a process on another machine
                 pass
         mlflow.set_experiment(EXPERIMENT)
+
+
+def check_server(tries: int = 3, timeout_s: float = 5.0) -> None:
+    """A tracking server that does not answer its health check after `tries` (1 s, then 2 s apart) is one error
+    naming its URL, before any stage starts; MLflow's own client would retry for minutes, then print a page of
+    connection-pool traceback. A local store (sqlite) needs no check."""
+    uri = tracking_uri()
+    if not uri.startswith(("http:", "https:")):
+        return
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                return
+        except OSError as e:  # refused, timed out, an HTTP error (HTTPError is an OSError too)
+            reason = getattr(e, "reason", e)
+            if attempt + 1 < tries:
+                time.sleep(attempt + 1)
+    shown = re.sub(r"//[^/@]*@", "//", uri)  # never a password from the URL in the message
+    raise GptflowError(f"the MLflow server at {shown} does not answer ({reason}): start it again (or point "
+                       "MLFLOW_TRACKING_URI at one that runs) and rerun; finished stages are kept and reused")
 
 
 def sqlite_file(uri: str) -> Path | None:

@@ -209,3 +209,86 @@ def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_file_looking_who
     assert not (out / victim).exists()
     assert not (out / "shards" / "index.json").exists()
     assert not list(out.rglob("*.tmp")), list(out.rglob("*"))
+
+
+# ---------------------------------------------------------------- the MLflow server going away
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(home: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1 with its store in `home`, once its health check answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    log = open(home / f"mlflow-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 (the server's, closed with it)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
+                             "--artifacts-destination", str(home / "artifacts")],
+                            env={**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (home / log.name).read_text()[-2000:]
+            time.sleep(0.5)
+
+
+def _printed_ref(stdout: str) -> dict:
+    """The stage's result the CLI prints as JSON, after MLflow's own "View run" lines."""
+    lines = stdout.splitlines()
+    return json.loads("\n".join(lines[lines.index("{"):]))
+
+
+@pytest.mark.slow
+def test_the_mlflow_server_going_away_is_one_error_naming_it_and_the_rerun_reuses_the_stage(tmp_path):
+    """The tokenizer stage run through the CLI against a real MLflow server; the server killed; the next run is
+    one line naming the server's URL; the server back, the rerun reuses the finished stage folder."""
+    import os
+    import subprocess
+    import sys
+
+    from killing import kill_tree
+
+    from infra.env import REPO_ROOT
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "GPTFLOW_HOME": str(tmp_path / "client")}
+    env.pop("PREFECT_API_URL", None)
+    stage = [sys.executable, "-m", "flows.cli", "tokenizer", "--input", str(CORPUS), "--set", "vocab_size=300"]
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(stage, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+    server = _mlflow_server(tmp_path, port)
+    try:
+        first = run()
+        assert first.returncode == 0, first.stderr[-3000:]
+    finally:
+        kill_tree(server)  # the server goes away, as when its machine restarts
+
+    gone = run()
+    assert gone.returncode == 2, gone.stderr[-3000:]
+    lines = gone.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"gptflow: error: the MLflow server at {url} does not answer"), gone.stderr[-3000:]
+    assert "Traceback" not in gone.stderr, gone.stderr[-3000:]
+
+    server = _mlflow_server(tmp_path, port)
+    try:
+        again = run()
+    finally:
+        kill_tree(server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    done, reused = _printed_ref(first.stdout), _printed_ref(again.stdout)
+    assert reused["cached"] and not done["cached"] and reused["dir"] == done["dir"]
