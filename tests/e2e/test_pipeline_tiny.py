@@ -122,10 +122,12 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     assert again["stage_dirs"] == first_run["stage_dirs"]
     assert again["models"] == {k: {**v, "reused": True} for k, v in first_run["models"].items()}  # no new version
     assert again["decision"]["outcome"] == "already-champion"
-    # a new DPO model, every model scored on fewer documents: the champion is scored again under the new setup first
-    changed = llm_pipeline_flow(preset="tiny", overrides={"align.dpo.steps": 2, "eval.limit": 10})
+    # a new DPO model alone, every model scored on fewer documents: the champion (the first run's best branch) is
+    # scored again under the new setup before the gate compares
+    changed = llm_pipeline_flow(preset="tiny", overrides={"align.methods": ["dpo"], "align.dpo.steps": 2,
+                                                          "eval.limit": 10})
     cached = changed["cached"]
-    assert cached["data"] and cached["tokenizer"] and cached["pretrain"] and cached["sft"] and cached["ppo"]
+    assert cached["data"] and cached["tokenizer"] and cached["pretrain"] and cached["sft"] and "ppo" not in cached
     assert not cached["dpo"] and not cached["eval_sft"] and not cached["eval_dpo"]
     decision = changed["decision"]
     assert "eval_champion" in changed["times"] and decision["outcome"] in ("promoted", "kept"), decision
