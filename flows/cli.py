@@ -160,8 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif args.action == "all":
             if args.port is not None:
                 raise GptflowError("--port applies to one service: `gptflow serve prefect --port N`")
-            for name in services.SERVICES:
-                services.start(name, args.host, None, None, args.backend_store_uri, args.artifacts_destination, args.pool)
+            services.start_all(args.host, None, None, args.backend_store_uri, args.artifacts_destination, args.pool)
         else:
             services.start(args.action, args.host, args.port, None, args.backend_store_uri, args.artifacts_destination,
                            args.pool)

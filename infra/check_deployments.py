@@ -29,7 +29,7 @@ from infra.prefect_server import free_port
 
 # The data stage on the bundled sample crawl alone (no extra text sources): the cheapest deployment that runs a
 # real stage, with an MLflow run, in well under a minute.
-CHEAP = {"data/data": {"config": {"text_sources": {}}}}
+CHEAP = {"data/data": {"config": {"text_sources": {}, "executor": "local"}}}
 
 
 def deploy_all(env: dict[str, str]) -> None:
@@ -82,8 +82,8 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
     setup_env()
     started = time.monotonic()
     try:
-        for name in services.SERVICES:
-            services.start(name, port=free_port() if name != "worker" else None, home=home, echo=echo)
+        services.start_all(ports={name: free_port() for name in services.SERVICES[:-1]}, home=home, echo=echo)
+        echo(f"served in {time.monotonic() - started:.0f} s")
         prefect, mlflow = services.read_state("prefect", home), services.read_state("mlflow", home)
         api = prefect.export.split("=", 1)[1]
         tracking = mlflow.export.split("=", 1)[1]
@@ -96,8 +96,10 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
         run_s = time.monotonic() - t0
         runs = mlflow_runs(tracking, run_id)
     finally:
+        t0 = time.monotonic()
         for name in reversed(services.SERVICES):
             services.stop(name, home, echo=lambda _: None)
+        echo(f"stopped in {time.monotonic() - t0:.0f} s")
     ok = state == "Completed" and bool(runs)
     echo("\n=== deployment check ===")
     echo(f"deployments on the server: {len(names)} ({', '.join(names)})")

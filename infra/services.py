@@ -222,6 +222,24 @@ def start(name: str, host: str = "127.0.0.1", port: int | None = None, home: Pat
           timeout: float = 180, echo=print) -> State:
     """Start `name` detached and wait for its health check; if it already runs, say so and return its state."""
     home = home or workspace()
+    launched = launch(name, host, port, home, backend_store_uri, artifacts_destination, pool, echo)
+    return wait_ready(launched, home, timeout, echo)
+
+
+def start_all(host: str = "127.0.0.1", ports: dict[str, int] | None = None, home: Path | None = None,
+              backend_store_uri: str | None = None, artifacts_destination: str | None = None, pool: str = "gptflow",
+              timeout: float = 180, echo=print) -> list[State]:
+    """The three servers launched at once (their start-ups overlap: ~20 s each on 2 cores), then the worker."""
+    home, ports = home or workspace(), ports or {}
+    launched = [launch(name, host, ports.get(name), home, backend_store_uri, artifacts_destination, pool, echo)
+                for name in SERVICES[:-1]]
+    states = [wait_ready(one, home, timeout, echo) for one in launched]
+    return [*states, start("worker", host, None, home, pool=pool, timeout=timeout, echo=echo)]
+
+
+def launch(name: str, host: str, port: int | None, home: Path, backend_store_uri: str | None = None,
+           artifacts_destination: str | None = None, pool: str = "gptflow", echo=print) -> State | tuple[State, subprocess.Popen]:
+    """Start `name` detached and record its state: (state, process), or the state alone if it already runs."""
     running = read_state(name, home)
     if running is not None:
         echo(f"{name}: already running (pid {running.pid}) at {running.url}")
@@ -241,21 +259,30 @@ def start(name: str, host: str = "127.0.0.1", port: int | None = None, home: Pat
     env = service_env(name, home)
     folder = service_dir(name, home)
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "server.log"
-    with open(log, "ab") as out:
+    with open(folder / "server.log", "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=REPO_ROOT)
     url, export = urls(name, host, port, pool, prefect_url)
     state = State(name=name, pid=proc.pid, host=host, port=port, url=url, export=export)
     write_state(state, home)
+    return state, proc
+
+
+def wait_ready(launched: State | tuple[State, subprocess.Popen], home: Path, timeout: float = 180, echo=print) -> State:
+    """Wait for a launched service's health check; if it exits or stays silent, stop it and raise with its log."""
+    if isinstance(launched, State):
+        return launched  # it was already running
+    state, proc = launched
+    log = service_dir(state.name, home) / "server.log"
     deadline = time.monotonic() + timeout
     while not healthy(state, home):
         if proc.poll() is not None or time.monotonic() > deadline:
             why = f"exited with status {proc.returncode}" if proc.poll() is not None else f"did not answer in {timeout:.0f} s"
-            stop(name, home, echo=lambda _: None)
-            raise ServiceError(f"{name} {why}; its log: {log}\n" + _tail(log))
+            stop(state.name, home, echo=lambda _: None)
+            raise ServiceError(f"{state.name} {why}; its log: {log}\n" + _tail(log))
         time.sleep(0.5)
-    echo(f"{name}: running (pid {proc.pid}); " + ("open " if url.startswith("http") else "at ") + url + (f"\n  export {export}" if export else ""))
+    echo(f"{state.name}: running (pid {state.pid}); " + ("open " if state.url.startswith("http") else "at ")
+         + state.url + (f"\n  export {state.export}" if state.export else ""))
     return state
 
 
