@@ -42,11 +42,13 @@ def deploy_all(env: dict[str, str]) -> None:
 
 async def run_deployment(name: str, parameters: dict, timeout: float) -> tuple[str, str, list[str]]:
     """Start a run of deployment `name` as the UI does and wait for a final state: (flow run id, state, deployment
-    names on the server)."""
+    names on the server). RuntimeError if the deployment stored a path of this machine."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         deployment = await client.read_deployment_by_name(name)
+        if str(REPO_ROOT) in json.dumps(deployment.pull_steps or []):
+            raise RuntimeError(f"{name}'s pull steps hold this machine's path: {deployment.pull_steps}")
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         deadline = time.monotonic() + timeout
         while True:

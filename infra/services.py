@@ -15,12 +15,14 @@ workspace, with the MLflow server and Ray head in the workspace as its tracking 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -129,6 +131,21 @@ def _bin(tool: str) -> str:
     return str(path) if path.exists() else tool
 
 
+def ray_temp_dir(home: Path) -> Path:
+    """The Ray head's temp folder: `services/ray/tmp` in the workspace, or, when that path is too long for Ray's
+    Unix sockets (107 bytes with the ~64 Ray appends), a short folder in the system temp dir named after the
+    workspace, linked from `services/ray/tmp`."""
+    inside = service_dir("ray", home) / "tmp"
+    if len(str(inside)) <= 40:
+        return inside
+    short = Path(tempfile.gettempdir()) / f"gptflow-ray-{hashlib.sha256(str(home).encode()).hexdigest()[:8]}"
+    short.mkdir(parents=True, exist_ok=True)
+    if not inside.is_symlink():
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        inside.symlink_to(short, target_is_directory=True)
+    return short
+
+
 def command(name: str, host: str, port: int, home: Path, backend_store_uri: str | None = None,
             artifacts_destination: str | None = None, pool: str = "gptflow") -> list[str]:
     """The foreground command line of a service (detached by `start`)."""
@@ -142,7 +159,7 @@ def command(name: str, host: str, port: int, home: Path, backend_store_uri: str 
     if name == "ray":
         # --block keeps this process as the head's parent: its pid is the service's, and SIGTERM stops the node.
         return [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(port),
-                "--temp-dir", str(state / "tmp"), "--include-dashboard", "false", "--disable-usage-stats"]
+                "--temp-dir", str(ray_temp_dir(home)), "--include-dashboard", "false", "--disable-usage-stats"]
     if name == "worker":
         # --type creates the pool when it is missing
         return [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", f"gptflow-{pool}"]
@@ -312,7 +329,7 @@ def stop(name: str, home: Path | None = None, timeout: float = 30, echo=print) -
     if alive(state.pid):
         _signal_group(state.pid, signal.SIGKILL)
     if name == "ray":
-        for pid in _pids_with(str(service_dir("ray", home) / "tmp")):
+        for pid in _pids_with(str(ray_temp_dir(home))):
             _signal_group(pid, signal.SIGKILL, group=False)
     echo(f"{name}: stopped (pid {state.pid})")
     return True

@@ -8,10 +8,12 @@ A "service" here is a real detached process (`sleep`, or one that ignores SIGTER
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +138,14 @@ def test_the_worker_runs_flows_against_the_workspace_servers(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_ray_temp_dir_fits_ray_socket_paths(tmp_path):
+    short, deep = Path("/w/h"), tmp_path / ("x" * 60) / "home"
+    assert services.ray_temp_dir(short) == short / "services" / "ray" / "tmp"  # short enough: in the workspace
+    far = services.ray_temp_dir(deep)
+    sockets = far / "session_2026-11-30_08-30-10_253155_28395" / "sockets" / "plasma_store"  # what Ray appends
+    assert len(str(sockets)) <= 107
+    assert (deep / "services" / "ray" / "tmp").resolve() == far.resolve()  # reachable from the workspace
+    assert services.ray_temp_dir(deep) == far  # the same folder every time
+    shutil.rmtree(far)
