@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -329,8 +330,12 @@ def stop(name: str, home: Path | None = None, timeout: float = 30, echo=print) -
     if alive(state.pid):
         _signal_group(state.pid, signal.SIGKILL)
     if name == "ray":
-        for pid in _pids_with(str(ray_temp_dir(home))):
+        temp = ray_temp_dir(home)
+        for pid in _pids_with(str(temp)):
             _signal_group(pid, signal.SIGKILL, group=False)
+        if temp.parent != service_dir("ray", home):  # the short folder outside the workspace: not left in /tmp
+            shutil.rmtree(temp, ignore_errors=True)
+            (service_dir("ray", home) / "tmp").unlink(missing_ok=True)
     echo(f"{name}: stopped (pid {state.pid})")
     return True
 

@@ -149,3 +149,13 @@ def test_ray_temp_dir_fits_ray_socket_paths(tmp_path):
     assert (deep / "services" / "ray" / "tmp").resolve() == far.resolve()  # reachable from the workspace
     assert services.ray_temp_dir(deep) == far  # the same folder every time
     shutil.rmtree(far)
+
+
+def test_stopping_ray_removes_its_short_temp_folder(tmp_path):
+    home = tmp_path / ("x" * 60)
+    far = services.ray_temp_dir(home)
+    proc = detached()
+    record(proc, home, name="ray", port=6399)
+    services.stop("ray", home, echo=lambda _: None)
+    assert proc.wait(timeout=10) == -15
+    assert not far.exists() and not (home / "services" / "ray" / "tmp").is_symlink()
