@@ -134,10 +134,11 @@ def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="start, check or stop the servers: Prefect (UI), MLflow, a Ray head, a worker",
                            description="Start a server detached, with its state in $GPTFLOW_HOME/services/<name>/; "
                                        "the command returns once it answers and prints the URL to open and the "
-                                       "variable to export. `all` starts the four in order.")
-    serve.add_argument("action", choices=("prefect", "mlflow", "ray", "worker", "all", "status", "stop"))
+                                       "variable to export. A second start of a running server prints its URL.")
+    serve.add_argument("action", choices=("prefect", "mlflow", "ray", "worker", "all", "status", "stop"), metavar="ACTION",
+                       help="prefect, mlflow, ray or worker: start one; all: the four in order; status; stop")
     serve.add_argument("name", nargs="?", default="all", choices=("prefect", "mlflow", "ray", "worker", "all"),
-                       help="with stop: which service (default: all)")
+                       metavar="NAME", help="with stop: which service (default: all, in reverse order)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, help="port (defaults: Prefect 4200, MLflow 5000, Ray 6379)")
     serve.add_argument("--backend-store-uri", metavar="URI",

@@ -132,6 +132,10 @@ def _bin(tool: str) -> str:
     return str(path) if path.exists() else tool
 
 
+def worker_name(pool: str) -> str:
+    return f"gptflow-worker-{pool}"
+
+
 def ray_temp_dir(home: Path) -> Path:
     """The Ray head's temp folder: `services/ray/tmp` in the workspace, or, when that path is too long for Ray's
     Unix sockets (107 bytes with the ~64 Ray appends), a short folder in the system temp dir named after the
@@ -163,7 +167,7 @@ def command(name: str, host: str, port: int, home: Path, backend_store_uri: str 
                 "--temp-dir", str(ray_temp_dir(home)), "--include-dashboard", "false", "--disable-usage-stats"]
     if name == "worker":
         # --type creates the pool when it is missing
-        return [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", f"gptflow-{pool}"]
+        return [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name(pool)]
     raise ServiceError(f"unknown service '{name}'; choose one of: {', '.join(SERVICES)}")
 
 
@@ -229,7 +233,7 @@ def _worker_online(state: State) -> bool:
             workers = json.loads(resp.read())
     except urllib.error.HTTPError:
         return False  # 404 until the worker has created its pool
-    return any(w["name"] == f"gptflow-{pool}" and w.get("status") == "ONLINE" for w in workers)
+    return any(w["name"] == worker_name(pool) and w.get("status") == "ONLINE" for w in workers)
 
 
 # ---------------------------------------------------------------------------------------------- start, stop
