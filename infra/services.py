@@ -163,6 +163,8 @@ def command(name: str, host: str, port: int, home: Path, backend_store_uri: str 
                 "--artifacts-destination", artifacts_destination or str(state / "artifacts")]
     if name == "ray":
         # --block keeps this process as the head's parent: its pid is the service's, and SIGTERM stops the node.
+        # Ray itself swaps 127.0.0.1 for the machine's address (`resolve_ip_for_localhost`) and its GCS listens on
+        # every interface: unlike the other servers, a Ray head is reachable from the network (README).
         return [_bin("ray"), "start", "--head", "--block", "--node-ip-address", host, "--port", str(port),
                 "--temp-dir", str(ray_temp_dir(home)), "--include-dashboard", "false", "--disable-usage-stats"]
     if name == "worker":
