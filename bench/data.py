@@ -20,7 +20,7 @@ workspace (GPTFLOW_HOME: Prefect home, MLflow sqlite file, caches); its first `o
 Prefect and MLflow database creation, so that run is shown on its own ("cold") and left out of the medians.
 Rounds rotate the order of the runs and the median counts, because the 2-core machine is shared.
 `--prefect-server` adds a third variant: ours against a `prefect server start` that is already up (started once,
-outside the timings, in the same workspace), as `infra/services.sh` sets it up for repeated runs.
+outside the timings, in the same workspace), as `gptflow serve prefect` sets it up for repeated runs.
 
 Prints, for each size: docs in (input records), seconds and documents per second per worker for each variant,
 our overhead (our time / bare time - 1; target at most 10%), where the time goes (phases timed inside each
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "then dropped by exact dedup (default: 1 64)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, each one run of every variant (default 3)")
     ap.add_argument("--prefect-server", action="store_true",
-                    help="also time ours against a running Prefect server (PREFECT_API_URL), as infra/services.sh sets up")
+                    help="also time ours against a running Prefect server (PREFECT_API_URL), as `gptflow serve prefect` sets up")
     ap.add_argument("--json", type=Path, help="also write the numbers to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary workspace and outputs")
     ap.add_argument("--child", choices=["ours", "bare"], help=argparse.SUPPRESS)

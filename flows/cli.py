@@ -8,6 +8,7 @@
     gptflow ppo --model SFT_MODEL --reward-model RM_DIR [--tokenizer TOKENIZER_DIR]
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
+    gptflow serve prefect|mlflow|ray|worker|all|status|stop [NAME] [--host H] [--port N]
 
 Errors the user can fix (unknown preset or key, malformed --set, missing input) are printed as one line,
 without a traceback, and exit with status 2.
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", required=True, metavar="HF_DIR", help="Hugging Face model folder")
     imp.add_argument("--out", required=True, metavar="DIR", help="output folder (model.safetensors + config.json)")
     add_chat_parser(sub)
+    add_serve_parser(sub)
     plan = sub.add_parser("plan", help="parameters, FLOPs, memory and time of a model, from its config",
                           description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
@@ -126,6 +128,46 @@ def add_chat_parser(sub) -> None:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
     chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
     chat.add_argument("--seed", type=int, help="seed for repeatable sampling (default: fresh randomness)")
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="start, check or stop the servers: Prefect (UI), MLflow, a Ray head, a worker",
+                           description="Start a server detached, with its state in $GPTFLOW_HOME/services/<name>/; "
+                                       "the command returns once it answers and prints the URL to open and the "
+                                       "variable to export. A second start of a running server prints its URL.")
+    serve.add_argument("action", choices=("prefect", "mlflow", "ray", "worker", "all", "status", "stop"), metavar="ACTION",
+                       help="prefect, mlflow, ray or worker: start one; all: the four in order; status; stop")
+    serve.add_argument("name", nargs="?", default="all", choices=("prefect", "mlflow", "ray", "worker", "all"),
+                       metavar="NAME", help="with stop: which service (default: all, in reverse order)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="port (defaults: Prefect 4200, MLflow 5000, Ray 6379)")
+    serve.add_argument("--backend-store-uri", metavar="URI",
+                       help="MLflow's store (default: sqlite in $GPTFLOW_HOME/services/mlflow/)")
+    serve.add_argument("--artifacts-destination", metavar="URI",
+                       help="where MLflow keeps artifacts, served through the server (default: the workspace)")
+    serve.add_argument("--pool", default="gptflow", help="the worker's Prefect work pool, created if missing (default gptflow)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infra import services
+    from tasks.stage import GptflowError
+
+    try:
+        if args.action == "status":
+            print("\n".join(services.status()))
+        elif args.action == "stop":
+            for name in reversed(services.SERVICES) if args.name == "all" else [args.name]:
+                services.stop(name)
+        elif args.action == "all":
+            if args.port is not None:
+                raise GptflowError("--port applies to one service: `gptflow serve prefect --port N`")
+            services.start_all(args.host, None, None, args.backend_store_uri, args.artifacts_destination, args.pool)
+        else:
+            services.start(args.action, args.host, args.port, None, args.backend_store_uri, args.artifacts_destination,
+                           args.pool)
+    except services.ServiceError as e:
+        raise GptflowError(str(e)) from e
+    return 0
 
 
 def model_source(args: argparse.Namespace) -> tuple[str, str]:
@@ -369,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_import(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
     except (GptflowError, FileNotFoundError, DiskFullError) as e:  # DiskFullError: a full disk, named with its free space
         print(f"gptflow: error: {e}", file=sys.stderr)

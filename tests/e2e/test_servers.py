@@ -1,5 +1,5 @@
 """Past one machine: with PREFECT_API_URL and MLFLOW_TRACKING_URI set, a stage runs against a real Prefect
-server and a real MLflow server (started here by infra/services.sh on 127.0.0.1), not the embedded defaults."""
+server and a real MLflow server (started here by `gptflow serve` on 127.0.0.1), not the embedded defaults."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     home = tmp_path_factory.mktemp("servers")
-    env = {**os.environ, "GPTFLOW_HOME": str(home), "PREFECT_PORT": "4317", "MLFLOW_PORT": "5317"}
-    started = subprocess.run([str(REPO / "infra" / "services.sh"), "start"], env=env, capture_output=True, text=True,
-                             timeout=180)
+    env = {**os.environ, "GPTFLOW_HOME": str(home)}
+    serve = [sys.executable, "-m", "flows.cli", "serve"]
     try:
-        assert started.returncode == 0, started.stdout + started.stderr
+        for name, port in (("prefect", "4317"), ("mlflow", "5317")):
+            started = subprocess.run([*serve, name, "--port", port], env=env, capture_output=True, text=True,
+                                     timeout=180, cwd=REPO)
+            assert started.returncode == 0, started.stdout + started.stderr
         yield home, {"PREFECT_API_URL": "http://127.0.0.1:4317/api", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5317"}
     finally:
-        subprocess.run([str(REPO / "infra" / "services.sh"), "stop"], env=env, timeout=60)
+        subprocess.run([*serve, "stop"], env=env, timeout=120, cwd=REPO)
 
 
 def test_a_stage_runs_against_real_servers(servers, tmp_path):

@@ -1,0 +1,134 @@
+"""End-to-end check of the way users run gptflow: servers, `prefect deploy --all`, a run started from the UI.
+
+    python -m infra.check_deployments [--deployment data/data] [--parameters JSON] [--timeout S] [--keep]
+    python -m infra.check_deployments --deployment llm-pipeline/tiny     # the whole pipeline (minutes)
+
+In a fresh temporary workspace it serves Prefect, MLflow, a Ray head and a worker (`gptflow serve all`, on free
+ports), runs `prefect --no-prompt deploy --all` from the repo root, starts a flow run of one deployment through
+the API the way the UI's Run button does (`create_flow_run_from_deployment`), waits for a final state, checks
+that the run's MLflow runs are on the MLflow server (tagged with the flow run's id), stops everything and
+prints a summary. Exit status 0 when the run completed and its MLflow runs are there, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from infra import services
+from infra.env import REPO_ROOT, setup_env
+from infra.prefect_server import free_port
+
+# The data stage on the bundled sample crawl alone (no extra text sources): the cheapest deployment that runs a
+# real stage, with an MLflow run, in well under a minute.
+CHEAP = {"data/data": {"config": {"text_sources": {}, "executor": "local"}}}
+
+
+def deploy_all(env: dict[str, str]) -> None:
+    """`prefect --no-prompt deploy --all` from the repo root, as a user would run it."""
+    out = subprocess.run([services._bin("prefect"), "--no-prompt", "deploy", "--all"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError("prefect deploy --all failed:\n" + (out.stdout + out.stderr)[-3000:])
+
+
+async def run_deployment(name: str, parameters: dict, timeout: float) -> tuple[str, str, list[str]]:
+    """Start a run of deployment `name` as the UI does and wait for a final state: (flow run id, state, deployment
+    names on the server). RuntimeError if the deployment stored a path of this machine."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+        if str(REPO_ROOT) in json.dumps(deployment.pull_steps or []):
+            raise RuntimeError(f"{name}'s pull steps hold this machine's path: {deployment.pull_steps}")
+        run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = await client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                return str(run.id), f"not final after {timeout:.0f} s ({run.state.name if run.state else 'no state'})", []
+            await asyncio.sleep(2)
+        flows = {f.id: f.name for f in await client.read_flows()}
+        names = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in await client.read_deployments())
+        return str(run.id), run.state.name, names
+
+
+def mlflow_runs(tracking_uri: str, flow_run_id: str) -> list[dict]:
+    """The MLflow server's runs tagged with this Prefect flow run (over its REST API: infra never imports mlflow)."""
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    experiments = post("experiments/search", {"max_results": 1000}).get("experiments", [])
+    found = post("runs/search", {"experiment_ids": [e["experiment_id"] for e in experiments],
+                                 "filter": f"tags.prefect_flow_run_id = '{flow_run_id}'"})
+    return found.get("runs", [])
+
+
+def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=print) -> bool:
+    os.environ["GPTFLOW_HOME"] = str(home)
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_HOME"):
+        os.environ.pop(var, None)  # this workspace's servers, not whatever the caller points at
+    setup_env()
+    started = time.monotonic()
+    try:
+        services.start_all(ports={name: free_port() for name in services.SERVICES[:-1]}, home=home, echo=echo)
+        echo(f"served in {time.monotonic() - started:.0f} s")
+        prefect, mlflow = services.read_state("prefect", home), services.read_state("mlflow", home)
+        api = prefect.export.split("=", 1)[1]
+        tracking = mlflow.export.split("=", 1)[1]
+        os.environ["PREFECT_API_URL"] = api
+        t0 = time.monotonic()
+        deploy_all({**os.environ, "PREFECT_HOME": str(home / "deployer")})
+        echo(f"deployed prefect.yaml in {time.monotonic() - t0:.0f} s")
+        t0 = time.monotonic()
+        run_id, state, names = asyncio.run(run_deployment(deployment, parameters, timeout))
+        run_s = time.monotonic() - t0
+        runs = mlflow_runs(tracking, run_id)
+    finally:
+        t0 = time.monotonic()
+        for name in reversed(services.SERVICES):
+            services.stop(name, home, echo=lambda _: None)
+        echo(f"stopped in {time.monotonic() - t0:.0f} s")
+    ok = state == "Completed" and bool(runs)
+    echo("\n=== deployment check ===")
+    echo(f"deployments on the server: {len(names)} ({', '.join(names)})")
+    echo(f"flow run {run_id} of {deployment}: {state} in {run_s:.0f} s (picked up by the worker)")
+    echo(f"MLflow runs on the server for it: {len(runs)} (" + ", ".join(
+        r["info"].get("run_name", "?") + ":" + r["info"]["status"] for r in runs) + ")")
+    echo(f"total {time.monotonic() - started:.0f} s; logs in {home / 'services'}; {'OK' if ok else 'FAILED'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infra.check_deployments", description=__doc__.split("\n\n")[0])
+    p.add_argument("--deployment", default="data/data", help="FLOW/DEPLOYMENT to run (default data/data; "
+                                                              "llm-pipeline/tiny: the whole pipeline)")
+    p.add_argument("--parameters", type=json.loads, help="the run's parameters as JSON, as the UI's form sends them "
+                                                         "(default: the deployment's own; for data/data, no extra text sources)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the run to finish (default 900)")
+    p.add_argument("--workspace", type=Path, help="workspace folder (default: a new temporary one, kept for its logs)")
+    args = p.parse_args(argv)
+    home = (args.workspace or Path(tempfile.mkdtemp(prefix="gptflow-check-"))).resolve()
+    params = args.parameters if args.parameters is not None else CHEAP.get(args.deployment, {})
+    try:
+        return 0 if check(args.deployment, params, args.timeout, home) else 1
+    except (services.ServiceError, RuntimeError) as e:
+        print(f"check_deployments: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
