@@ -301,12 +301,17 @@ def print_summary(r: dict[str, Any]) -> None:
     print(f"MLflow run:       {r['run_id']} (experiment '{r['experiment']}', tracking URI {r['tracking_uri']})")
     for reg in r["models"].values():
         print(f"Registered model: {reg['name']} version {reg['version']}  ->  "
-              + ", ".join(f"models:/{reg['name']}@{a}" for a in reg["aliases"]))
+              + ", ".join(f"models:/{reg['name']}@{a}" for a in reg["aliases"])
+              + ("  (the same weights: no new version)" if reg.get("reused") else ""))
+    d, m = r["decision"], r["model"]
+    print(f"Eval gate:        {d['method']} (version {m['version']}) is the candidate: {d['outcome']}, {d['reason']}"
+          f"  ->  models:/{m['name']}@champion")
     print("Stage times (s):  " + ", ".join(f"{k} {v:.1f}" + (" (cached)" if r["cached"].get(k) else "")
                                           for k, v in r["times"].items()))
     print(f"Stage folders:    {Path(r['stage_dirs']['sft']).parent.parent}")
     print(f"Browse:           mlflow ui --backend-store-uri {r['tracking_uri']} --host 127.0.0.1")
-    print("\nEval results, side by side:\n" + r["eval_table"])
+    print("\nEval results, side by side (results.md and results.png on the MLflow run; contamination.md beside them):\n"
+          + r["eval_table"])
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
