@@ -2,7 +2,7 @@
 a worker in a fresh workspace, runs `prefect deploy --all` from the repo root, starts the data deployment through
 the API as the UI's Run button does, waits for Completed and finds the run's MLflow run on the MLflow server.
 
-    python -m pytest tests/e2e/test_deployments.py -x -q      (~2-4 min on 2 cores)
+    python -m pytest tests/e2e/test_deployment_run.py -x -q      (~2-4 min on 2 cores)
 """
 
 from __future__ import annotations
