@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from eval.benchmarks import GENERATIVE_TASKS, TASKS
+from eval.benchmarks import CHANCE, GENERATIVE_TASKS, TASKS
 from eval.lm import GPTFlowLM
 from eval.taskgen import GROUP, expand_tasks, lm_eval_name, short_name, write_task_configs
 
@@ -248,16 +248,14 @@ def _write_reports(summary: dict[str, Any], out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # plotting
 
-CHANCE = {  # accuracy of random guessing (4-way, 2-way); lambada's exact-word acc has no meaningful chance level
-    "hellaswag": 0.25,
-    "arc_easy": 0.25,
-    "arc_challenge": 0.25,
-    "piqa": 0.5,
-    "winogrande": 0.5,
-    "boolq": 0.5,
-    "openbookqa": 0.25,
-}
 PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "byte_perplexity")
+
+
+def mark_chance(ax: Any, tasks: list[str]) -> None:
+    """A dashed line at each task's chance accuracy (`eval.benchmarks.CHANCE`) over its group of bars."""
+    for i, t in enumerate(tasks):
+        if t in CHANCE:
+            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
 
 
 def plot_results(results: dict[str, Any], png_path: Path) -> Path:
@@ -282,9 +280,7 @@ def plot_results(results: dict[str, Any], png_path: Path) -> Path:
         ys = [res[t][metric] for t in acc_tasks if metric in res[t]]
         errs = [(stderr.get(t, {}).get(metric) or 0.0) for t in acc_tasks if metric in res[t]]
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=metric)
-    for i, t in enumerate(acc_tasks):
-        if t in CHANCE:
-            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    mark_chance(ax, acc_tasks)
     ax.set_xticks(range(len(acc_tasks)), acc_tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

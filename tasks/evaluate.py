@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval.benchmarks import CHANCE, GENERATIVE_TASKS, TASKS
+from eval.benchmarks import GENERATIVE_TASKS, TASKS
 from infra.env import resolve_path
 from tasks.refs import EvalReport, ModelRef, TokenizerRef
 
@@ -101,6 +101,8 @@ def compare_chart(reports: dict[str, EvalReport], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from eval.harness import mark_chance
+
     names = list(reports)
     scores = {n: r.scores() for n, r in reports.items()}
     tasks = [t for t in TASKS if any(f"{t}/acc" in s for s in scores.values())]
@@ -110,9 +112,7 @@ def compare_chart(reports: dict[str, EvalReport], png: Path) -> Path:
     for j, n in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(tasks))]
         ax.bar(xs, [scores[n].get(f"{t}/acc", 0.0) for t in tasks], width, label=n)
-    for i, t in enumerate(tasks):
-        if t in CHANCE:
-            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    mark_chance(ax, tasks)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("acc")
