@@ -43,12 +43,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models.gpt import GPT, GPTConfig  # noqa: E402
+from tasks.heldout import split_bits_per_byte  # noqa: E402
 from tasks.pretrain import PretrainConfig  # noqa: E402
 from tasks.refs import ShardsRef  # noqa: E402
 from tasks.train_config import lr_at  # noqa: E402
 from tasks.train_worker import TokenWindows, matmul_flops  # noqa: E402
 
-SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare_input.txt.gz"
+SHAKESPEARE = REPO_ROOT / "data" / "text" / "tinyshakespeare.txt.gz"
 CPU = torch.device("cpu")
 
 
@@ -311,27 +312,6 @@ def budget_config(vocab_size: int) -> PretrainConfig:
                           weight_decay=0.1, seed=1337, num_workers=1)
 
 
-@torch.no_grad()
-def bits_per_byte(model: GPT, shards: Path, split: str = "val", batch: int = 16) -> float:
-    """Every token of the split predicted once, in non-overlapping windows; nats summed, over the split's bytes."""
-    index = json.loads((shards / "index.json").read_text())
-    info = index["splits"][split]
-    ids = torch.from_numpy(np.fromfile(shards / info["shards"][0]["file"], dtype=np.dtype(index["dtype"])).astype(np.int64))
-    T = model.config.block_size
-    full = (len(ids) - 1) // T
-    starts = range(0, full * T, T)
-    batches = [torch.stack([ids[s : s + T + 1] for s in starts[i : i + batch]]) for i in range(0, full, batch)]
-    if len(ids) - full * T > 1:
-        batches.append(ids[None, full * T :])  # the shorter tail
-    model.eval()
-    nats = 0.0
-    for x in batches:
-        logits, _ = model(x[:, :-1])
-        nats += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-    model.train()
-    return nats / math.log(2) / info["bytes"]
-
-
 def budget_run(text_file: Path, minutes: float, vocab_size: int) -> None:
     t_start = time.perf_counter()
     shards = shakespeare_shards(text_file, vocab_size, workspace() / "bench" / f"shakespeare_bpe{vocab_size}")
@@ -371,10 +351,75 @@ def budget_run(text_file: Path, minutes: float, vocab_size: int) -> None:
     seconds = time.perf_counter() - t0
     tokens = step * tokens_per_step
     tps = tokens / seconds
-    bpb = bits_per_byte(model, shards)
+    bpb = split_bits_per_byte(model, shards)
     print(f"\nRESULT val bits/byte {bpb:.4f} | {step} steps, {tokens / 1e6:.2f}M tokens "
           f"({tokens / index['splits']['train']['tokens']:.1f} epochs) in {seconds:.0f} s, {tps:.0f} tokens/s, "
           f"final train loss {loss.item():.3f} | total {time.perf_counter() - t_start:.0f} s | {load()}")
+
+
+# ---------------------------------------------------------------- (e) step speed against nanoGPT
+
+
+def load_nanogpt(checkout: Path):
+    """nanoGPT's `model.py` from the user's checkout, imported under its own module name (nothing of it is here)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    path = Path(checkout) / "model.py"
+    if not path.exists():
+        raise SystemExit(f"--nanogpt: no model.py in {checkout} (a checkout of github.com/karpathy/nanoGPT)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    with contextlib.redirect_stdout(io.StringIO()):
+        spec.loader.exec_module(module)
+    return module
+
+
+def bench_nanogpt(checkout: Path, contexts: tuple[int, ...], rounds: int, tokens_per_step: int) -> list[dict]:
+    """One training step (forward with the loss, backward, clip to 1.0, AdamW step) of our GPT-2-style model and
+    of nanoGPT's on the same configuration (nanoGPT's CPU recipe: 4 layers, 4 heads, d_model 128, no bias, no
+    dropout; a 65-id character vocabulary), each with its own optimizer set-up, alternating step by step in this
+    process so that load from other processes falls on both alike. The batch keeps the tokens per step fixed."""
+    import contextlib
+    import io
+
+    nano = load_nanogpt(checkout)
+    rows = []
+    for T in contexts:
+        batch = max(1, tokens_per_step // T)
+        ours_cfg = GPTConfig(arch="gpt2", vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False)
+        theirs_cfg = nano.GPTConfig(block_size=T, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+                                    bias=False)
+        torch.manual_seed(0)
+        ours = GPT(ours_cfg)
+        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter counts
+            theirs = nano.GPT(theirs_cfg)
+            theirs_opt = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        models = {"ours": (ours, make_optimizer(ours)), "nanogpt": (theirs, theirs_opt)}
+        x = torch.randint(0, 65, (batch, T + 1))
+        inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+        def step(model: torch.nn.Module, opt: torch.optim.Optimizer, inp=inp, tgt=tgt) -> float:
+            t = time.perf_counter()
+            loss = model(inp, tgt)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t
+
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for r in range(rounds + 3):  # 3 warm-up rounds
+            order = list(models) if r % 2 == 0 else list(models)[::-1]  # neither always goes first
+            for name in order:
+                dt = step(*models[name])
+                if r >= 3:
+                    times[name].append(dt)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"context": T, "batch": batch, "ours_ms": 1e3 * med["ours"], "nanogpt_ms": 1e3 * med["nanogpt"],
+                     "params_ours": ours.num_params(), "params_nanogpt": sum(p.numel() for p in theirs.parameters())})
+    return rows
 
 
 # ---------------------------------------------------------------- main
@@ -393,9 +438,23 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true", help="leave out (c)")
     ap.add_argument("--head-chunks", type=int, nargs="+", default=[0, 512],
                     help="(d) loss_chunk values to compare at GPT-2's vocabulary (0: plain head + cross-entropy)")
+    ap.add_argument("--nanogpt", type=Path, metavar="DIR",
+                    help="(e) only: time our training step against nanoGPT's, from a checkout of it at DIR")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024], help="(e) contexts to time")
+    ap.add_argument("--rounds", type=int, default=20, help="(e) timed steps of each model per context")
+    ap.add_argument("--step-tokens", type=int, default=8192, help="(e) tokens per step (batch = this / context)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.nanogpt:
+        rows = bench_nanogpt(args.nanogpt, tuple(args.contexts), args.rounds, args.step_tokens)
+        print(f"(e) one training step, ours vs nanoGPT ({args.nanogpt}), GPT-2 style 4 x 128, "
+              f"{args.step_tokens} tokens per step, median of {args.rounds} alternating steps, {load()}")
+        print(f"  {'context':>7} {'batch':>5} {'ours ms':>8} {'nanoGPT ms':>10} {'nanoGPT/ours':>12} {'params':>18}")
+        for r in rows:
+            print(f"  {r['context']:>7} {r['batch']:>5} {r['ours_ms']:8.1f} {r['nanogpt_ms']:10.1f} "
+                  f"{r['nanogpt_ms'] / r['ours_ms']:12.2f} {r['params_ours']:>8,}/{r['params_nanogpt']:,}")
+        return
     if args.budget_minutes:
         budget_run(args.text, args.budget_minutes, args.vocab)
         return

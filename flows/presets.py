@@ -6,6 +6,8 @@
 - `small`: a 13.8M-parameter model, context 256, for a workstation, on 50 WET files of a Common Crawl snapshot.
 - `gpt2-124m`: GPT-2 small (12 layers, d_model 768, 12 heads, context 1024, vocab padded to 50,304) on GPUs, on
   14,100 WET files of the same snapshot.
+- `shakespeare`: the pretraining quality recipe: 10 minutes of training on tiny-shakespeare's first 90 % on 2 CPU
+  cores, scored in bits per byte on the last 10 % (the tokenizer and pretrain stages only).
 
 Data for `small` and `gpt2-124m` is sized from the data stage's measured yield (flows/plan.py, CRAWL_YIELD): on the
 bundled crawl sample, 86 pages kept 9,018 bytes of English text after every filter and dedup, 105 bytes a page;
@@ -33,7 +35,7 @@ from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 
-PresetName = Literal["tiny", "small", "gpt2-124m"]
+PresetName = Literal["tiny", "small", "gpt2-124m", "shakespeare"]
 
 
 # Common Crawl's May 2024 snapshot: its WET listing (plain text, ~0.1 GB a file, ~10x smaller than the WARC).
@@ -116,7 +118,30 @@ def gpt2_124m() -> PipelineConfig:
     })
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m}
+def shakespeare() -> PipelineConfig:
+    # The pretraining quality recipe: 10 minutes of training on 2 CPU cores, scored in bits per byte on the held-out
+    # last 10% of tiny-shakespeare (every byte once; pretrain.heldout_bpb). Two stages, not the whole pipeline:
+    #   gptflow tokenizer --preset shakespeare --input data/text/tinyshakespeare.txt.gz
+    #   gptflow pretrain --preset shakespeare --input <the tokenizer's shards folder>
+    # 1,003,854 train characters -> ~412k tokens with a 1,024 BPE trained on them alone (val_split="tail").
+    # One worker with both cores (a second worker would halve each one's threads and add an all-reduce).
+    vocab = 1024
+    base = tiny()
+    return base.model_copy(update={
+        "preset": "shakespeare",
+        "tokenizer": TokenizerConfig(vocab_size=vocab, val_fraction=0.1, val_split="tail"),
+        "pretrain": PretrainConfig(
+            model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=4, n_head=4, n_embd=128,
+                            dropout=0.1),
+            steps=1000, batch_size=8, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
+            num_workers=1, cpus_per_worker=2, time_budget_s=600, heldout_bpb=True, allow_repeats=True,
+            log_every=25, eval_every=250, ckpt_every=250, eval_batches=8,
+        ),
+    })
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "small": small, "gpt2-124m": gpt2_124m,
+                                                    "shakespeare": shakespeare}
 
 
 def resolve(preset: str, overrides: dict | None = None) -> PipelineConfig:

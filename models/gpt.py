@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from models.config import GPTConfig
 from models.head_loss import IGNORE_INDEX, chunked_head_loss
+from models.optim import MuonAdamW
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -393,10 +394,19 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
     def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms and biases."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), optimizer: str = "adamw"
+    ) -> torch.optim.AdamW | MuonAdamW:
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms and biases. With
+        `optimizer="muon"`, the blocks' weight matrices go to Muon instead (`models/optim.py`)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if optimizer == "muon":
+            matrices = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
+            ids = {id(p) for p in matrices}
+            rest = [p for _, p in named if id(p) not in ids]
+            return MuonAdamW(matrices, [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                             lr, weight_decay, betas)
+        params = [p for _, p in named]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

@@ -60,6 +60,12 @@ class PretrainConfig(TrainOptions):
         "start (Muennighoff et al. 2023: up to ~4 epochs of repeated data cost about as little as fresh data).",
     )
     allow_repeats: bool = Field(False, description="Train even when the schedule makes more than max_passes passes.")
+    heldout_bpb: bool = Field(
+        False,
+        description="After training, bits per byte of the whole validation split, every token predicted once in "
+        "non-overlapping windows (`pretrain/heldout_bpb`; tasks/heldout.py), in the driver. Off by default: on a "
+        "large corpus it is a pass over every validation token.",
+    )
 
     @model_validator(mode="after")
     def _check_batch_tokens(self) -> PretrainConfig:
@@ -190,7 +196,16 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
     history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,
                                              lambda d: export_checkpoint(d, out_dir))
     plot_loss(history, out_dir / "loss_curve.png", "pretraining")
-    return _model_ref(cfg, out_dir, history, final, seconds)
+    ref = _model_ref(cfg, out_dir, history, final, seconds)
+    if cfg.heldout_bpb:
+        from models.checkpoint import load_model
+        from tasks.heldout import split_bits_per_byte
+
+        bpb = split_bits_per_byte(load_model(out_dir / "model"), Path(shards.path))
+        ref = ref.model_copy(update={"metrics": {**ref.metrics, "pretrain/heldout_bpb": bpb}})
+        print(f"pretrain: {bpb:.4f} bits per byte on the whole validation split "
+              f"({index['splits']['val']['bytes']:,} bytes, each predicted once)")
+    return ref
 
 
 def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], final: dict[str, Any],

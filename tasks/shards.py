@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-Docs = Iterable[str | tuple[str, str | None]]  # texts, or (text, source) pairs
+# texts, (text, source) pairs, or (text, source, split) triples whose split ("train" or "val") is already chosen
+Docs = Iterable[str | tuple[str, str | None] | tuple[str, str | None, str]]
 
 
 def is_val(text: str, val_fraction: float) -> bool:
@@ -141,8 +142,8 @@ def _batches(docs: Docs, cfg: TokenizerConfig, counter: list[int]) -> Iterator[l
     """Documents in batches of `cfg.batch_docs`, each with its split and UTF-8 size; `counter[0]` counts repairs."""
     batch: list[_Doc] = []
     for d in docs:
-        text, source = (d, None) if isinstance(d, str) else d
-        split = "val" if is_val(text, cfg.val_fraction) else "train"
+        text, source, *chosen = (d, None) if isinstance(d, str) else d
+        split = chosen[0] if chosen else "val" if is_val(text, cfg.val_fraction) else "train"
         clean = valid_unicode(text)
         if clean is not text:
             counter[0] += 1

@@ -14,7 +14,7 @@ inside a document is encoded as ordinary text, so the separator id in the shards
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +39,13 @@ class TokenizerConfig(BaseModel):
     )
     vocab_size: int = Field(8192, ge=256 + len(SPECIAL_TOKENS), description="Vocabulary size including the 256 byte tokens and the special tokens.")
     min_frequency: int = Field(2, ge=1, description="A pair must occur this often to be merged.")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of documents (by content hash) held out for validation.")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share held out for validation: of documents (by content hash), or of characters with val_split='tail'.")
+    val_split: Literal["hash", "tail"] = Field(
+        "hash",
+        description="hash: whole documents by content hash, the same document always in the same split. tail: the "
+        "last val_fraction of the corpus's characters, in file order, as one held-out stretch (nanoGPT's "
+        "shakespeare split); the tokenizer then trains on the rest only.",
+    )
     shard_tokens: int = Field(50_000_000, ge=1000, description="Tokens per shard file (shards are memory-mapped by the trainer).")
     batch_docs: int = Field(1024, ge=1, description="Documents per encode_batch call.")
 
@@ -88,6 +94,23 @@ def iter_texts(path: Path) -> Iterator[str]:
         yield text
 
 
+def tail_split(docs: Iterable[tuple[str, str | None]], val_fraction: float) -> list[tuple[str, str | None, str]]:
+    """`(text, source, split)`: the last `val_fraction` of all characters, in order, is "val"; a document that
+    straddles the cut is split there into a train part and a val part."""
+    docs = list(docs)
+    cut = round(sum(len(text) for text, _ in docs) * (1 - val_fraction))
+    out: list[tuple[str, str | None, str]] = []
+    pos = 0
+    for text, source in docs:
+        head = min(max(cut - pos, 0), len(text))
+        if head:
+            out.append((text[:head], source, "train"))
+        if head < len(text):
+            out.append((text[head:], source, "val"))
+        pos += len(text)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -111,7 +134,7 @@ def _counts(index: dict[str, Any]) -> dict[str, Any]:
     return counts | ({"tokens_by_source": by_source} if by_source else {})
 
 
-def _metrics(cfg: TokenizerConfig, corpus: Path, index: dict[str, Any]) -> dict[str, float]:
+def _metrics(cfg: TokenizerConfig, held_out: Iterable[str], index: dict[str, Any]) -> dict[str, float]:
     """Bytes per token: UTF-8 bytes of document text over its tokens, separators not counted, so they compare
     with `tokenizer/bytes_per_token_gpt2`, GPT-2's tokenizer on the same held-out (validation) documents,
     reported when the GPT-2 files are available."""
@@ -121,7 +144,6 @@ def _metrics(cfg: TokenizerConfig, corpus: Path, index: dict[str, Any]) -> dict[
     if cfg.source == "gpt2":
         metrics["tokenizer/bytes_per_token_gpt2"] = bpt["val"]
     elif GPT2_VOCAB.exists() and GPT2_MERGES.exists():
-        held_out = (t for t in iter_texts(corpus) if is_val(t, cfg.val_fraction))
         n_tokens, n_bytes = count_tokens(load_gpt2(), held_out, cfg.batch_docs)
         metrics["tokenizer/bytes_per_token_gpt2"] = n_bytes / max(n_tokens, 1)
     return metrics
@@ -135,17 +157,24 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: CorpusRef, out_dir: Path) -> T
     shards folder, `index.json` and every shard (`shard/<file>`), so the manifest lists each with its sha256.
     """
     src = Path(corpus.path)
-    tok = load_gpt2() if cfg.source == "gpt2" else train_bpe(iter_texts(src), cfg)
+    if cfg.val_split == "tail":
+        docs = tail_split(iter_docs(src), cfg.val_fraction)
+        texts: Iterable[str] = (text for text, _, split in docs if split == "train")
+        held_out = (text for text, _, split in docs if split == "val")  # lazy: read only for GPT-2's count
+    else:
+        docs, texts = iter_docs(src), iter_texts(src)
+        held_out = (t for t in iter_texts(src) if is_val(t, cfg.val_fraction))
+    tok = load_gpt2() if cfg.source == "gpt2" else train_bpe(texts, cfg)
     tok_dir, shards_dir = out_dir / "tokenizer", out_dir / "shards"
     save_tokenizer(tok, tok_dir)
-    index = write_shards(tok, iter_docs(src), cfg, shards_dir)
+    index = write_shards(tok, docs, cfg, shards_dir)
     counts = _counts(index)
     shard_files = {f"shard/{f}": str(shards_dir / f) for f in counts["shards"]}
     shards = ShardsRef(path=str(shards_dir), counts={k: counts[k] for k in ("train_tokens", "val_tokens", "vocab_size")})
     return TokenizerRef(
         path=str(tok_dir),
         counts=counts,
-        metrics=_metrics(cfg, src, index),
+        metrics=_metrics(cfg, held_out, index),
         files={"tokenizer": str(tok_dir), "shards": str(shards_dir), "index": str(shards_dir / "index.json"), **shard_files},
         artifacts=["tokenizer", "index"],
         shards=shards,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainOptions(BaseModel):
@@ -23,6 +23,12 @@ class TrainOptions(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on matrices.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW on every weight. muon: Muon on the blocks' weight matrices (their momentum "
+        "orthogonalised, update scaled to AdamW's RMS so lr is shared) and AdamW on embeddings, head and norms; "
+        "needs whole matrices, so not with strategy=fsdp.",
+    )
     beta1: float = Field(0.9, description="AdamW beta1.")
     beta2: float = Field(0.95, description="AdamW beta2 (GPT-3: 0.95).")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
@@ -46,6 +52,12 @@ class TrainOptions(BaseModel):
         description="Times Ray Train restarts the worker group from the last checkpoint after a worker dies (a "
         "killed process, a lost node) before the fit fails; -1: without limit, 0: never (the stage rerun resumes).",
     )
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> TrainOptions:
+        if self.optimizer == "muon" and self.strategy == "fsdp" and self.num_workers > 1:
+            raise ValueError("optimizer=muon orthogonalises whole matrices, which fsdp shards: use strategy=ddp")
+        return self
 
 
 def lr_at(step: float, cfg: TrainOptions) -> float:

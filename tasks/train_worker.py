@@ -188,7 +188,7 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
         if d is not None:
             load_weights(raw, d)  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
-        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))  # FSDP: over the shards
+        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer)  # FSDP: over the shards
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         w = Worker(cfg, rank, world, device, raw, model, opt, amp, accum or cfg.accum_steps,
                    save_config or cfg.model, stage)

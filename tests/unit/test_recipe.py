@@ -1,0 +1,107 @@
+"""The pretraining quality recipe's parts: the held-out tail split, bits per byte over a whole split, and Muon
+beside AdamW (no Ray here; the Ray fit with both is in test_budget.py).
+
+Run: `.venv/bin/python -m pytest tests/unit/test_recipe.py -x -q`
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flows.presets import resolve
+from infra.env import DATA_DIR
+from models.gpt import GPT, GPTConfig
+from models.optim import MuonAdamW
+from tasks.heldout import split_bits_per_byte
+from tasks.pretrain import PretrainConfig
+from tasks.refs import CorpusRef
+from tasks.tokenizer import build_tokenizer, tail_split
+
+SHAKESPEARE = DATA_DIR / "text" / "tinyshakespeare.txt.gz"
+
+
+def test_tail_split_cuts_the_last_share_of_characters_across_documents():
+    docs = [("aaaa", "x"), ("bbbbbb", None), ("cc", "y")]  # 12 characters: the last 25% are "bcc"
+    assert tail_split(docs, 0.25) == [("aaaa", "x", "train"), ("bbbbb", None, "train"), ("b", None, "val"),
+                                      ("cc", "y", "val")]
+    assert tail_split(docs, 0.5) == [("aaaa", "x", "train"), ("bb", None, "train"), ("bbbb", None, "val"),
+                                     ("cc", "y", "val")]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shakespeare")
+    cfg = resolve("shakespeare").tokenizer
+    build_tokenizer(cfg, CorpusRef(path=str(SHAKESPEARE)), out)
+    return out / "shards"
+
+
+def test_the_recipe_holds_out_the_texts_last_tenth_and_its_tokenizer_never_saw_it(shakespeare):
+    text = gzip.open(SHAKESPEARE, "rt", encoding="utf-8").read()
+    cut = round(len(text) * 0.9)
+    index = json.loads((shakespeare / "index.json").read_text())
+    assert index["splits"]["val"]["bytes"] == len(text[cut:].encode("utf-8"))
+    assert index["splits"]["train"]["bytes"] == len(text[:cut].encode("utf-8"))
+    # the tokenizer was trained on the first 90% only: it compresses its own training text better than the tail
+    bpt = {s: index["splits"][s]["bytes"] / index["splits"][s]["tokens"] for s in ("train", "val")}
+    assert bpt["train"] > bpt["val"]
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_byte(shakespeare):
+    index = json.loads((shakespeare / "index.json").read_text())
+    model = GPT(GPTConfig(arch="llama", vocab_size=index["vocab_size"], block_size=64, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.wte.weight.zero_()  # tied head: every logit 0, every token 1/V
+    val = index["splits"]["val"]
+    expected = (val["tokens"] - 1) * math.log2(index["vocab_size"]) / val["bytes"]  # every token but the first, once
+    assert split_bits_per_byte(model, shakespeare, batch=7) == pytest.approx(expected, rel=1e-6)
+
+
+def _train(steps: int, resume_at: int | None = None) -> list[float]:
+    cfg = GPTConfig(arch="llama", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    batches = [torch.from_numpy(np.random.default_rng(i).integers(0, 64, (4, 17))) for i in range(2)]
+    data = [batches[i % 2] for i in range(steps)]  # two batches again and again: learnable
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = model.configure_optimizer(1e-2, 0.1, optimizer="muon")
+    losses = []
+    for i, x in enumerate(data):
+        if i == resume_at:  # a fresh model and optimizer from the saved states, as a resumed run builds them
+            weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+            torch.manual_seed(1)
+            model = GPT(cfg)
+            model.load_state_dict(weights)
+            opt = model.configure_optimizer(1e-2, 0.1, optimizer="muon")
+            opt.load_state_dict(state)
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_muon_takes_the_blocks_matrices_and_resumes_exactly_from_its_state():
+    model = GPT(GPTConfig(arch="llama", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    opt = model.configure_optimizer(1e-2, 0.1, optimizer="muon")
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")}
+    assert "wte.weight" not in muon and len(opt.param_groups) == 3
+    whole, resumed = _train(8), _train(8, resume_at=4)
+    assert resumed == whole
+    assert whole[-1] < whole[0]
+
+
+def test_muon_is_refused_with_fsdp():
+    model = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(ValueError, match="optimizer=muon .* use strategy=ddp"):
+        PretrainConfig(model=model, optimizer="muon", strategy="fsdp", num_workers=2)
