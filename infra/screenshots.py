@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -184,8 +185,9 @@ def screenshot(page: Page, out_dir: Path, size: tuple[int, int] = (1400, 1000), 
 
 
 def missing(text: str, version: Version) -> list[str]:
-    """The expected strings of `version` that `text` does not contain."""
-    return [s for s in version.expected() if s not in text]
+    """The expected strings of `version` that `text` does not contain as whole words (`Version 3` is not found
+    in `Version 31`, nor `@ candidate` in `@ candidate2`)."""
+    return [s for s in version.expected() if not re.search(rf"(?<!\S){re.escape(s)}(?!\S)", text)]
 
 
 # ---------------------------------------------------------------------------------------------- command
