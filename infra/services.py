@@ -281,6 +281,8 @@ def launch(name: str, host: str, port: int | None, home: Path, backend_store_uri
         check_port(host, port, name)
     cmd = command(name, host, port, home, backend_store_uri, artifacts_destination, pool)
     env = service_env(name, home)
+    if name == "prefect":  # the UI's API address follows the settings, not `--port`: it said :4200 on any port
+        env["PREFECT_UI_API_URL"] = f"http://{host}:{port}/api"
     folder = service_dir(name, home)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "server.log", "ab") as out:
