@@ -242,6 +242,7 @@ def test_every_kept_page_is_accounted_for(bad_run):
 # A WARC written by wget
 
 
+@pytest.mark.slow  # a second pipeline run, with every filter (Gopher, C4): ~10 s on an idle 2-core machine
 @pytest.mark.skipif(shutil.which("wget") is None, reason="wget is not installed (apt-get install wget)")
 def test_a_wget_warc_keeps_its_english_pages_and_drops_the_german_one(tmp_path):
     site = tmp_path / "site"
