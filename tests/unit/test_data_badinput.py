@@ -278,3 +278,42 @@ def test_a_wget_warc_keeps_its_english_pages_and_drops_the_german_one(tmp_path):
     assert steps["filter/read_warc"]["in"] == len(pages) and steps["filter/read_warc"]["dropped"] == 0
     assert steps["filter/language"]["dropped_by_reason"] == {"language_not_kept_or_low_score": 1}
     assert result.counts["corrupt_files"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and URLs in the config: refused when the config is made, naming the field
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("inputs", ["ftp://127.0.0.1/crawl.warc.gz"], r"inputs\[0\]: 'ftp://127.0.0.1/crawl.warc.gz' uses ftp://"),
+    ("inputs", ["data/crawl/a.warc.gz", "gopher://x/b.warc.gz"], r"inputs\[1\]: .* uses gopher://"),
+    ("inputs", ["https://user:hunter2@example.org/a.warc.gz"], r"inputs\[0\]: the URL holds credentials"),
+    ("inputs", [""], r"inputs\[0\]: '' is not a usable path"),
+    ("text_sources", {"sftp://host/t.jsonl": 1.0}, r"text_sources\['sftp://host/t.jsonl'\]: .* uses sftp://"),
+    ("paths_base", "s3://key:secret@commoncrawl/", r"paths_base: the URL holds credentials"),
+    ("decontaminate_benchmarks", "ftp://h/b", r"decontaminate_benchmarks: 'ftp://h/b' uses ftp://"),
+])
+def test_unreadable_or_credential_bearing_locations_are_refused_by_field(field, value, message):
+    """As `gptflow` validates a config (`flows.config.validate`): one line naming the field, without the URL's
+    credentials."""
+    from flows.config import validate
+    from tasks.stage import GptflowError
+
+    with pytest.raises(GptflowError, match=f"invalid data config: {field}: Value error, {message}") as e:
+        validate(DataConfig, {field: value}, "data config")
+    assert "\n" not in str(e.value) and "hunter2" not in str(e.value) and "secret@" not in str(e.value)
+
+
+def test_readable_locations_are_kept_as_given():
+    ok = ["file:///tmp/a.warc.gz", "../crawl/b.warc.gz", "s3://commoncrawl/c.warc.gz", "https://x.org/d.warc.gz"]
+    assert DataConfig(inputs=ok).inputs == ok
+
+
+def test_a_command_line_input_is_checked_like_the_config(tmp_path):
+    from flows.cli import data_input
+    from tasks.stage import GptflowError
+
+    with pytest.raises(GptflowError, match=r"--input: 'ftp://127.0.0.1:9/x.warc.gz' uses ftp://"):
+        data_input("ftp://127.0.0.1:9/x.warc.gz")
+    (tmp_path / "x.warc.gz").write_bytes(b"")
+    assert data_input(str(tmp_path / "x.warc.gz")) == str(tmp_path / "x.warc.gz")
