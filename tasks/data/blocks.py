@@ -186,23 +186,19 @@ def is_wat_record(record) -> bool:
 
 
 class TextReader(_AssignedFiles, JsonlReader):
-    """JsonlReader that counts lines and skips bad lines and damaged files instead of failing the task."""
+    """JsonlReader that counts lines and skips bad lines (by reason) and damaged files (a file cut short, or not
+    UTF-8: from the first undecodable line on) instead of failing the task; a UTF-8 byte-order mark is dropped."""
 
     name = "🐿 Text (JSONL)"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        import orjson
-
         try:
             with self.data_folder.open(filepath, "r", compression=self.compression) as f:
                 for li, line in enumerate(f):
                     self.stat_update("records")
                     with self.track_time():
-                        try:
-                            document = self.get_document_from_dict(orjson.loads(line), filepath, li)
-                            reason = None if document else "empty"
-                        except (orjson.JSONDecodeError, TypeError, AttributeError):
-                            document, reason = None, "bad_json"
+                        document, reason = self._document(line.removeprefix("\ufeff") if li == 0 else line,
+                                                          filepath, li)
                     if document is None:
                         self.stat_update("dropped", f"dropped_{reason}")
                         continue
@@ -210,6 +206,24 @@ class TextReader(_AssignedFiles, JsonlReader):
         except _corrupt_errors() as e:
             self.stat_update("corrupt_files", corrupt_file_stat(filepath))
             logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+
+    def _document(self, line: str, filepath: str, li: int) -> tuple[Document | None, str | None]:
+        """(document, None), or (None, why the line gives none): `bad_json` (not a JSON object), `no_text_field`,
+        `text_not_a_string` (a number, a list, null: datatrove would fail the task on its length) or `empty`."""
+        import orjson
+
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None, "bad_json"
+        if not isinstance(record, dict):
+            return None, "bad_json"
+        if self.text_key not in record:
+            return None, "no_text_field"
+        if not isinstance(record[self.text_key], str):
+            return None, "text_not_a_string"
+        document = self.get_document_from_dict(record, filepath, li)
+        return document, None if document else "empty"
 
 
 class SourceSampler(BaseFilter):
