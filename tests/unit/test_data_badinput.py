@@ -9,6 +9,7 @@ Run: `.venv/bin/python -m pytest tests/unit/test_data_badinput.py -q` (two filte
 import functools
 import gzip
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -130,11 +131,21 @@ def bad_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def text_files() -> dict[str, bytes]:
+    """JSONL text sources: one with a bad line of each kind, one in latin-1, one in UTF-16, one with a UTF-8 BOM."""
+    line = "The caf\u00e9 on the corner opens at eight and serves fresh bread to the whole street every morning."
+    good = "".join(json.dumps({"text": f"{line} Day {i}."}, ensure_ascii=False) + "\n" for i in range(3))
+    bad = good + "".join(x + "\n" for x in ("{not json", "[1, 2]", json.dumps({"body": line}),
+                                             json.dumps({"text": 42}), json.dumps({"text": None}), '{"text": ""}'))
+    return {"bad-lines.jsonl": bad.encode(), "latin1.jsonl": good.encode("latin-1"),
+            "utf16.jsonl": good.encode("utf-16"), "bom.jsonl": good.encode("utf-8-sig")}
+
+
 def reader_only(**kwargs) -> DataConfig:
     """The filter run with the language filter only: what the readers keep reaches `documents/` unless not English."""
-    return DataConfig(text_sources={}, tasks=1, workers=1, exact_dedup=False, minhash=False, sentence_dedup=False,
+    return DataConfig(**{"text_sources": {}} | kwargs, tasks=1, workers=1, exact_dedup=False, minhash=False, sentence_dedup=False,
                       gopher_repetition=False, gopher_quality=False, c4_quality=False, c4_badwords=False, pii=False,
-                      extract_timeout_s=SLOW_MACHINE_TIMEOUT_S, **kwargs)
+                      extract_timeout_s=SLOW_MACHINE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +153,13 @@ def bad_run(tmp_path_factory) -> tuple[CorpusRef, set[str], Path]:
     folder = tmp_path_factory.mktemp("bad")
     for name, data in bad_files(folder).items():
         (folder / name).write_bytes(data)
-    cfg = reader_only(inputs=[str(folder / name) for name in sorted(bad_files(folder))])
+    for name, data in text_files().items():
+        (folder / name).write_bytes(data)
+    cfg = reader_only(inputs=[str(folder / name) for name in sorted(bad_files(folder))],
+                      text_sources={str(folder / name): 1.0 for name in text_files()})
     out = folder / "out"
     result = build_corpus(cfg, crawl_inputs(cfg), out)
-    kept = {r["metadata"]["url"] for r in iter_records(out / "documents")}
+    kept = {r["metadata"]["url"] for r in iter_records(out / "documents") if r["metadata"]["source"] == "crawl"}
     return result, kept, out
 
 
@@ -234,8 +248,35 @@ def test_every_kept_page_is_accounted_for(bad_run):
                 url("member", "bees"), url("member", "bread"), url("headerless", "tides"), url("headerless", "bread"),
                 url("cut", "bees"), url("cut", "tides"), url("cut", "bread")}
     assert kept == expected
-    assert sorted(result.counts["corrupt_files"]) == ["corrupt.warc.gz", "empty.warc.gz", "not-a-warc.warc.gz",
-                                                      "plain-text.warc", "truncated.warc.gz"]
+    assert sorted(reader(result)["corrupt_files"]) == ["corrupt.warc.gz", "empty.warc.gz", "not-a-warc.warc.gz",
+                                                       "plain-text.warc", "truncated.warc.gz"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL text sources, read in the same run
+
+
+def text_reader(result: CorpusRef, name: str) -> dict:
+    """The reader step of the text source `name` (steps `filter/read_text_<i>`, in the config's order)."""
+    return result.counts["steps"][f"filter/read_text_{list(text_files()).index(name)}"]
+
+
+def test_bad_jsonl_lines_are_counted_by_reason_and_the_good_ones_read(bad_run):
+    r = text_reader(bad_run[0], "bad-lines.jsonl")
+    assert r["in"] == 9 and r["kept"] == 3
+    assert r["dropped_by_reason"] == {"bad_json": 2, "no_text_field": 1, "text_not_a_string": 2, "empty": 1}
+
+
+def test_jsonl_in_another_encoding_is_a_counted_damaged_file(bad_run):
+    result = bad_run[0]
+    for name in ("latin1.jsonl", "utf16.jsonl"):
+        assert text_reader(result, name)["corrupt_files"] == [name] and text_reader(result, name)["kept"] == 0
+        assert name in result.counts["corrupt_files"]
+
+
+def test_jsonl_with_a_utf8_byte_order_mark_is_read_whole(bad_run):
+    r = text_reader(bad_run[0], "bom.jsonl")
+    assert r["in"] == r["kept"] == 3 and r["corrupt_files"] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
