@@ -266,8 +266,13 @@ def require(path: str, what: str) -> str:
 def data_input(path: str) -> str:
     """A data `--input`: a local path must exist; a URL (a crawl file or a listing) must answer, so that a typo or
     an unreachable host is one line here rather than a failed flow. The stage checks every file again."""
+    from tasks.data.config import check_location
     from tasks.stage import GptflowError, is_url
 
+    try:
+        check_location("--input", path)  # the scheme and no credentials in the URL, as the config's validator does
+    except ValueError as e:
+        raise GptflowError(str(e)) from e
     if not is_url(path):
         return require(path, "input path")
     from tasks.data import check_input

@@ -30,6 +30,31 @@ def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
     return open(path, encoding="utf-8", newline=newline)  # noqa: SIM115 (the caller closes it)
 
 
+def open_bytes(path: str | Path) -> IO[bytes]:
+    """`path` opened for reading bytes, decompressed by its suffix (`.gz`, `.bz2`)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+
+
+def check_utf8(path: str | Path) -> None:
+    """Raise `JsonlError` naming the file (and line) when it is not UTF-8 text: UTF-16 (found by its byte-order
+    mark) or bytes of another encoding (latin-1, cp1252). Readers that decode lazily (pyarrow) would otherwise fail
+    later, on some record, with no file named. A UTF-8 byte-order mark is fine."""
+    with open_bytes(path) as f:
+        for n, line in enumerate(f, 1):
+            if n == 1 and line.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise JsonlError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); re-encode it as UTF-8")
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlError(f"{path}:{n}: not UTF-8 text (byte {line[e.start:e.start + 1]!r} at column "
+                                 f"{e.start + 1}: latin-1 or cp1252?); re-encode it as UTF-8") from None
+
+
 def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """`(line number, record)` of every non-blank line, counting from 1."""
     with open_text(path) as f:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from infra.env import resolve_path, setup_env
+from infra.jsonl import JsonlError, check_utf8
 from tasks.stage import GptflowError
 
 if TYPE_CHECKING:
@@ -121,6 +122,11 @@ def _load_file(path: Path) -> datasets.Dataset:
     builder = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
     if builder is None:
         raise GptflowError(f"{path}: not a .json, .jsonl or .parquet file (optionally .gz or .bz2)")
+    if builder == "json":  # pyarrow keeps invalid UTF-8 and fails later, on some record, naming no file
+        try:
+            check_utf8(path)
+        except JsonlError as e:
+            raise GptflowError(str(e)) from None
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except StopIteration as e:  # the json builder's way of saying the file holds nothing

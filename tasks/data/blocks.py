@@ -17,6 +17,7 @@ and `dropped` (+ `dropped_<reason>`), so `total == forwarded + dropped` can be c
 Readers count `records` in (page records or lines) and `documents` out, with `dropped_<reason>` for the rest.
 """
 
+import io
 import os
 import re
 import zlib
@@ -88,34 +89,44 @@ class _ReadErrorMemo:
 
 
 class CrawlReader(_AssignedFiles, WarcReader):
-    """WarcReader for WARC (HTML `response`) and WET (plain-text `conversion`) records.
+    """WarcReader for WARC (HTML `response` and `resource`) and WET (plain-text `conversion`) records.
 
-    Requests, metadata and warcinfo records are not pages and are not counted. A page record becomes a document
-    or is dropped as `non_html_or_undecodable` (images, PDFs, robots.txt, undecodable bytes: datatrove's own
-    `process_record` rules) or `empty`. A WAT record (JSON metadata about a page, in a WAT file named like a WARC;
-    `tasks/data/inputs.py` refuses files named *.wat*) is counted and dropped as `wat_metadata_only`, so such a file
-    shows up in the counts instead of silently giving nothing. A damaged file is logged and skipped from the point
-    of damage on.
+    A page record (`response`, `conversion`, or an HTML `resource`, as archiving tools such as warcit write for
+    files) becomes a document or is dropped as `non_html_or_undecodable` (images, PDFs, robots.txt, undecodable
+    bytes: datatrove's own `process_record` rules) or `empty`. A `response` whose payload has no HTTP header block
+    (some crawl tools write the HTML body directly) is read as that body; warcio alone would eat its first lines as
+    headers. Other records (requests, WARC metadata, warcinfo, revisits, non-HTML resources such as wget's log)
+    are not pages: they are counted as `skipped_<type>_records`, not as records. A WAT record (JSON metadata about
+    a page, in a WAT file named like a WARC; `tasks/data/inputs.py` refuses files named *.wat*) is counted and
+    dropped as `wat_metadata_only`, so such a file shows up in the counts instead of silently giving nothing. A
+    damaged or empty file is logged (with the last record read) and skipped from the point of damage on, counted
+    in `corrupt_files`.
     """
 
     name = "🕷 Crawl (WARC/WET)"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         from warcio.archiveiterator import ArchiveIterator
+        from warcio.recordloader import ArchiveLoadFailed
 
+        ri = -1
         try:
             with self.data_folder.open(filepath, "rb", compression=self.compression) as raw:
                 f = _ReadErrorMemo(raw)
-                for ri, record in enumerate(ArchiveIterator(f)):
+                for ri, record in enumerate(ArchiveIterator(f, no_record_parse=True)):
+                    if record.format == "arc" and ".arc" not in os.path.basename(filepath):
+                        raise ArchiveLoadFailed("not a WARC file: no WARC/1.x header (warcio took it for an ARC file)")
                     if is_wat_record(record):
                         self.stat_update("records")
                         self.stat_update("dropped", "dropped_wat_metadata_only")
                         continue
-                    if record.rec_type not in ("response", "conversion"):
+                    if not is_page_record(record):
+                        self.stat_update(f"skipped_{record.rec_type}_records")
                         continue
+                    page = read_page(record)  # the whole record, so a damaged one raises before it is counted
                     self.stat_update("records")
                     with self.track_time():
-                        data = process_record(record)
+                        data = process_record(page)
                         document = self.get_document_from_dict(data, filepath, ri) if data else None
                     if document is None:
                         self.stat_update("dropped", "dropped_empty" if data else "dropped_non_html_or_undecodable")
@@ -127,9 +138,46 @@ class CrawlReader(_AssignedFiles, WarcReader):
                     raise f.error
                 if f.read(1):
                     raise EOFError("data left after the last record warcio could parse")
+                if ri < 0:
+                    raise EOFError("no WARC record in it (an empty file)")
         except _corrupt_errors() as e:
             self.stat_update("corrupt_files", corrupt_file_stat(filepath))
-            logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+            where = f"at record {ri}, counting from 0" if ri >= 0 else "before its first record"
+            logger.error(f"Skipping the rest of damaged input {filepath} ({where}): {type(e).__name__}: {e}")
+
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def is_page_record(record) -> bool:
+    """A record that holds a page: a response, a WET conversion, or a resource declared as HTML."""
+    if record.rec_type in ("response", "conversion"):
+        return True
+    return record.rec_type == "resource" and (record.content_type or "").split(";")[0].strip() in HTML_TYPES
+
+
+def read_page(record):
+    """The record made ready for datatrove's `process_record` (records come from `ArchiveIterator(...,
+    no_record_parse=True)`, so nothing of the block is consumed yet): an HTTP header block, when the payload starts
+    with one, is parsed off; a payload without one (an HTML body written directly, or a resource) is kept whole,
+    and its WARC Content-Type stands for the payload type datatrove looks for."""
+    from warcio.statusandheaders import StatusAndHeadersParser
+
+    block = record.raw_stream.read()
+    if record.rec_type == "response" and block.startswith(b"HTTP/"):
+        stream = io.BytesIO(block)
+        record.http_headers = StatusAndHeadersParser([], verify=False).parse(stream)
+        record.raw_stream = io.BytesIO(stream.read())
+        return record
+    record.raw_stream = io.BytesIO(block)
+    record.http_headers = None
+    declared = (record.content_type or "").split(";")[0].strip()
+    if record.rec_type != "conversion" and declared in HTML_TYPES and not record.rec_headers.get_header(
+            "WARC-Identified-Payload-Type"):
+        record.rec_headers.add_header("WARC-Identified-Payload-Type", declared)
+    if record.rec_type == "resource":
+        record.rec_type = "response"  # process_record reads responses and conversions only
+    return record
 
 
 def is_wat_record(record) -> bool:
@@ -138,23 +186,19 @@ def is_wat_record(record) -> bool:
 
 
 class TextReader(_AssignedFiles, JsonlReader):
-    """JsonlReader that counts lines and skips bad lines and damaged files instead of failing the task."""
+    """JsonlReader that counts lines and skips bad lines (by reason) and damaged files (a file cut short, or not
+    UTF-8: from the first undecodable line on) instead of failing the task; a UTF-8 byte-order mark is dropped."""
 
     name = "🐿 Text (JSONL)"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        import orjson
-
         try:
             with self.data_folder.open(filepath, "r", compression=self.compression) as f:
                 for li, line in enumerate(f):
                     self.stat_update("records")
                     with self.track_time():
-                        try:
-                            document = self.get_document_from_dict(orjson.loads(line), filepath, li)
-                            reason = None if document else "empty"
-                        except (orjson.JSONDecodeError, TypeError, AttributeError):
-                            document, reason = None, "bad_json"
+                        document, reason = self._document(line.removeprefix("\ufeff") if li == 0 else line,
+                                                          filepath, li)
                     if document is None:
                         self.stat_update("dropped", f"dropped_{reason}")
                         continue
@@ -162,6 +206,24 @@ class TextReader(_AssignedFiles, JsonlReader):
         except _corrupt_errors() as e:
             self.stat_update("corrupt_files", corrupt_file_stat(filepath))
             logger.error(f"Skipping the rest of damaged input {filepath}: {type(e).__name__}: {e}")
+
+    def _document(self, line: str, filepath: str, li: int) -> tuple[Document | None, str | None]:
+        """(document, None), or (None, why the line gives none): `bad_json` (not a JSON object), `no_text_field`,
+        `text_not_a_string` (a number, a list, null: datatrove would fail the task on its length) or `empty`."""
+        import orjson
+
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None, "bad_json"
+        if not isinstance(record, dict):
+            return None, "bad_json"
+        if self.text_key not in record:
+            return None, "no_text_field"
+        if not isinstance(record[self.text_key], str):
+            return None, "text_not_a_string"
+        document = self.get_document_from_dict(record, filepath, li)
+        return document, None if document else "empty"
 
 
 class SourceSampler(BaseFilter):

@@ -28,6 +28,28 @@ CRAWL_SOURCE = "crawl"  # metadata["source"] of every crawl document; text sourc
 ASSETS_DIR = DATA_DIR / "assets"  # the fastText LID model and the LDNOOBW list, so the stage runs offline
 
 
+# URL schemes the stage reads through fsspec: local files, HTTP(S) and the object stores. Others (ftp://, sftp://, a
+# typo) are refused when the config is made, naming the field, rather than failing later as "could not be reached".
+URL_SCHEMES = ("file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def check_location(field: str, value: str) -> str:
+    """A path or URL of the config, refused with a one-line error naming `field` when it cannot be read or would put
+    credentials into the logs and MLflow params (the config is logged whole)."""
+    if not value or any(ch in value for ch in "\0\n\r"):
+        raise ValueError(f"{field}: {value!r} is not a usable path (empty, or holds a NUL or line break)")
+    if "://" not in value:
+        return value
+    scheme, _, rest = value.partition("://")
+    if scheme.lower() not in URL_SCHEMES:
+        raise ValueError(f"{field}: {value!r} uses {scheme}://, which the data stage does not read; give a local "
+                         f"path or a URL of: {', '.join(s + '://' for s in URL_SCHEMES)}")
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError(f"{field}: the URL holds credentials (user:password@host), which would be logged with the "
+                         "config; give them through the environment (AWS_*, netrc, the tool's own config)")
+    return value
+
+
 class DataConfig(BaseModel):
     """Data stage config. Defaults follow the papers the filters come from (Gopher, C4, FineWeb)."""
 
@@ -142,10 +164,21 @@ class DataConfig(BaseModel):
         "folder must then be on storage every node shares). 'auto': ray when RAY_ADDRESS is set, else local.",
     )
 
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, v: list[str]) -> list[str]:
+        return [check_location(f"inputs[{i}]", path) for i, path in enumerate(v)]
+
+    @field_validator("paths_base", "decontaminate_benchmarks")
+    @classmethod
+    def _check_folder(cls, v: str, info) -> str:
+        return check_location(info.field_name, v)
+
     @field_validator("text_sources")
     @classmethod
     def _check_weights(cls, v: dict[str, float]) -> dict[str, float]:
         for path, weight in v.items():
+            check_location(f"text_sources[{path!r}]", path)
             if not 0.0 < weight <= 1.0:
                 raise ValueError(f"text source {path!r}: weight must be in (0, 1], got {weight}")
         return v

@@ -219,6 +219,24 @@ def test_unreadable_files_are_one_line_errors(tmp_path, name, text, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(("encoding", "message"), [
+    ("latin-1", r"chat\.jsonl:2: not UTF-8 text \(byte b'\\xe9' at column \d+: latin-1 or cp1252\?\); re-encode it as UTF-8$"),
+    ("utf-16", r"chat\.jsonl: UTF-16 text \(it starts with a UTF-16 byte-order mark\); re-encode it as UTF-8$"),
+])
+def test_a_file_in_another_encoding_is_a_one_line_error_naming_it(tmp_path, encoding, message):
+    """pyarrow reads latin-1 bytes into its strings unchecked and fails later with a bare UnicodeDecodeError."""
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Caf\u00e9?"}, {"role": "assistant", "content": "Ol\u00e9."}]}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "chat.jsonl").write_bytes(text.encode(encoding))
+    for load in (sft, pairs):
+        with pytest.raises(GptflowError, match=message):
+            load(tmp_path / "chat.jsonl")
+    (tmp_path / "chat.jsonl").write_bytes(text.encode("utf-8-sig"))  # a UTF-8 byte-order mark is read
+    convos, counts = sft(tmp_path / "chat.jsonl")
+    assert counts["kept"] == 2 and convos[1][0]["content"] == "Caf\u00e9?"
+
+
 def test_missing_file_and_offline_hub_name_are_one_line_errors(tmp_path):
     with pytest.raises(GptflowError, match="chat data file does not exist: .*nope.jsonl"):
         sft(tmp_path / "nope.jsonl")
