@@ -60,6 +60,12 @@ class PretrainConfig(TrainOptions):
         "start (Muennighoff et al. 2023: up to ~4 epochs of repeated data cost about as little as fresh data).",
     )
     allow_repeats: bool = Field(False, description="Train even when the schedule makes more than max_passes passes.")
+    memory_check: bool = Field(
+        True,
+        description="Before the Ray fit, estimate the memory the workers need on this machine (models/plan.py: "
+        "fp32 weights, grads and AdamW on CPU, bf16 mixed precision on GPU, plus one micro-batch's activations) "
+        "and stop with the numbers when it exceeds what is available. Skipped on a Ray cluster (RAY_ADDRESS).",
+    )
     heldout_bpb: bool = Field(
         False,
         description="After training, bits per byte of the whole validation split, every token predicted once in "
@@ -110,6 +116,55 @@ def check_data_budget(cfg: PretrainConfig, train_tokens: int, where: str = "the 
             "pretrain.allow_repeats=true"
         )
     return passes
+
+
+# ---------------------------------------------------------------- memory
+
+
+def worker_memory_bytes(cfg: PretrainConfig) -> dict[str, float]:
+    """One worker's estimated peak: model states (fp32 weights, grads and AdamW's two moments = 16 bytes a
+    parameter on CPU; bf16 weights and grads with fp32 master weights and moments on GPU, also 16) over the
+    workers when FSDP shards them, plus one micro-batch's activations (16-bit estimate, doubled in fp32 on CPU)."""
+    from models.plan import activation_bytes, param_count, training_memory_bytes
+
+    n = param_count(cfg.model)
+    cpu = not cfg.use_gpu
+    state = training_memory_bytes(n, 4, 4, 8) if cpu else training_memory_bytes(n)
+    share = cfg.num_workers if cfg.strategy == "fsdp" and cfg.num_workers > 1 else 1
+    acts = activation_bytes(cfg.model, cfg.batch_size) * (2 if cpu else 1)
+    return {"states": state["total"] / share, "activations": acts, "total": state["total"] / share + acts}
+
+
+def check_memory(cfg: PretrainConfig) -> dict[str, float] | None:
+    """Stop before training when the workers this machine would host need more memory than it has: on CPU all
+    `num_workers` share the machine's available RAM; on GPU each worker needs its own device's memory. Returns the
+    estimate, or None when it is not checked (switched off, a Ray cluster, or GPU workers with no GPU here)."""
+    import os
+
+    if not cfg.memory_check or os.environ.get("RAY_ADDRESS"):
+        return None
+    need = worker_memory_bytes(cfg)
+    if cfg.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        have, where, total = torch.cuda.get_device_properties(0).total_memory, "GPU 0", need["total"]
+    else:
+        import psutil
+
+        have, where, total = psutil.virtual_memory().available, "this machine's available RAM", need["total"] * cfg.num_workers
+    if total > have:
+        gb = 1e9
+        raise GptflowError(
+            f"pretraining needs about {total / gb:,.1f} GB but {where} has {have / gb:,.1f} GB: per worker "
+            f"{need['states'] / gb:,.1f} GB of weights, gradients and AdamW states + {need['activations'] / gb:,.1f} "
+            f"GB of activations for a micro-batch of {cfg.batch_size} x {cfg.model.block_size} tokens"
+            + ("" if cfg.use_gpu else f", x {cfg.num_workers} workers")
+            + "; lower pretrain.batch_size (raise grad_accum), shrink the model, use strategy=fsdp, or set "
+            "pretrain.memory_check=false"
+        )
+    return need
 
 
 # ---------------------------------------------------------------- the driver
@@ -191,6 +246,7 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
     if vocab > cfg.model.vocab_size:
         raise GptflowError(f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
     check_data_budget(cfg, index["splits"]["train"]["tokens"], f"the shards in {shards.path}")
+    check_memory(cfg)
     config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
               "run": (run or RunLink()).model_dump()}
     history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,

@@ -16,8 +16,9 @@ from flows.plan import TOKENS_PER_CRAWL_FILE, TRAIN_SHARE, preset_data_tokens, r
 from flows.presets import PRESETS, resolve
 from infra.env import DATA_DIR
 from models.gpt import GPTConfig
+from models.plan import param_count
 from tasks.data.inputs import read_listing
-from tasks.pretrain import PretrainConfig, check_data_budget, pretrain_gpt
+from tasks.pretrain import PretrainConfig, check_data_budget, check_memory, pretrain_gpt, worker_memory_bytes
 from tasks.refs import CorpusRef, ShardsRef
 from tasks.stage import GptflowError
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
@@ -90,6 +91,24 @@ def test_a_long_schedule_on_a_small_corpus_stops_before_training(shards, tmp_pat
     allowed = cfg.model_copy(update={"allow_repeats": True})
     assert check_data_budget(allowed, train) == pytest.approx(passes)
     assert check_data_budget(cfg.model_copy(update={"max_passes": math.ceil(passes)}), train) == pytest.approx(passes)
+
+
+def test_a_model_bigger_than_the_machine_stops_before_training_with_the_numbers(shards, tmp_path):
+    import psutil
+
+    big = MODEL.model_copy(update={"n_layer": 48, "n_embd": 4096, "n_head": 32})  # ~9.7B parameters, 16 B each
+    cfg = PretrainConfig(model=big, steps=1, batch_size=8, num_workers=2)
+    need = worker_memory_bytes(cfg)
+    assert need["states"] == 16 * param_count(big)
+    assert 2 * need["total"] > psutil.virtual_memory().available
+    with pytest.raises(GptflowError, match=r"pretraining needs about [\d,.]+ GB but this machine's available RAM has "
+                                           r"[\d,.]+ GB: per worker [\d,.]+ GB of weights.* x 2 workers"):
+        pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()  # stopped before Ray was asked for anything
+    assert check_memory(cfg.model_copy(update={"memory_check": False})) is None
+    fsdp = worker_memory_bytes(cfg.model_copy(update={"strategy": "fsdp"}))
+    assert fsdp["states"] == need["states"] / 2  # sharded over the two workers
+    assert check_memory(resolve("tiny").pretrain)["total"] < 1e9  # the tiny preset fits
 
 
 @pytest.mark.ray
