@@ -124,12 +124,12 @@ def timings(metrics: dict[str, float], children: dict[str, dict[str, Any]]) -> l
 
 
 def table_rows(markdown: str) -> list[dict[str, str]]:
-    """A Markdown table's rows as records keyed by its header cells."""
+    """A Markdown table's rows as records keyed by its header cells (bold, marking the best, dropped)."""
     lines = [ln.strip().strip("|").split("|") for ln in markdown.splitlines() if ln.strip().startswith("|")]
     if len(lines) < 3:
         return []
     header = [h.strip() or "metric" for h in lines[0]]
-    return [dict(zip(header, (c.strip() for c in row), strict=False)) for row in lines[2:]]
+    return [dict(zip(header, (c.strip().strip("*") for c in row), strict=False)) for row in lines[2:]]
 
 
 def environment() -> dict[str, Any]:
