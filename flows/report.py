@@ -4,6 +4,7 @@ on the flow run, so the Prefect UI's run page tells the story."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tasks import tracking
@@ -32,7 +33,8 @@ def publish_report(run_id: str, out_dir: Path) -> Path:
     tracking.log_artifact(run_id, md)
     tracking.log_artifact(run_id, html)
     tracking.log_artifact(run_id, out_dir / "images", "report_images")
-    text = md.read_text().replace("](images/", "](report_images/")  # charts: on the MLflow run, and inlined in the HTML
+    # Prefect's page cannot show the charts' files: name them where they are (on the MLflow run, inlined in the HTML)
+    text = re.sub(r"!\[([^\]]*)\]\(images/([^)]+)\)", r"*\1: `report_images/\2` on the MLflow run*", md.read_text())
     create_markdown_artifact(markdown=text + f"\n\nFull report with charts: `report.html` on MLflow run `{run_id}`, "
                              f"and `{html}`.\n", key=REPORT_KEY, description=f"Run report of MLflow run {run_id}")
     if report.eval_rows:

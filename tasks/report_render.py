@@ -25,7 +25,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def fmt(v: Any) -> str:
     if isinstance(v, bool):
-        return "yes" if v else ""
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e6 else f"{v:.3e}"
     if isinstance(v, int):
