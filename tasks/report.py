@@ -23,13 +23,16 @@ from models.gpt import GPTConfig
 from models.plan import flops_per_token, param_count
 from tasks import tracking
 
-# Metric histories drawn as post-training curves, when a run has them (PPO's reward and KL, DPO's margin and
-# reward accuracy, GRPO's accuracy, reward and KL).
-POST_CURVES = ("ppo/reward", "ppo/kl", "dpo/margin", "dpo/reward_acc", "grpo/accuracy", "grpo/reward", "grpo/kl")
 LOSS_STAGES = ("pretrain", "sft", "dpo", "reward", "grpo")
+# Post-training curves from each stage's history.json (logged on its run, also when the stage was reused, which
+# its MLflow metric histories are not): PPO's reward and KL per rollout, DPO's margin and reward accuracy, GRPO's
+# accuracy, reward and KL of the sampled groups.
+POST_CURVES = {"ppo": ("rollout", {"ppo/reward": "reward", "ppo/kl": "kl"}),
+               "dpo": ("dpo", {"dpo/margin": 3, "dpo/reward_acc": 4}),  # rows [step, chosen, rejected, margin, acc]
+               "grpo": ("grpo", {"grpo/accuracy": "grpo/accuracy", "grpo/reward": "grpo/reward", "grpo/kl": "grpo/kl"})}
 FILES = {"": ("results.md", "promotion.md", "contamination.md", "environment.json"), "data": ("manifest.json",),
          "tokenizer": ("manifest.json",), "pretrain": ("config.json", "history.json"),
-         **{s: ("history.json",) for s in LOSS_STAGES[1:]}}
+         **{s: ("history.json",) for s in (*LOSS_STAGES[1:], "ppo")}}
 LIBRARIES = ("torch", "ray", "prefect", "mlflow", "datatrove", "lm_eval", "transformers", "tokenizers")
 
 
@@ -58,8 +61,9 @@ class RunReport:
 
 def collect(run_id: str) -> RunReport:
     """The report of pipeline run `run_id`, from its MLflow records."""
-    rec = tracking.run_records(run_id, POST_CURVES, FILES)
+    rec = tracking.run_records(run_id, (), FILES)
     parent, children = rec["parent"], {c["name"]: c for c in rec["children"]}
+    histories = {n: json.loads(c["files"]["history.json"]) for n, c in children.items() if "history.json" in c["files"]}
     manifests = {n: json.loads(c["files"]["manifest.json"]) for n, c in children.items() if "manifest.json" in c["files"]}
     files = parent["files"]
     table = files.get("results.md", "")
@@ -71,9 +75,8 @@ def collect(run_id: str) -> RunReport:
         data_totals=manifests.get("data", {}).get("counts", {}).get("totals", {}),
         tokenizer=tokenizer_stats(manifests.get("tokenizer", {})),
         model=model_stats(children.get("pretrain")),
-        losses={s: {k: json.loads(children[s]["files"]["history.json"]).get(k, []) for k in ("train", "val")}
-                for s in LOSS_STAGES if "history.json" in children.get(s, {}).get("files", {})},
-        post_curves={m: v for c in children.values() for m, v in c["curves"].items() if len(v) > 1},
+        losses={s: {k: histories[s].get(k, []) for k in ("train", "val")} for s in LOSS_STAGES if s in histories},
+        post_curves=post_curves(histories),
         eval_table=table, eval_rows=table_rows(table),
         promotion=files.get("promotion.md", "").strip(), contamination=files.get("contamination.md", "").strip(),
         timings=timings(parent["metrics"], children),
@@ -85,6 +88,18 @@ def funnel(counts: dict[str, Any]) -> list[dict[str, Any]]:
     """The data stage's document funnel: each step that reads, filters or dedups, with documents in and kept."""
     return [{"step": name, "in": s["in"], "kept": s["kept"], "dropped": s.get("dropped", s["in"] - s["kept"])}
             for name, s in counts.get("steps", {}).items() if isinstance(s, dict) and "in" in s and "kept" in s]
+
+
+def post_curves(histories: dict[str, dict[str, Any]]) -> dict[str, list]:
+    """{"ppo/reward": [[step, value], ...], ...} for each post-training stage of the run with two points or more."""
+    out = {}
+    for stage, (key, columns) in POST_CURVES.items():
+        rows = histories.get(stage, {}).get(key) or []
+        for name, col in columns.items():
+            points = [[r["step"] if isinstance(r, dict) else r[0], r[col]] for r in rows]
+            if len(points) > 1:
+                out[name] = points
+    return out
 
 
 def tokenizer_stats(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import re
 
-from tasks.report import RunReport, funnel, table_rows
+from tasks.report import RunReport, funnel, post_curves, table_rows
 from tasks.report_render import charts, render_html, render_markdown
 
 
@@ -23,6 +23,14 @@ def test_funnel_keeps_the_steps_that_count_documents_in_order():
                         "filter/language": {"in": 67, "kept": 50}}}
     assert funnel(counts) == [{"step": "filter/read_wet", "in": 69, "kept": 67, "dropped": 2},
                               {"step": "filter/language", "in": 67, "kept": 50, "dropped": 17}]
+
+
+def test_post_training_curves_come_from_each_stages_history_in_its_own_layout():
+    histories = {"dpo": {"dpo": [[5, 0.1, -0.1, 0.2, 0.5], [10, 0.2, -0.2, 0.4, 0.75]]},  # step, chosen, rejected, margin, acc
+                 "ppo": {"rollout": [{"step": 0, "reward": 0.17, "kl": 0.0}, {"step": 4, "reward": 0.01, "kl": 0.02}]},
+                 "grpo": {"grpo": [{"step": 1, "grpo/accuracy": 0.5, "grpo/reward": 0.5, "grpo/kl": 0.0}]}}  # one point
+    assert post_curves(histories) == {"dpo/margin": [[5, 0.2], [10, 0.4]], "dpo/reward_acc": [[5, 0.5], [10, 0.75]],
+                                      "ppo/reward": [[0, 0.17], [4, 0.01]], "ppo/kl": [[0, 0.0], [4, 0.02]]}
 
 
 def test_eval_table_rows_drop_the_bold_that_marks_the_best():
