@@ -61,7 +61,7 @@ class RunReport:
 
 def collect(run_id: str) -> RunReport:
     """The report of pipeline run `run_id`, from its MLflow records."""
-    rec = tracking.run_records(run_id, (), FILES)
+    rec = tracking.run_records(run_id, FILES)
     parent, children = rec["parent"], {c["name"]: c for c in rec["children"]}
     histories = {n: json.loads(c["files"]["history.json"]) for n, c in children.items() if "history.json" in c["files"]}
     manifests = {n: json.loads(c["files"]["manifest.json"]) for n, c in children.items() if "manifest.json" in c["files"]}

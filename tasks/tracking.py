@@ -390,11 +390,10 @@ def register_reward_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef,
     return _register(run_id, "reward_model", pyfunc_reward.__file__, model, tokenizer, name, ["candidate"], tags)
 
 
-def run_records(run_id: str, curves: tuple[str, ...], files: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+def run_records(run_id: str, files: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
     """What a pipeline run recorded, for its report (`tasks/report.py`): the parent run and every run nested under
-    it (two levels: a model's eval nests under its stage's run), each as {name, params, metrics, tags, curves,
-    files}: `curves` are the full histories of the named metrics it has, `files` the text of the artifacts named
-    for its run name ("" for the parent: `{"": ("results.md",), "data": ("manifest.json",)}`) that it has.
+    it (two levels: a model's eval nests under its stage's run), each as {name, params, metrics, tags, files}:
+    `files` holds the text of the artifacts named for its run name ("" for the parent: `{"": ("results.md",), "data": ("manifest.json",)}`) that it has.
     An unknown run id is a ValueError."""
     client = MlflowClient()
     try:
@@ -402,8 +401,8 @@ def run_records(run_id: str, curves: tuple[str, ...], files: Mapping[str, tuple[
     except MlflowException as e:
         raise ValueError(f"MLflow run {run_id}: not found in {tracking_uri()} ({e.message.splitlines()[0]})") from e
     runs = [parent] + _nested(client, parent.info.experiment_id, run_id, depth=2)
-    return {"parent": _record(client, parent, curves, files.get("", ())),
-            "children": [_record(client, r, curves, files.get(r.info.run_name, ())) for r in runs[1:]]}
+    return {"parent": _record(client, parent, files.get("", ())),
+            "children": [_record(client, r, files.get(r.info.run_name, ())) for r in runs[1:]]}
 
 
 def _nested(client: MlflowClient, experiment_id: str, run_id: str, depth: int) -> list:
@@ -411,15 +410,13 @@ def _nested(client: MlflowClient, experiment_id: str, run_id: str, depth: int) -
     return found + [r for child in found if depth > 1 for r in _nested(client, experiment_id, child.info.run_id, depth - 1)]
 
 
-def _record(client: MlflowClient, run: Any, curves: tuple[str, ...], files: tuple[str, ...]) -> dict[str, Any]:
+def _record(client: MlflowClient, run: Any, files: tuple[str, ...]) -> dict[str, Any]:
     rid = run.info.run_id
     present = {a.path for a in client.list_artifacts(rid)} if files else set()
     return {
         "run_id": rid, "name": run.info.run_name, "status": run.info.status, "start_ms": run.info.start_time,
         "end_ms": run.info.end_time, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
         "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.parentRunId"},
-        "curves": {m: [(h.step, h.value) for h in client.get_metric_history(rid, m)] for m in curves
-                   if m in run.data.metrics},
         "files": {f: Path(client.download_artifacts(rid, f)).read_text() for f in files if f in present},
     }
 
