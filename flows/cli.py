@@ -9,6 +9,7 @@
     gptflow chat --model MODEL [--system TEXT] [--temperature T] ...
     gptflow export --model MODEL_DIR --tokenizer TOKENIZER_DIR --out DIR
     gptflow serve prefect|mlflow|ray|worker|all|status|stop [NAME] [--host H] [--port N]
+    gptflow report RUN_ID [--out DIR]
 
 Errors the user can fix (unknown preset or key, malformed --set, missing input) are printed as one line,
 without a traceback, and exit with status 2.
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, metavar="DIR", help="output folder (model.safetensors + config.json)")
     add_chat_parser(sub)
     add_serve_parser(sub)
+    rep = sub.add_parser("report", help="build the run report (Markdown + self-contained HTML) of a pipeline run",
+                         description="Build the report of an existing pipeline run from its MLflow records: data "
+                                     "funnel, tokenizer, model size and compute, curves, evals, timings, environment.")
+    rep.add_argument("run_id", metavar="RUN_ID", help="the pipeline's parent MLflow run id (printed by `gptflow run`)")
+    rep.add_argument("--out", metavar="DIR", help="output folder (default: $GPTFLOW_HOME/reports/RUN_ID)")
     plan = sub.add_parser("plan", help="parameters, FLOPs, memory and time of a model, from its config",
                           description="Plan a training run: parameters, FLOPs (6ND plus attention), memory per device, "
                                       "Chinchilla-optimal tokens and time at a given MFU. Nothing is trained.")
@@ -213,6 +219,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import build_report
+    from infra.env import workspace
+    from tasks import tracking
+    from tasks.stage import GptflowError
+
+    tracking.set_experiment()
+    try:
+        _, md, html = build_report(args.run_id, Path(args.out) if args.out else workspace() / "reports" / args.run_id)
+    except ValueError as e:
+        raise GptflowError(str(e)) from e
+    print(f"run report: {md}\n            {html}")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from models.hf_import import import_hf
     from tasks.stage import GptflowError
@@ -314,6 +335,8 @@ def print_summary(r: dict[str, Any]) -> None:
     print("Stage times (s):  " + ", ".join(f"{k} {v:.1f}" + (" (cached)" if r["cached"].get(k) else "")
                                           for k, v in r["times"].items()))
     print(f"Stage folders:    {Path(r['stage_dirs']['sft']).parent.parent}")
+    if r.get("report"):
+        print(f"Run report:       {r['report']} (also report.md/.html on the MLflow run, `run-report` in Prefect)")
     print(f"Browse:           mlflow ui --backend-store-uri {r['tracking_uri']} --host 127.0.0.1")
     print("\nEval results, side by side (results.md and results.png on the MLflow run; contamination.md beside them):\n"
           + r["eval_table"])
@@ -423,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_run(args) if args.command == "run" else cmd_stage(args)
     except (GptflowError, FileNotFoundError, DiskFullError) as e:  # DiskFullError: a full disk, named with its free space
         print(f"gptflow: error: {e}", file=sys.stderr)

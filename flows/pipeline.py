@@ -21,6 +21,7 @@ from eval.benchmarks import TASKS
 from eval.decontam import clean_scores
 from flows.config import PipelineConfig
 from flows.presets import PresetName, resolve
+from flows.report import publish_report
 from flows.stages import (
     classify_task,
     data_task,
@@ -97,7 +98,10 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         tracking.log_text(parent, contamination.table() + "\n" + clean, "contamination.md")
         print(f"eval of every model of this run (Markdown: results.md, chart: results.png):\n{table}")
     refs |= {"decontam": contamination, **{f"eval_{name}": report for name, report in reports.items()}}
+    # the run report, from the finished run's records: report.md/.html on the run, Prefect artifacts on the flow run
+    report = publish_report(parent, Path(root) / "reports" / parent)
     return {
+        "report": str(report),
         "run_id": parent,
         "tracking_uri": tracking.tracking_uri(),
         "experiment": tracking.EXPERIMENT,

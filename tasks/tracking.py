@@ -388,3 +388,46 @@ def register_reward_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef,
     from tasks import pyfunc_reward
 
     return _register(run_id, "reward_model", pyfunc_reward.__file__, model, tokenizer, name, ["candidate"], tags)
+
+
+def run_records(run_id: str, files: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """What a pipeline run recorded, for its report (`tasks/report.py`): the parent run and every run nested under
+    it (two levels: a model's eval nests under its stage's run), each as {name, params, metrics, tags, files}:
+    `files` holds the text of the artifacts named for its run name ("" for the parent: `{"": ("results.md",), "data": ("manifest.json",)}`) that it has.
+    An unknown run id is a ValueError."""
+    client = MlflowClient()
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"MLflow run {run_id}: not found in {tracking_uri()} ({e.message.splitlines()[0]})") from e
+    runs = [parent] + _nested(client, parent.info.experiment_id, run_id, depth=2)
+    return {"parent": _record(client, parent, files.get("", ())),
+            "children": [_record(client, r, files.get(r.info.run_name, ())) for r in runs[1:]]}
+
+
+def _nested(client: MlflowClient, experiment_id: str, run_id: str, depth: int) -> list:
+    found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+    return found + [r for child in found if depth > 1 for r in _nested(client, experiment_id, child.info.run_id, depth - 1)]
+
+
+def _record(client: MlflowClient, run: Any, files: tuple[str, ...]) -> dict[str, Any]:
+    rid = run.info.run_id
+    present = {a.path for a in client.list_artifacts(rid)} if files else set()
+    return {
+        "run_id": rid, "name": run.info.run_name, "status": run.info.status, "start_ms": run.info.start_time,
+        "end_ms": run.info.end_time, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+        "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.parentRunId"},
+        "files": {f: Path(client.download_artifacts(rid, f)).read_text() for f in files if f in present},
+    }
+
+
+def download_artifact(run_id: str, path: str, dst: Path) -> Path | None:
+    """One artifact of a run (a chart) copied into `dst`; None when the run has no such artifact."""
+    if path not in {a.path for a in MlflowClient().list_artifacts(run_id, str(Path(path).parent) if "/" in path else None)}:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def log_dict(run_id: str, data: Mapping[str, Any], name: str) -> None:
+    MlflowClient().log_dict(run_id, dict(data), name)

@@ -136,6 +136,56 @@ def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     assert int(champion.version) == expected
 
 
+def test_the_run_report_holds_the_runs_numbers_in_mlflow_and_prefect(first_run):
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.report import EVAL_KEY, REPORT_KEY
+    from tasks.report_render import fmt
+
+    client = MlflowClient()
+    run_id = first_run["run_id"]
+    on_run = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.md", "report.html", "environment.json", "report_images"} <= on_run, on_run
+    md = Path(client.download_artifacts(run_id, "report.md")).read_text()
+    html = Path(first_run["report"]).read_text()
+    # the funnel and the tokenizer as the stages' own manifests on disk say
+    data = json.loads((Path(first_run["stage_dirs"]["data"]) / "manifest.json").read_text())["counts"]
+    assert f"{data['totals']['docs_out']:,} documents out" in md
+    for step, s in data["steps"].items():
+        if "kept" in s:
+            assert f"| {step} | {s['in']:,} | {s['kept']:,} |" in md, step
+    tok = json.loads((Path(first_run["stage_dirs"]["tokenizer"]) / "manifest.json").read_text())["counts"]
+    assert f"| train_tokens | {tok['train_tokens']:,} |" in md and f"| vocab_size | {tok['vocab_size']:,} |" in md
+    pre = json.loads((Path(first_run["stage_dirs"]["pretrain"]) / "manifest.json").read_text())["counts"]
+    assert f"| tokens | {pre['tokens']:,} |" in md and "| mfu |" in md and "| train_flops |" in md
+    # the eval table exactly as results.md; timings with the total; this machine's versions
+    assert first_run["eval_table"].strip() in md
+    total = client.get_run(run_id).data.metrics["time/total_s"]
+    assert f"| total | {fmt(round(total, 1))} |" in md
+    import torch
+
+    assert f"| torch | {torch.__version__} |" in md and "| cores |" in md
+    for section in ("Data funnel", "Tokenizer", "Model size and compute", "Loss curves", "Post-training curves",
+                    "Evaluation", "Stage timings and cache hits", "Environment"):
+        assert f"## {section}" in md, section
+    # self-contained: every image inlined, no external src or href
+    assert html.count('src="data:image/png;base64,') >= 3
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', html), re.findall(r'(?:src|href)="[^"]*', html)[:3]
+    # the Prefect artifacts of this flow run: the report and the eval table (rows = results.md's rows)
+    flow_run = client.get_run(run_id).data.tags["prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        found = {a.key: a for a in prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))}
+    assert {REPORT_KEY, EVAL_KEY} <= set(found), set(found)
+    assert found[REPORT_KEY].type == "markdown" and "## Data funnel" in found[REPORT_KEY].data
+    rows = json.loads(found[EVAL_KEY].data) if isinstance(found[EVAL_KEY].data, str) else found[EVAL_KEY].data
+    benchmarks = [ln.split("|")[1].strip() for ln in first_run["eval_table"].splitlines()[2:] if ln.startswith("|")]
+    assert [r["benchmark"] for r in rows] == benchmarks
+
+
 def test_nothing_was_written_into_the_home_folder(first_run):
     import os
 
