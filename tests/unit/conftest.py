@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from infra.env import DATA_DIR
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +44,15 @@ def ray_once():
     ray_init()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Token shards of the C4 demo sample with a 512-token BPE, built once for the session: the data of the small
+    pretraining fits (test_pretrain, test_faults, test_budget)."""
+    from tasks.refs import CorpusRef
+    from tasks.tokenizer import TokenizerConfig, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz")), out)
+    return out / "shards"

@@ -1,8 +1,8 @@
 """bench.sft at a tiny size: each variant trains on the same real Alpaca conversations and reports what it trained;
 packed and padded batches hold the same conversations, so they train the same targets to the same loss.
 
-Run: `.venv/bin/python -m pytest tests/unit/test_bench_sft.py -q` (~25 s; the `slow` one runs the bench's
-subprocesses, ~40-100 s on a busy machine).
+Run: `.venv/bin/python -m pytest tests/unit/test_bench_sft.py -q` (~25 s; the `slow` one runs two of the
+bench's subprocesses, ~20-40 s on a busy machine).
 """
 
 from __future__ import annotations
@@ -50,15 +50,32 @@ def check_rows(rows: list[dict]) -> None:
     assert full_pack["pad_share"] < 0.1 < full["pad_share"]
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_variants_in_process_train_the_same_batches():
+@pytest.fixture(scope="module")
+def in_process(one_thread) -> list[dict]:
     args, _ = parse(TINY)
-    check_rows([run_variant(v, args) for v in VARIANTS])
+    return [run_variant(v, args) for v in VARIANTS]
+
+
+def test_variants_in_process_train_the_same_batches(in_process):
+    check_rows(in_process)
+
+
+# What a run does not decide (speed, memory) aside, a variant's row is a function of the arguments.
+TIMED = {"tokens_per_s", "peak_mib", "loaded_mib", "seconds"}
 
 
 @pytest.mark.slow
-def test_bench_runs_each_variant_in_its_own_process(tmp_path, capsys):
-    rows = main([*TINY, "--out", str(tmp_path / "sft.json")])
-    check_rows(rows)
+def test_bench_runs_each_variant_in_its_own_process(in_process, tmp_path, capsys):
+    """The bench's own path: each variant in a fresh interpreter, its row read back from the child's RESULT line.
+    Two children (one full, one LoRA on packed batches) stand for the five: the child path does not depend on the
+    variant, and each child's row must equal the in-process row that `check_rows` checked above."""
+    rows = main([*TINY, "--variants", "full", "lora-pack", "--out", str(tmp_path / "sft.json")])
     assert json.loads((tmp_path / "sft.json").read_text())["rows"] == rows
-    assert "lora   padded" in capsys.readouterr().out
+    want = {r["variant"]: r for r in in_process}
+    assert [r["variant"] for r in rows] == ["full", "lora-pack"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["peak_mib"] == row["peak_mib"]  # not NaN
+        same = {k: v for k, v in row.items() if k not in TIMED | {"final_loss"}}
+        assert same == {k: v for k, v in want[row["variant"]].items() if k not in TIMED | {"final_loss"}}
+        assert row["final_loss"] == pytest.approx(want[row["variant"]]["final_loss"], abs=1e-4)
+    assert "lora-pack   packed" in capsys.readouterr().out

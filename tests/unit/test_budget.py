@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from flows.plan import TOKENS_PER_CRAWL_FILE, TRAIN_SHARE, preset_data_tokens, render_plan
 from flows.presets import PRESETS, resolve
-from infra.env import DATA_DIR
 from models.gpt import GPTConfig
 from models.plan import param_count
 from tasks.data.inputs import read_listing
 from tasks.pretrain import PretrainConfig, check_data_budget, check_memory, pretrain_gpt, worker_memory_bytes
-from tasks.refs import CorpusRef, ShardsRef
+from tasks.refs import ShardsRef
 from tasks.stage import GptflowError
-from tasks.tokenizer import TokenizerConfig, build_tokenizer
 from tasks.train_config import lr_at, lr_at_time
 
 TINY_TRAIN_TOKENS = 184_863  # the tiny pipeline's shards (bundled crawl + C4 demo, 2,048 BPE), from its index.json
@@ -68,13 +65,6 @@ def test_schedule_on_the_clock_spans_warmup_and_reaches_the_floor():
 
 
 # ---------------------------------------------------------------- the check in the stage, and a time budget (Ray)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz")), out)
-    return out / "shards"
 
 
 MODEL = GPTConfig(arch="llama", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=32)

@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from fitting import fit_rows
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from eval import convert, prepare
@@ -173,23 +174,7 @@ def _train_on(model: GPT, lm: GPTFlowLM, pairs: list[tuple[str, str]], steps: in
     for ctx, cont in pairs:
         c, k = lm.encode_pair(ctx, cont)
         rows.append((c + k)[-(BLOCK + 1) :])
-    width = max(len(r) for r in rows) - 1
-    x = torch.zeros(len(rows), width, dtype=torch.long)
-    y = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, : len(r) - 1] = torch.tensor(r[:-1])
-        y[i, : len(r) - 1] = torch.tensor(r[1:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.05:
-            break
-    model.eval()
-    return loss.item()
+    return fit_rows(model, rows, steps, stop_below=0.05)
 
 
 def test_gold_preferring_model_scores_one(tokenizer_path, model_dir, tmp_path):

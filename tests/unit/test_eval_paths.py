@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from fitting import fit_rows
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from eval.harness import _simple_evaluate, run_benchmarks
@@ -314,22 +315,10 @@ def _fit_answers(tokenizer_json: Path, docs: list[dict], steps: int = 400) -> GP
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     rows = [prompt_ids(p, tok) + answer_ids(p, tok) for p in (VerifiablePrompt(**d) for d in docs)]
-    width = max(map(len, rows)) - 1
-    x = torch.zeros(len(rows), width, dtype=torch.long)
-    y = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, : len(r) - 1], y[i, : len(r) - 1] = torch.tensor(r[:-1]), torch.tensor(r[1:])
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=BLOCK, n_layer=2, n_head=2, n_embd=32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(steps):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    return model.eval()
+    fit_rows(model, rows, steps, stop_below=0.01)
+    return model
 
 
 def test_fewshot_examples_follow_the_seed(model_dir, tokenizer_json, tmp_path):

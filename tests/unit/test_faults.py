@@ -22,8 +22,7 @@ from test_pretrain import _one_process_replica
 from infra.env import DATA_DIR
 from models.gpt import GPTConfig
 from tasks.pretrain import PretrainConfig, pretrain_gpt
-from tasks.refs import CorpusRef, ShardsRef
-from tasks.tokenizer import TokenizerConfig, build_tokenizer
+from tasks.refs import ShardsRef
 
 CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
 
@@ -36,13 +35,6 @@ CFG = PretrainConfig(
     steps=30, batch_size=16, lr=3e-3, warmup_steps=3, num_workers=2,
     log_every=5, eval_every=15, eval_batches=2, ckpt_every=5, keep_checkpoints=3, max_failures=2,
 )
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(CORPUS)), out)
-    return out / "shards"
 
 
 @pytest.fixture(scope="module")

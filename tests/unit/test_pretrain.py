@@ -1,9 +1,10 @@
 """Pretraining stage: data windows, learning-rate schedules, exact optimizer/RNG state, and real Ray Train runs.
 
-The Ray tests start a local Ray and run, for DDP and again for FSDP, three 2-worker fits on CPU (an uninterrupted
-reference run, a run whose whole process tree is killed with SIGKILL after its second checkpoint, and the rerun
-that resumes it), plus a short fit with gradient accumulation checked against a one-process replica, so the file
-takes about 5-6 minutes on 2 cores; most of it is Ray's start and stop of each fit.
+The Ray tests share one local Ray (`ray_once`) and run 2-worker fits on CPU: an uninterrupted reference run for
+DDP and one for FSDP, a DDP run whose whole process tree is killed with SIGKILL after its second checkpoint and
+the rerun that resumes it, an FSDP rerun from its reference's second-to-last checkpoint, and two short fits with
+gradient accumulation checked against a one-process replica; about 3 minutes on 2 cores, most of it Ray Train's
+start of each fit.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_pretrain.py -q`
 """
@@ -12,24 +13,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from killing import kill_after_checkpoint
+from killing import assert_no_line_repeats, kill_after_checkpoint
 
-from infra.env import DATA_DIR
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
 from tasks.pretrain import PretrainConfig, pretrain_gpt
-from tasks.refs import CorpusRef, ModelRef, ShardsRef
+from tasks.refs import ModelRef, ShardsRef
 from tasks.stage import GptflowError
-from tasks.tokenizer import TokenizerConfig, build_tokenizer
 from tasks.train_config import lr_at
 from tasks.train_worker import TokenWindows
-
-CORPUS = DATA_DIR / "text" / "c4_demo.jsonl.gz"
 
 # 2 workers x 16 sequences x 64 tokens = 2,048 tokens per step; 30 steps, a checkpoint every 5. Ray takes in a
 # worker's report only every 2 s (its poll interval) and holds the next report until then, so a kill right after
@@ -175,22 +173,7 @@ def test_optimizer_and_rng_state_round_trip_exactly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(CORPUS)), out)
-    return out / "shards"
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield
-    import ray
-
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRef]:
+def reference(shards, ray_once, tmp_path_factory) -> tuple[Path, ModelRef]:
     """The uninterrupted run: 2 workers, 30 steps; its progress bar drawn into a file."""
     out = tmp_path_factory.mktemp("reference")
     with open(out / "progress.txt", "w") as bar:
@@ -198,7 +181,7 @@ def reference(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRef]:
 
 
 @pytest.fixture(scope="module")
-def reference_fsdp(shards, ray_session, tmp_path_factory) -> tuple[Path, ModelRef]:
+def reference_fsdp(shards, ray_once, tmp_path_factory) -> tuple[Path, ModelRef]:
     """The same run with the model and AdamW states sharded over the 2 workers (FSDP2)."""
     out = tmp_path_factory.mktemp("reference_fsdp")
     return out, pretrain_gpt(CFG_FSDP, ShardsRef(path=str(shards)), out)
@@ -278,13 +261,14 @@ def _one_process_replica(cfg: PretrainConfig, shards: Path) -> tuple[list[float]
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, loss_chunk", [("ddp", 0), ("fsdp", 0), ("fsdp", 100)])
-def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, loss_chunk, shards, ray_session,
+@pytest.mark.parametrize("strategy, loss_chunk", [("ddp", 0), ("fsdp", 100)])
+def test_gradient_accumulation_over_two_workers_sums_every_micro_batch(strategy, loss_chunk, shards, ray_once,
                                                                        tmp_path):
     """2 workers x 2 micro-batches: the all-reduce (DDP) or reduce-scatter (FSDP) is skipped on the first
     micro-batch and must still carry its gradient; the run equals one process that sees all four micro-batches.
     With `loss_chunk` (256 tokens per micro-batch: chunks of 100, 100 and 56), the sharded run's head and loss go
-    chunk by chunk while the one-process replica keeps the plain head + cross-entropy."""
+    chunk by chunk while the one-process replica keeps the plain head + cross-entropy. Two fits cover every path:
+    FSDP with the plain head is the reference_fsdp run, held to the DDP run above."""
     from models.checkpoint import load_model
 
     model = CFG.model.model_copy(update={"dropout": 0.0, "loss_chunk": loss_chunk})
@@ -315,21 +299,9 @@ pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), ShardsRef(path=sys
 
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tmp_path):
-    cfg = CFG if strategy == "ddp" else CFG_FSDP
-    reference = request.getfixturevalue("reference" if strategy == "ddp" else "reference_fsdp")
-    out = tmp_path / "stage"  # one stage folder for both attempts, as run_stage gives a rerun
-    killed_at = kill_after_checkpoint(_DRIVER, [cfg.model_dump_json(), str(shards), str(out)], out / "ray" / "pretrain",
-                                      2 * cfg.ckpt_every, tmp_path / "killed_run.log")
-    assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
-
-    result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), out)  # the rerun: same folder, same RunConfig(name, storage_path)
-
+def _assert_same_curve(out: Path, reference: tuple[Path, ModelRef], result: ModelRef) -> dict:
+    """The run in `out` logged the reference run's train and val losses at the same steps, and ended on its loss."""
     history = json.loads((out / "history.json").read_text())
-    assert history["resumes"] == [killed_at]
     expected = json.loads((reference[0] / "history.json").read_text())
     for split in ("train", "val"):
         steps, losses = np.array(history[split]).T
@@ -338,3 +310,40 @@ def test_killed_run_resumes_to_the_same_loss_curve(strategy, shards, request, tm
         np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
     assert result.metrics["pretrain/final_train_loss"] == pytest.approx(
         reference[1].metrics["pretrain/final_train_loss"], abs=1e-5)
+    return history
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_loss_curve(shards, reference, tmp_path):
+    """The driver and every process it started SIGKILLed after its second checkpoint; the rerun resumes. The kill
+    and Ray's recovery of the run do not depend on the strategy: FSDP's own part, restoring sharded state, is
+    the next test."""
+    cfg = CFG
+    out = tmp_path / "stage"  # one stage folder for both attempts, as run_stage gives a rerun
+    killed_at = kill_after_checkpoint(_DRIVER, [cfg.model_dump_json(), str(shards), str(out)], out / "ray" / "pretrain",
+                                      2 * cfg.ckpt_every, tmp_path / "killed_run.log")
+    assert killed_at < cfg.steps and not (out / "model").exists(), "the kill came too late to test a resume"
+    assert_no_line_repeats((tmp_path / "killed_run.log").read_text())  # the terminal of a fit stays readable
+
+    result = pretrain_gpt(cfg, ShardsRef(path=str(shards)), out)  # the rerun: same folder, same RunConfig(name, storage_path)
+
+    history = _assert_same_curve(out, reference, result)
+    assert history["resumes"] == [killed_at]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fsdp_run_resumes_from_a_checkpoint_to_the_same_loss_curve(shards, reference_fsdp, tmp_path):
+    """FSDP's part of a resume: every rank loads the whole weights and AdamW state an FSDP run saved and takes its
+    shard of them. The FSDP reference's Ray run folder, copied, with its last checkpoint (step 30) cut short as by
+    a crash mid-copy: the rerun resumes from step 25 (one short fit, no kill) and lands on the reference's curve."""
+    out = tmp_path / "stage"
+    shutil.copytree(reference_fsdp[0] / "ray", out / "ray")
+    weights = out / "ray" / "pretrain" / f"checkpoint_{CFG_FSDP.steps:06d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    result = pretrain_gpt(CFG_FSDP, ShardsRef(path=str(shards)), out)
+
+    history = _assert_same_curve(out, reference_fsdp, result)
+    assert history["resumes"] == [CFG_FSDP.steps - CFG_FSDP.ckpt_every]

@@ -101,7 +101,7 @@ def test_tokenizer_task(tokenizer):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretrain_task(tokenizer, root):
+def test_pretrain_task(tokenizer, root, ray_once):  # one Ray for the module's three fits, as in the pipeline
     cfg = PretrainConfig(model=GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32),
                          steps=4, batch_size=2, warmup_steps=1, num_workers=1, log_every=2, eval_every=4,
                          eval_batches=1, ckpt_every=4)
@@ -121,7 +121,7 @@ def _jsonl(path, rows):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path):
+def test_sft_and_align_tasks(tokenizer, base_model, root, tmp_path, ray_once):
     sft_data = _jsonl(tmp_path / "sft.jsonl", [{"instruction": f"add {i} and {i}", "input": "", "output": f"{2 * i}"}
                                                for i in range(20)])
     chat = sft_task.fn(SFTConfig(sources=sft_data, steps=2, batch_size=4, num_workers=1), base_model, tokenizer, root)
