@@ -44,6 +44,7 @@ from tasks import tracking
 from tasks.conversations import PreferenceSource, SFTSource
 from tasks.decontam import DecontamConfig
 from tasks.evaluate import EvalConfig, clean_table, compare_chart, compare_reports
+from tasks.model_card import card_facts, model_card
 from tasks.refs import ContaminationReport, EvalReport, ModelRef, RegisteredModel, TokenizerRef
 from tasks.registry import Decision, best_branch, eval_setup, report_scores, version_tags
 
@@ -124,12 +125,15 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
     reg = cfg.registration
     setup = eval_setup(reports[next(iter(branches))])
     scores = {name: report_scores(reports[name]) for name in branches}
-    registered = {}
+    registered, cards = {}, {}
     for name, model in branches.items():
-        tags = {**version_tags(preset, sha, parent, {**refs, "eval": reports[name]}, reports[name], setup),
-                "align_method": name}
+        tags = {**version_tags(preset, tracking.git_sha(), parent, {**refs, "eval": reports[name]}, reports[name],
+                               setup, cfg.model_dump(mode="json")), "align_method": name}
+        facts = card_facts(lineage_refs(refs, name, reports[name]), name)
+        cards[name] = model_card(reg.model_name or f"gpt-{preset}", facts, scores[name], contamination.fractions())
         registered[name], times[f"register_{name}"] = timed(
-            register_task, reg.model_copy(update={"aliases": [name]}), model, tok, tags, parent, name)
+            register_task, reg.model_copy(update={"aliases": [name]}), model, tok, tags, parent, name, cards[name],
+            facts.datasets)
     best = best_branch(scores, reg.gate_metrics[0])
     champion_scores = None
     champion = tracking.alias_version(registered[best].name, reg.champion_alias)
@@ -141,8 +145,15 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
                                                TokenizerRef(path=str(tokenizer)), root, parent, "champion")
         champion_scores = report_scores(report)
     decision, times["promote"] = timed(promote_task, reg, registered[best], best, scores[best], setup,
-                                       contamination.fractions(), parent, champion_scores)
+                                       contamination.fractions(), parent, champion_scores, cards[best])
     return registered, decision.model_copy(update={"method": best})
+
+
+def lineage_refs(refs: dict[str, Any], branch: str, report: EvalReport) -> dict[str, Any]:
+    """The stages that made one branch's model, in order: data to SFT, the reward model for PPO, the branch, and
+    its evaluation (the benchmarks)."""
+    made = ["data", "tokenizer", "pretrain", "sft", *(["reward"] if branch == "ppo" else []), branch]
+    return {**{s: refs[s] for s in made if s in refs}, "eval": report}
 
 
 def eval_config(cfg: PipelineConfig, model: str) -> EvalConfig:

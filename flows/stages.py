@@ -31,6 +31,7 @@ from tasks.decontam import DecontamConfig, check_contamination
 from tasks.dpo import DPOConfig
 from tasks.evaluate import EvalConfig
 from tasks.grpo import GRPOConfig
+from tasks.model_card import DatasetFacts, model_card
 from tasks.ppo import PPOConfig
 from tasks.pretrain import PretrainConfig
 from tasks.refs import (
@@ -201,12 +202,13 @@ def decontam_task(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: list[SFTS
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef, tags: dict[str, str],
-                  parent_run_id: str | None = None, branch: str | None = None) -> RegisteredModel:
+                  parent_run_id: str | None = None, branch: str | None = None, card: str = "",
+                  datasets: list[DatasetFacts] | None = None) -> RegisteredModel:
     """Not a cached stage: registers a version unless these weights and tokenizer already are one (retried:
-    registry IO)."""
+    registry IO). `card`: the model card (`tasks.model_card`); `datasets`: the lineage behind the model."""
     name = f"register-{branch}" if branch else "register"
     with tracking.stage_run(name, parent_run_id, {"branch": branch} if branch else None) as run_id:
-        registered = tracking.register_model(run_id, model, tokenizer, cfg, tags)
+        registered = tracking.register_model(run_id, model, tokenizer, cfg, tags, card, datasets or [])
         verb = "is already" if registered.reused else "registered as"
         print(f"[register] {branch or 'model'} {verb} {registered.name} version {registered.version}")
         return registered
@@ -215,16 +217,18 @@ def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef,
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, scores: dict[str, Score],
                  setup: str, contamination: dict[str, float] | None = None, parent_run_id: str | None = None,
-                 champion_scores: dict[str, Score] | None = None) -> Decision:
+                 champion_scores: dict[str, Score] | None = None, card: str = "") -> Decision:
     """The eval gate (`tasks.registry.decide`) on this run's best branch: `candidate` on it, `champion` when it
-    beats the champion; the decision, both sides' numbers and the contamination report on the version."""
+    beats the champion; the decision, both sides' numbers and the model card (`card`, or the scores and the
+    contamination report) on the version."""
     with tracking.stage_run("promote", parent_run_id, {"branch": method}) as run_id, \
             tracking.registry_lock(registered.name):  # the champion read is the one the alias moves from
         champion = tracking.alias_version(registered.name, cfg.champion_alias)
         decision = decide(scores, setup, champion[1] if champion else None, champion[0] if champion else None,
                           registered.version, list(cfg.gate_metrics), champion_scores)
         tags = decision_tags(decision) | {f"contamination.{t}": f"{f:.4f}" for t, f in (contamination or {}).items()}
-        text = describe(registered.name, registered.version, method, scores, decision, contamination)
+        card = card or model_card(registered.name, None, scores, contamination)  # no card: the scores alone
+        text = describe(registered.name, registered.version, method, decision, card)
         tracking.record_gate(registered.name, registered.version, list(cfg.aliases), cfg.champion_alias,
                              decision.promote, tags, text)
         tracking.log_params(run_id, {"candidate_version": registered.version, "outcome": decision.outcome,

@@ -1,12 +1,14 @@
 """The registered model as MLflow loads it: code, not a pickle (MLflow "models from code").
 
-The model's artifacts are the safetensors weights with their `config.json` and the tokenizer folder.
+The model's artifacts are the safetensors weights with their `config.json`, the tokenizer folder, and (for the
+chat model) the same model in Hugging Face format under `hf/`, which `predict` does not use.
 `predict` takes a string, a list of strings (each one user message), one conversation (a list of
-`{"role", "content"}` messages), `{"messages": [...]}`, or a list of conversations, and returns the assistant's
-answers: a string for one conversation, else a list. `predict_stream` takes one of them (a string, a
-`{"messages": [...]}` dict, or a conversation wrapped in a list: MLflow passes streams one input) and yields the
-answer in chunks of text as it is sampled. Greedy unless `params` says otherwise: `max_new_tokens`,
-`temperature`, `top_k`, `top_p`, `seed`. A conversation longer than the context is cut by `tasks/chat_session.py`.
+`{"role", "content"}` messages), `{"messages": [...]}` (what `mlflow models serve` gets as
+`{"inputs": {"messages": [...]}}`), or a list of conversations, and returns the assistant's answers: a string
+for one conversation, else a list. `predict_stream` takes one of them (a string, a `{"messages": [...]}` dict,
+or a conversation wrapped in a list: MLflow passes streams one input) and yields the answer in chunks of text
+as it is sampled. Greedy unless `params` says otherwise: `max_new_tokens`, `temperature`, `top_k`, `top_p`,
+`seed`. A conversation longer than the context is cut by `tasks/chat_session.py`.
 """
 
 from __future__ import annotations
@@ -55,10 +57,17 @@ class GPTChatModel(PythonModel):
 
 
 def _unwrap(data):
-    """A pandas frame (MLflow's serving turns JSON lists into one) back into Python lists."""
+    """Plain Python lists, dicts and strings from what MLflow's serving hands over: a pandas frame (a JSON list of
+    records), or numpy arrays (`{"inputs": {"messages": [...]}}` becomes `{"messages": array([...])}`)."""
     if hasattr(data, "to_dict"):
         cols = list(data.columns)
         data = data[cols[0]].tolist() if len(cols) == 1 else data.to_dict(orient="records")
+    if hasattr(data, "tolist"):  # a numpy array or scalar
+        data = data.tolist()
+    if isinstance(data, dict):
+        return {k: _unwrap(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_unwrap(v) for v in data]
     return data
 
 

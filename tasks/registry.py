@@ -115,11 +115,12 @@ def eval_setup(report: EvalReport) -> str:
 
 
 def version_tags(preset: str, git_sha: str, pipeline_run_id: str, refs: Mapping[str, Ref],
-                 report: EvalReport, setup: str) -> dict[str, str]:
-    """Tags of a new version: where it came from (preset, commit, run, every stage's key, the model's content
-    hash, which the registry looks up to reuse a version) and its scores with their standard errors."""
+                 report: EvalReport, setup: str, config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags of a new version: where it came from (preset, commit, run, every stage's key, the data manifest's
+    and the tokenizer's hashes, the resolved config and its hash) and its scores with their standard errors.
+    The registry adds the model's content hash (`model_sha256`), which it looks up to reuse a version."""
     scores = report_scores(report)
-    return {
+    tags = {
         "preset": preset,
         "git_sha": git_sha,
         "pipeline_run_id": pipeline_run_id,
@@ -127,6 +128,15 @@ def version_tags(preset: str, git_sha: str, pipeline_run_id: str, refs: Mapping[
         "eval_setup": setup,
         **score_tags(scores),
     }
+    if "data" in refs and refs["data"].manifest:
+        tags["data_manifest_sha256"] = hashlib.sha256(Path(refs["data"].manifest).read_bytes()).hexdigest()
+        tags["corpus_sha256"] = refs["data"].sha256
+    if "tokenizer" in refs:
+        tags["tokenizer_sha256"] = refs["tokenizer"].sha256
+    if config is not None:
+        blob = json.dumps(config, sort_keys=True, default=str)
+        tags |= {"config_sha256": hashlib.sha256(blob.encode()).hexdigest(), "config_json": blob}
+    return tags
 
 
 def score_tags(scores: Mapping[str, Score]) -> dict[str, str]:
@@ -201,31 +211,27 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     return tags
 
 
-def _cell(s: Score | None) -> str:
+def score_cell(s: Score | None) -> str:
+    """A score as a table cell: `value ± stderr`."""
     if s is None:
         return ""
     return f"{s.value:.4f}" + (f" ± {s.stderr:.4f}" if s.stderr is not None else "")
 
 
-def describe(name: str, version: int, method: str, scores: Mapping[str, Score], decision: Decision | None,
-             contamination: Mapping[str, float] | None) -> str:
-    """The model version's description (Markdown): what it is, its scores, the gate's decision, contamination."""
+def describe(name: str, version: int, method: str, decision: Decision | None, card: str) -> str:
+    """The model version's description (Markdown): the gate's decision on top of the model card
+    (`tasks.model_card.model_card`: data, size, compute, scores, contamination, intended use)."""
     lines = [f"# {name} version {version}", "", f"Alignment branch: `{method}`.", ""]
     if decision is not None:
         lines += [f"**Gate: {decision.outcome}.** {decision.reason}.", ""]
         if decision.rows:
             lines += ["| gate metric | this version | champion | margin | beats |", "|---|---:|---:|---:|---|"]
-            lines += [f"| {r.metric} | {_cell(r.candidate)} | {_cell(r.champion)} | "
+            lines += [f"| {r.metric} | {score_cell(r.candidate)} | {score_cell(r.champion)} | "
                       f"{'' if r.margin is None else f'{r.margin:.4f}'} | {'yes' if r.beats else 'no'} |"
                       for r in decision.rows]
             lines.append("")
-    lines += ["| score | value ± stderr |", "|---|---:|"]
-    lines += [f"| {m} | {_cell(s)} |" for m, s in sorted(scores.items())]
-    if contamination:
-        lines += ["", "Contamination (fraction of each benchmark's items with a 13-gram in this run's training data):",
-                  "", "| task | contaminated |", "|---|---:|"]
-        lines += [f"| {t} | {f:.2%} |" for t, f in contamination.items()]
-    return "\n".join(lines) + "\n"
+    body = card.split("\n", 1)[1] if card.startswith("# ") else card  # the card's own title gives way to ours
+    return "\n".join(lines) + body.lstrip("\n")
 
 
 def best_branch(scores: Mapping[str, Mapping[str, Score]], metric: str) -> str:

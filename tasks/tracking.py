@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from pydantic import BaseModel
 
 from infra.env import REPO_ROOT, workspace
 from infra.locks import file_lock
-from tasks.refs import ModelRef, Ref, RegisteredModel, TokenizerRef
+from tasks.model_card import DatasetFacts
+from tasks.refs import InputRef, ModelRef, Ref, RegisteredModel, TokenizerRef
 from tasks.registry import RegistryConfig
-from tasks.stage import GptflowError
+from tasks.stage import GptflowError, is_url
 
 EXPERIMENT = "llm-pipeline"
 
@@ -184,8 +186,9 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
 
 
 def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) -> None:
-    """A stage's params, counts, metrics, manifest and the files its ref marks as artifacts; the inputs that are
-    datasets (a corpus, token shards) as MLflow dataset inputs, for lineage."""
+    """A stage's params, counts, metrics, manifest and the files its ref marks as artifacts; its output's content
+    hash as the tag `output_sha256`; its data inputs (crawl files, corpus, token shards, SFT and preference data,
+    benchmarks) as MLflow dataset inputs, for lineage (`stage_dataset`)."""
     log_params(run_id, flatten(cfg.model_dump(mode="json")))
     metrics = {f"{ref.stage}/{k}": v for k, v in flatten(ref.counts).items()}
     metrics.update(flatten(ref.metrics))
@@ -198,20 +201,55 @@ def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) 
     for name in ref.artifacts:
         if ref.file(name).exists():
             log_artifact(run_id, ref.file(name))
-    for source in inputs.values():
-        if source.dataset_name:
-            log_dataset_input(run_id, source.dataset_name, Path(source.path), source.sha256, source.profile(), "training")
+    client.set_tag(run_id, "output_sha256", ref.sha256)  # the next stage's dataset input of it has this digest
+    datasets = [stage_dataset(name, source) for name, source in inputs.items()]
+    log_datasets(run_id, [d for d in datasets if d is not None])
 
 
-def log_dataset_input(run_id: str, name: str, path: Path, sha256: str, profile: Mapping[str, Any], context: str) -> None:
-    """Record a stage folder (a corpus, token shards) as an MLflow dataset input of the run that consumes it:
-    lineage in the run's "Datasets used" with the content digest, so two runs on the same data show the same one."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+def stage_dataset(name: str, source: Ref) -> DatasetFacts | None:
+    """A stage input as a dataset for lineage: a stage folder that is a dataset (corpus, token shards) under its
+    dataset name, a file or URL the user gave (crawl files, SFT and preference data, benchmarks) under its input
+    name; None for a model or a tokenizer (their own stage run records what they came from)."""
+    if source.dataset_name:
+        return DatasetFacts(stage="", name=source.dataset_name, path=source.path, sha256=source.sha256,
+                            profile=source.profile())
+    if isinstance(source, InputRef):
+        return DatasetFacts(stage="", name=name, path=source.path, sha256=source.sha256)
+    return None
 
-    source = json.dumps({"uri": Path(path).resolve().as_uri()})
-    dataset = Dataset(name=name, digest=sha256[:20], source_type="local", source=source,
-                      profile=json.dumps(dict(profile), default=str))
-    MlflowClient().log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+def log_datasets(run_id: str, datasets: list[DatasetFacts]) -> None:
+    """Record datasets as MLflow dataset inputs of a run: lineage in its "Datasets used", each with its content
+    digest (two runs on the same data show the same dataset) and where it is (a local file's URI or a URL)."""
+    from mlflow.entities import DatasetInput
+
+    if datasets:
+        MlflowClient().log_inputs(run_id, [DatasetInput(_dataset(d), _input_tags(d)) for d in datasets])
+
+
+def _dataset(d: DatasetFacts):
+    from mlflow.entities import Dataset
+
+    local = not is_url(d.path) and Path(d.path).exists()
+    kind = "local" if local else d.path.split("://")[0] if "://" in d.path else "hub"
+    source = json.dumps({"uri": Path(d.path).resolve().as_uri() if local else d.path})
+    return Dataset(name=_dataset_name(d), digest=d.sha256[:20], source_type=kind, source=source,
+                   profile=json.dumps(dict(d.profile), default=str))
+
+
+def _dataset_name(d: DatasetFacts) -> str:
+    """A file's name (a crawl file, SFT data), a folder stage's dataset name (corpus, token-shards)."""
+    if d.name.startswith(("input_", "text_", "data_", "sft_", "preference_", "prompts")) or d.name == "data":
+        return d.path.rstrip("/").rsplit("/", 1)[-1]
+    return {"shards": "token-shards"}.get(d.name, d.name)
+
+
+def _input_tags(d: DatasetFacts):
+    from mlflow.entities import InputTag
+
+    tags = [InputTag("mlflow.data.context", "evaluation" if d.name == "benchmarks" else "training"),
+            InputTag("gptflow.input", d.name)]
+    return tags + ([InputTag("gptflow.stage", d.stage)] if d.stage else [])
 
 
 class MetricLogger:
@@ -237,26 +275,80 @@ def run_url(run_id: str) -> str:
 
 
 def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: RegistryConfig,
-                   tags: Mapping[str, str]) -> RegisteredModel:
-    """Log the model (safetensors weights + config + tokenizer, loaded by code, no pickles) and register it."""
+                   tags: Mapping[str, str], card: str = "", datasets: Sequence[DatasetFacts] = ()) -> RegisteredModel:
+    """Log the chat model and register it: one logged model holding our safetensors weights + config + tokenizer
+    (loaded by code, no pickles) and the same model in Hugging Face format under `hf/` (`export_hf`, with `card`
+    as its README.md). `datasets` (the run's lineage) become dataset inputs of the registering run, and the
+    version's scores (`score.*` tags) metrics of the logged model against the benchmarks."""
     from tasks import pyfunc_model
 
+    def hf_folder(tmp: Path) -> dict[str, str]:
+        from models.export import export_hf
+
+        out = export_hf(Path(model.path), tokenizer.tokenizer_json, tmp / "hf")
+        (out / "README.md").write_text(card or f"# {cfg.model_name}\n")
+        return {"hf": str(out)}
+
+    log_datasets(run_id, list(datasets))
+    benchmarks = next((d for d in datasets if d.name == "benchmarks"), None)
     return _register(run_id, "model", pyfunc_model.__file__, model, tokenizer, cfg.model_name, list(cfg.aliases),
-                     tags, _chat_signature())
+                     tags, _chat_signature(), hf_folder, benchmarks)
 
 
 def _register(run_id: str, artifact: str, python_model: str, model: ModelRef, tokenizer: TokenizerRef, name: str,
-              aliases: list[str], tags: Mapping[str, str], signature: Any = None) -> RegisteredModel:
-    """Log a models-from-code pyfunc (`python_model`, the file; the model and tokenizer folders as artifacts; our
-    `models/` package as code) into the run as `artifact`, register it as `name`, set its aliases and tags.
+              aliases: list[str], tags: Mapping[str, str], signature: Any = None,
+              extra: Callable[[Path], dict[str, str]] | None = None,
+              benchmarks: DatasetFacts | None = None) -> RegisteredModel:
+    """Log a models-from-code pyfunc (`python_model`, the file; the model and tokenizer folders, and the folders
+    `extra(tmp_dir)` writes, as artifacts; our `models/` package as code) into the run as `artifact`, register it
+    as `name`, set its aliases and tags.
 
     A model whose weights and tokenizer are already a version of `name` (tag `model_sha256`) is not logged again:
     that version is returned, with the aliases set on it, so a rerun that changes nothing makes no new version."""
     content = f"{model.sha256}:{tokenizer.sha256}"
     client = MlflowClient()
     with registry_lock(name):
-        return _register_once(run_id, artifact, python_model, model, tokenizer, name, aliases, tags, signature,
-                              content, client)
+        found = find_version(name, content)
+        if found is not None:
+            for alias in aliases:
+                client.set_registered_model_alias(name, alias, found)
+            return RegisteredModel(name=name, version=found, model_uri=f"models:/{name}/{found}", aliases=aliases,
+                                   reused=True)
+        with tempfile.TemporaryDirectory(dir=workspace(), prefix="register-") as tmp:
+            artifacts = {"model": model.path, "tokenizer": tokenizer.path, **(extra(Path(tmp)) if extra else {})}
+            info = _log_model(run_id, artifact, python_model, artifacts, name, signature)
+        version = info.registered_model_version
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+        for k, v in {**tags, "model_sha256": content}.items():  # inside the lock: the next run finds it by this
+            client.set_model_version_tag(name, version, metric_name(k), str(v))
+    _log_model_scores(run_id, info.model_id, tags, benchmarks)
+    return RegisteredModel(name=name, version=int(version), model_uri=f"models:/{name}/{version}", aliases=aliases)
+
+
+def _log_model(run_id: str, artifact: str, python_model: str, artifacts: dict[str, str], name: str,
+               signature: Any):
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name=artifact,
+            python_model=str(Path(python_model)),
+            artifacts=artifacts,
+            code_paths=[str(REPO_ROOT / "models")],
+            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
+                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
+            registered_model_name=name,
+            signature=signature,
+        )
+
+
+def _log_model_scores(run_id: str, model_id: str, tags: Mapping[str, str], benchmarks: DatasetFacts | None) -> None:
+    """The version's eval scores as metrics of its logged model, against the benchmark dataset: MLflow 3 links
+    the model to that dataset through them (the logged model's page lists its metrics by dataset)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        if key.startswith("score."):
+            client.log_metric(run_id, metric_name(key.removeprefix("score.")), float(value), model_id=model_id,
+                              dataset_name=benchmarks and "benchmarks", dataset_digest=benchmarks and benchmarks.sha256[:20])
 
 
 @contextmanager
@@ -265,34 +357,6 @@ def registry_lock(name: str) -> Iterator[None]:
     or judging against the same champion, at once). Per machine, like every workspace lock."""
     with file_lock(workspace() / "locks" / f"registry-{metric_name(name)}.lock", f"registry {name}"):
         yield
-
-
-def _register_once(run_id: str, artifact: str, python_model: str, model: ModelRef, tokenizer: TokenizerRef,
-                   name: str, aliases: list[str], tags: Mapping[str, str], signature: Any, content: str,
-                   client: MlflowClient) -> RegisteredModel:
-    found = find_version(name, content)
-    if found is not None:
-        for alias in aliases:
-            client.set_registered_model_alias(name, alias, found)
-        return RegisteredModel(name=name, version=found, model_uri=f"models:/{name}/{found}", aliases=aliases,
-                               reused=True)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=artifact,
-            python_model=str(Path(python_model)),
-            artifacts={"model": model.path, "tokenizer": tokenizer.path},
-            code_paths=[str(REPO_ROOT / "models")],
-            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}",
-                              f"safetensors=={_version('safetensors')}", f"pydantic=={_version('pydantic')}"],
-            registered_model_name=name,
-            signature=signature,
-        )
-    version = info.registered_model_version
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
-    for k, v in {**tags, "model_sha256": content}.items():
-        client.set_model_version_tag(name, version, metric_name(k), str(v))
-    return RegisteredModel(name=name, version=int(version), model_uri=f"models:/{name}/{version}", aliases=aliases)
 
 
 def find_version(name: str, content: str) -> int | None:

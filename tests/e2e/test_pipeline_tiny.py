@@ -116,6 +116,102 @@ def test_the_registered_model_loads_and_generates(first_run):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
+def test_the_champion_loads_with_transformers_and_carries_its_card_and_tags(first_run, tmp_path):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = first_run["model"]
+    version = MlflowClient().get_model_version_by_alias(m["name"], "champion")
+    mlflow.artifacts.download_artifacts(f"models:/{m['name']}/{version.version}", dst_path=str(tmp_path))
+    hf = tmp_path / "artifacts" / "hf"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4 or out[0, -1] == tokenizer.eos_token_id
+    card = (hf / "README.md").read_text()
+    for section in ("## Data", "## Size", "## Compute", "## Scores", "## Contamination", "## Intended use"):
+        assert section in card and section in version.description, section
+    assert "CC-MAIN-2020-34_resiliparse-warcfile.warc.gz" in card and "FLOPs" in card
+    tags = version.tags
+    assert len(tags["git_sha"]) == 40 and len(tags["data_manifest_sha256"]) == 64
+    assert tags["tokenizer_sha256"] and json.loads(tags["config_json"])["preset"] == "tiny"
+
+
+def test_lineage_from_the_champion_to_the_crawl_files(first_run):
+    """Version -> its run (register-<branch>) -> the pipeline run -> the data stage's run -> its dataset inputs:
+    the crawl files by name and content digest; the corpus digest the data run made is the tokenizer's input."""
+    from infra.env import resolve_path
+    from tasks.data.config import BUNDLED_CRAWL
+    from tasks.stage import path_sha256
+
+    client = MlflowClient()
+    m = first_run["model"]
+    version = client.get_model_version_by_alias(m["name"], "champion")
+    source = client.get_run(version.run_id)
+    assert source.info.run_name == f"register-{first_run['decision']['method']}"
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == source.info.run_id and {x.dataset_name for x in logged.metrics} == {"benchmarks"}
+    children = _children(client, source.data.tags["mlflow.parentRunId"])
+    data_inputs = {d.dataset.name: d for d in children["data"].inputs.dataset_inputs}
+    crawl = [Path(resolve_path(p)).resolve() for p in BUNDLED_CRAWL]  # the tiny preset's crawl files
+    assert all(f.name in data_inputs for f in crawl), sorted(data_inputs)
+    for f in crawl:
+        ds = data_inputs[f.name].dataset
+        assert ds.digest == path_sha256(f)[:20] and f.as_uri() in ds.source, (f, ds)
+    corpus = children["tokenizer"].inputs.dataset_inputs[0].dataset
+    assert corpus.digest == children["data"].data.tags["output_sha256"][:20]
+    sft_inputs = {d.dataset.name for d in children["sft"].inputs.dataset_inputs}
+    assert "alpaca_en_demo.json.gz" in sft_inputs, sft_inputs
+    assert "benchmarks" in {d.dataset.name for d in children["eval-sft"].inputs.dataset_inputs}
+    # the registering run lists the whole lineage of its model itself, each dataset tagged with its stage
+    stages = {t.value for d in source.inputs.dataset_inputs for t in d.tags if t.key == "gptflow.stage"}
+    assert {"data", "tokenizer", "pretrain", "sft", "eval"} <= stages, stages
+    assert {f.name for f in crawl} <= {d.dataset.name for d in source.inputs.dataset_inputs}
+
+
+def test_mlflow_models_serve_answers_a_chat_request(first_run, tmp_path):
+    """`mlflow models serve` on the champion, on 127.0.0.1: the same greedy answer as the pyfunc in-process.
+    Costs ~15 s on a free machine (the server's start), ~70 s on a busy 2-core one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow.pyfunc
+
+    m = first_run["model"]
+    uri = f"models:/{m['name']}/{m['version']}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log = (tmp_path / "serve.log").open("w")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its uvicorn
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        body = json.dumps({"inputs": {"messages": messages}, "params": {"max_new_tokens": 16}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())["predictions"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    local = mlflow.pyfunc.load_model(uri).predict({"messages": messages}, params={"max_new_tokens": 16})
+    assert isinstance(reply, str) and reply == local, (reply, local)
+
+
 def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
     assert all(again["cached"][s] for s in CACHED), again["cached"]

@@ -151,3 +151,44 @@ def test_two_runs_registering_the_same_weights_at_once_make_one_version(tmp_path
     results = sorted(line.split()[1:] for out in outs for line in out.splitlines() if line.startswith("VERSION"))
     assert results == [["1", "False"], ["1", "True"]], outs  # one registered it, the other found it
     assert len(MlflowClient().search_model_versions("name = 'gpt-race-test'")) == 1
+
+
+@pytest.mark.slow  # imports transformers, logs, downloads and loads a model: ~25 s of CPU, ~55 s on a busy machine
+def test_a_version_holds_the_model_in_hugging_face_format_with_its_card_and_lineage(tmp_path, tok):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infra.env import REPO_ROOT
+    from models.checkpoint import load_model
+    from tasks.model_card import DatasetFacts
+    from tasks.stage import file_sha256
+
+    crawl = sorted((REPO_ROOT / "data" / "crawl").glob("*.gz"))[0]
+    datasets = [DatasetFacts(stage="data", name="input_0", path=str(crawl), sha256=file_sha256(crawl)),
+                DatasetFacts(stage="eval", name="benchmarks", path=str(tmp_path), sha256="b" * 64)]
+    model = _model(tmp_path / "hf-src", 40)
+    card = "# gpt-hf-test\n\n## Data\n\ncrawl and chat data\n"
+    tags = {"score.mean/acc": "0.25"}
+    reg = register_task.fn(RegistryConfig(model_name="gpt-hf-test"), model, tok, tags, None, None, card, datasets)
+
+    client = MlflowClient()
+    version = client.get_model_version("gpt-hf-test", str(reg.version))
+    folder = mlflow.artifacts.download_artifacts(f"models:/gpt-hf-test/{reg.version}", dst_path=str(tmp_path / "dl"))
+    hf = tmp_path / "dl" / "artifacts" / "hf"
+    assert (hf / "README.md").read_text() == card, sorted(p.name for p in (tmp_path / "dl").rglob("*"))
+    theirs, tokenizer = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.chat_template
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    ours = load_model(model.path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=1e-4, atol=1e-4)
+    assert folder  # the whole logged model came down, the native weights beside the HF folder
+    # lineage: the registering run read the crawl file (its digest), and the logged model is the run's output
+    # with its scores against the benchmarks
+    run = client.get_run(version.run_id)
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs[crawl.name].digest == file_sha256(crawl)[:20] and str(crawl.name) in inputs[crawl.name].source
+    assert version.source.startswith("models:/m-"), version.source  # the logged model (sqlite keeps no model_id)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == version.run_id
+    assert [(m.key, m.value, m.dataset_name) for m in logged.metrics] == [("mean/acc", 0.25, "benchmarks")]

@@ -24,7 +24,7 @@ from flows.stages import (
     sft_task,
     tokenizer_task,
 )
-from infra.env import DATA_DIR
+from infra.env import DATA_DIR, resolve_path
 from models.checkpoint import load_model, save_model
 from models.config import GPTConfig
 from models.gpt import GPT
@@ -37,6 +37,7 @@ from tasks.pretrain import PretrainConfig
 from tasks.refs import ContaminationReport, CorpusRef, EvalReport, ModelRef, ShardsRef, TokenizerRef
 from tasks.registry import RegistryConfig
 from tasks.sft import SFTConfig
+from tasks.stage import path_sha256
 from tasks.tokenizer import TokenizerConfig
 from tasks.tracking import EXPERIMENT
 
@@ -86,6 +87,9 @@ def test_data_task(root):
     assert run.data.params["languages"] == "['en']" and run.data.params["minhash"] == "False"
     assert run.data.metrics["data/totals.docs_out"] == corpus.profile()["docs"]
     assert {"manifest.json", "funnel.png", "samples"} <= artifacts(run)
+    (crawl,) = run.inputs.dataset_inputs  # lineage: the crawl file, by name and content digest
+    assert crawl.dataset.name == Path(wet).name and crawl.dataset.digest == path_sha256(resolve_path(wet))[:20]
+    assert run.data.tags["output_sha256"] == corpus.sha256
     assert data_task.fn(cfg, root).cached and stage_run("data").data.tags["cached"] == "true"
 
 
