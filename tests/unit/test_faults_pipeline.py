@@ -184,6 +184,9 @@ def test_two_runs_with_one_seed_make_the_same_corpus_tokenizer_shards_and_curves
 # ---------------------------------------------------------------- a server going away mid-stage
 
 
+SERVER_START_S = 300  # a server's start-up on a busy 2-core machine (test_faults's 120 s was too short)
+
+
 def stage_cli(env: dict[str, str]) -> subprocess.Popen:
     """`gptflow tokenizer` on the bundled C4 sample, a small vocabulary."""
     corpus = REPO_ROOT / "data" / "text" / "c4_demo.jsonl.gz"
@@ -226,14 +229,14 @@ def test_the_mlflow_server_dying_mid_stage_is_one_error_and_the_rerun_reuses_the
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "GPTFLOW_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
-    server = _mlflow_server(tmp_path, port)
+    server = _mlflow_server(tmp_path, port, SERVER_START_S)
     try:
         gone, folder = lose_server_mid_stage(env, lambda: kill_tree(server))
     finally:
         kill_tree(server)
     assert_one_line_naming(gone, "MLflow", url)
     assert (folder / "_SUCCESS").exists(), "the stage's finished work was not kept"
-    server = _mlflow_server(tmp_path, port)
+    server = _mlflow_server(tmp_path, port, SERVER_START_S)
     try:
         again = stage_cli(env)
         out, err = again.communicate(timeout=300)
@@ -254,7 +257,7 @@ def test_the_prefect_server_going_away_mid_stage_is_one_error_and_the_rerun_reus
 
     home = tmp_path / "home"
     port = _free_port()
-    state = services.start("prefect", port=port, home=home, echo=lambda *_: None)
+    state = services.start("prefect", port=port, home=home, timeout=SERVER_START_S, echo=lambda *_: None)
     api = state.export.split("=", 1)[1]
     env = {**os.environ, "PREFECT_API_URL": api, "GPTFLOW_HOME": str(home)}
     try:
@@ -263,7 +266,7 @@ def test_the_prefect_server_going_away_mid_stage_is_one_error_and_the_rerun_reus
         services.stop("prefect", home, echo=lambda *_: None)
     assert_one_line_naming(gone, "Prefect", api)
     assert (folder / "_SUCCESS").exists(), "the stage's finished work was not kept"
-    services.start("prefect", port=port, home=home, echo=lambda *_: None)
+    services.start("prefect", port=port, home=home, timeout=SERVER_START_S, echo=lambda *_: None)
     try:
         again = stage_cli(env)
         out, err = again.communicate(timeout=300)
