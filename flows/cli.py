@@ -401,6 +401,8 @@ def prefect_errors(url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as e:  # refused, reset, timed out: the network side, not an HTTP status
+        # Prefect's API log handler has just written "--- Error logging to API ---" with no line end: ours on its own
+        print(file=sys.stderr)
         raise GptflowError(f"the Prefect server at {url} stopped answering mid-run ({type(e).__name__}): start it "
                            "again (or unset PREFECT_API_URL) and rerun; finished stages are kept and reused") from None
 
