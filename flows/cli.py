@@ -18,12 +18,13 @@ without a traceback, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +400,8 @@ def run_flow(args: argparse.Namespace, flow: Callable[..., Any], warm: Callable[
     tracking.set_experiment()
     server = getattr(args, "prefect", None)
     if server is None:
-        return flow(**params)
+        with prefect_errors(os.environ.get("PREFECT_API_URL", "")):
+            return flow(**params)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.stage import GptflowError
@@ -411,8 +413,26 @@ def run_flow(args: argparse.Namespace, flow: Callable[..., Any], warm: Callable[
     # No flow-run heartbeats on this run's own server: they are for a server's automations to notice a crashed
     # run, and this one runs no services and stops with the run. The flow's end would also wait up to 1 s for
     # the heartbeat thread, which sleeps in 1 s steps.
-    with temporary_settings({PREFECT_API_URL: url, "flows.heartbeat_frequency": None}):
+    with temporary_settings({PREFECT_API_URL: url, "flows.heartbeat_frequency": None}), prefect_errors(url):
         return flow(**params)
+
+
+@contextlib.contextmanager
+def prefect_errors(url: str) -> Iterator[None]:
+    """The Prefect server gone mid-run (stopped, restarted, its machine down): once Prefect's client has spent
+    its bounded retries (`infra.env`), one line naming the server instead of pages of httpx traceback. Stage
+    folders already sealed stay, and the rerun reuses them."""
+    import httpx
+
+    from tasks.stage import GptflowError
+
+    try:
+        yield
+    except httpx.TransportError as e:  # refused, reset, timed out: the network side, not an HTTP status
+        # Prefect's API log handler has just written "--- Error logging to API ---" with no line end: ours on its own
+        print(file=sys.stderr)
+        raise GptflowError(f"the Prefect server at {url} stopped answering mid-run ({type(e).__name__}): start it "
+                           "again (or unset PREFECT_API_URL) and rerun; finished stages are kept and reused") from None
 
 
 def quiet_logs() -> None:

@@ -26,11 +26,19 @@ def defaults(home: Path) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # A server that stops answering mid-run: Prefect's client retries each request 5 times, 2**n s apart (about
+        # a minute a request); bounded to 2 (~6 s), then `flows.cli.prefect_errors` names the server.
+        "PREFECT_CLIENT_MAX_RETRIES": "2",
         # MLflow: sqlite in the workspace (the file store raises in MLflow 3), no telemetry.
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # A tracking server that stops answering mid-run: MLflow's client retries 7 times with a backoff factor of 2
+        # (about 4 minutes) and a 120 s timeout each; bounded to ~10 s, then `tasks.tracking.server_errors` names it.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         # Ray: no usage stats, no token auth file in ~/.ray, temp files under the workspace.
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",

@@ -7,6 +7,7 @@ One parent run per pipeline run, one nested run per stage. Stage wrappers call `
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from tasks.registry import RegistryConfig
 from tasks.stage import GptflowError, is_url
 
 EXPERIMENT = "llm-pipeline"
+log = logging.getLogger(__name__)
 
 
 def git_sha() -> str:
@@ -85,9 +87,34 @@ def check_server(tries: int = 3, timeout_s: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             if attempt + 1 < tries:
                 time.sleep(attempt + 1)
-    shown = re.sub(r"//[^/@]*@", "//", uri)  # never a password from the URL in the message
-    raise GptflowError(f"the MLflow server at {shown} does not answer ({reason}): start it again (or point "
-                       "MLFLOW_TRACKING_URI at one that runs) and rerun; finished stages are kept and reused")
+    raise GptflowError(f"the MLflow server at {shown_uri(uri)} does not answer ({reason}): start it again (or "
+                       "point MLFLOW_TRACKING_URI at one that runs) and rerun; finished stages are kept and reused")
+
+
+def shown_uri(uri: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", uri)  # never a password from the URL in a message
+
+
+def lost_server(e: BaseException) -> bool:
+    """Whether `e` is MLflow's client giving up on a tracking server that does not answer (refused, reset, timed
+    out, after the bounded retries `infra.env` sets), rather than the server refusing a request."""
+    return (isinstance(e, MlflowException) and tracking_uri().startswith(("http:", "https:"))
+            and str(e).startswith("API request to ") and " failed with " in str(e))
+
+
+@contextmanager
+def server_errors() -> Iterator[None]:
+    """MLflow calls whose server stopped answering mid-run: one line naming the server instead of MLflow's page of
+    connection-pool traceback. A stage folder already sealed stays, and the rerun reuses it."""
+    try:
+        yield
+    except MlflowException as e:
+        if not lost_server(e):
+            raise
+        reason = next((r for r in ("connection refused", "timed out", "connection reset") if r in str(e).lower()),
+                      "no answer")
+        raise GptflowError(f"the MLflow server at {shown_uri(tracking_uri())} stopped answering mid-run ({reason}): "
+                           "start it again and rerun; finished stages are kept and reused") from None
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -107,20 +134,34 @@ def pipeline_run(name: str, config: Mapping[str, Any], tags: Mapping[str, str]) 
 @contextmanager
 def _run(name: str, tags: Mapping[str, str]) -> Iterator[str]:
     """A run created and ended through the client, so no thread-local "active run" leaks between tasks."""
-    set_experiment()
     client = MlflowClient()
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
     tags = dict(tags)
     flow_run = _prefect_flow_run_id()
     if flow_run:
         tags["prefect_flow_run_id"] = flow_run
-    run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
+    with server_errors():
+        set_experiment()
+        exp = mlflow.get_experiment_by_name(EXPERIMENT)
+        run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
     status = "FAILED"
     try:
-        yield run.info.run_id
+        with server_errors():
+            yield run.info.run_id
         status = "FINISHED"
     finally:
-        client.set_terminated(run.info.run_id, status=status)
+        end_run(client, run.info.run_id, status)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """Mark the run ended; with the server gone, a failed run's error already on its way up says so (a warning
+    here, not a second traceback over it), and a finished run's end is that error."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except MlflowException as e:
+        if not lost_server(e) or status == "FINISHED":
+            with server_errors():
+                raise
+        log.warning("could not mark MLflow run %s %s: its server does not answer", run_id, status)
 
 
 @contextmanager
@@ -258,11 +299,24 @@ class MetricLogger:
 
     def __init__(self, run_id: str, tracking_uri: str | None = None):
         self.run_id = run_id
+        self.lost = False
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        log_metrics(self.run_id, metrics, step)
+        """Log, unless the server has stopped answering: then one warning, and the fit goes on without its curve
+        rather than lose hours of training to the tracking server; the stage's wrapper reports the server when it
+        logs the stage's results (`server_errors`)."""
+        if self.lost:
+            return
+        try:
+            log_metrics(self.run_id, metrics, step)
+        except MlflowException as e:
+            if not lost_server(e):
+                raise
+            self.lost = True
+            log.warning("step %d: the MLflow server at %s stopped answering; training goes on without logging "
+                        "its metrics", step, shown_uri(tracking_uri()))
 
 
 def tracking_uri() -> str:

@@ -204,7 +204,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mlflow_server(home: Path, port: int):
+def _mlflow_server(home: Path, port: int, timeout: float = 120):
     """A real `mlflow server` on 127.0.0.1 with its store in `home`, once its health check answers."""
     import subprocess
     import sys
@@ -216,7 +216,7 @@ def _mlflow_server(home: Path, port: int):
                              "--artifacts-destination", str(home / "artifacts")],
                             env={**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
