@@ -66,8 +66,9 @@ def tiny() -> PipelineConfig:
                           reward=RewardConfig(model_name="gpt-tiny-reward"),
                           ppo=PPOConfig(steps=16, log_every=4, eval_every=8, ckpt_every=8)),
         eval=EvalConfig(limit=20, batch_size=32),
-        # each stage takes seconds to ~2 minutes on 2 busy cores: 30 minutes is a hang, not a slow machine
-        timeouts=TimeoutsConfig(**dict.fromkeys(TimeoutsConfig.model_fields, 1800.0)),
+        # each stage takes seconds to ~2 minutes on 2 cores, ~10x that on a machine shared by many: an hour is a
+        # hang, not a slow machine
+        timeouts=TimeoutsConfig(**dict.fromkeys(TimeoutsConfig.model_fields, 3600.0)),
     )
 
 

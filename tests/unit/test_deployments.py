@@ -141,7 +141,7 @@ def test_every_timed_task_has_a_limit_in_the_config_and_each_preset_sets_them():
 
     timed = {t.name for t in vars(stages).values() if isinstance(t, stages.Task) and t.timeout_seconds}
     assert timed == set(TimeoutsConfig.model_fields)  # `limited` finds each one's limit
-    assert PRESETS["tiny"]().timeouts.pretrain == 1800 and PRESETS["small"]().timeouts == TimeoutsConfig()
+    assert PRESETS["tiny"]().timeouts.pretrain == 3600 and PRESETS["small"]().timeouts == TimeoutsConfig()
     assert stages.limited(stages.pretrain_task, PipelineConfig.model_validate(
         _tiny_with("timeouts.pretrain", 60.0)["config"]).timeouts).timeout_seconds == 60.0
     io = {t.name: t.retries for t in vars(stages).values() if isinstance(t, stages.Task) and t.retries}
