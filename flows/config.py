@@ -20,6 +20,25 @@ from tasks.sft import SFTConfig
 from tasks.stage import GptflowError
 from tasks.tokenizer import TokenizerConfig
 
+DAY_S = 24 * 3600.0
+
+
+class TimeoutsConfig(BaseModel):
+    """Wall-clock limits of the training and eval tasks (Prefect task timeouts), in seconds. Not part of any
+    stage's key: changing a limit never reruns a finished stage. A stage past its limit fails its task, and a
+    rerun resumes it from its last checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pretrain: float = Field(DAY_S, gt=0, description="Pretraining's limit in seconds (default one day).")
+    sft: float = Field(DAY_S, gt=0, description="SFT's limit in seconds (default one day).")
+    dpo: float = Field(DAY_S, gt=0, description="DPO's limit in seconds (default one day).")
+    reward: float = Field(DAY_S, gt=0, description="The reward model's limit in seconds (default one day).")
+    ppo: float = Field(DAY_S, gt=0, description="PPO's limit in seconds (default one day).")
+    grpo: float = Field(DAY_S, gt=0, description="GRPO's limit in seconds (default one day).")
+    classify: float = Field(DAY_S, gt=0, description="The classifier fine-tuning's limit in seconds (default one day).")
+    eval: float = Field(DAY_S, gt=0, description="Each model's eval's limit in seconds (default one day).")
+
 
 class PipelineConfig(BaseModel):
     """Every stage's own config, composed; each lives beside its stage's code."""
@@ -27,18 +46,26 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = Field(description="The preset this config started from.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    pretrain: PretrainConfig
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    align: AlignConfig = Field(default_factory=AlignConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="The data stage: crawl files to a clean, "
+                             "deduplicated English corpus (datatrove).")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage: a BPE "
+                                       "trained on the corpus (or GPT-2's), and the corpus packed into token shards.")
+    pretrain: PretrainConfig = Field(description="Pretraining of the GPT on the token shards (Ray Train).")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on chat data.")
+    align: AlignConfig = Field(default_factory=AlignConfig, description="The alignment methods run side by side "
+                               "from the SFT model (DPO, reward model + PPO, GRPO) and each one's config.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="The benchmarks every model of the run is "
+                             "scored on (lm-eval).")
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="The 13-gram check of the "
                                      "benchmarks against this run's training data, before promotion (its data_dir "
                                      "and tasks follow `eval`).")
-    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig, description="GPT-1 style task fine-tuning "
+                                     "(run when run_classify is on).")
     run_classify: bool = Field(False, description="Also fine-tune the pretrained model as a BoolQ classifier (GPT-1 style, `classify`), registered as classify.model_name. Off by default: it would add ~12 % (~14 s) to the tiny pipeline.")
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="The registered model, its "
+                                     "aliases and the eval gate that moves `champion`.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Wall-clock limits of the "
+                                     "training and eval tasks; each preset sets them from its expected times.")
 
     @property
     def registration(self) -> RegistryConfig:

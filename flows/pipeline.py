@@ -29,6 +29,7 @@ from flows.stages import (
     dpo_task,
     eval_task,
     grpo_task,
+    limited,
     ppo_task,
     pretrain_task,
     promote_task,
@@ -51,9 +52,13 @@ from tasks.registry import Decision, best_branch, eval_setup, report_scores, ver
 
 @flow(name="llm-pipeline", flow_run_name="pipeline-{preset}", log_prints=True)
 def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | None = None,
-                      workdir: str | None = None) -> dict[str, Any]:
-    """Run every stage of the pipeline for a preset; `overrides` are dotted keys (`pretrain.lr: 3e-4`)."""
-    cfg = resolve(preset, overrides or {})
+                      workdir: str | None = None, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Run every stage of the pipeline for a preset; `overrides` are dotted keys (`pretrain.lr: 3e-4`). With
+    `config` (the whole resolved config, as the typed deployments of `flows/deployments.py` pass it), `preset` and
+    `overrides` are not used."""
+    cfg = config if config is not None else resolve(preset, overrides or {})
+    preset = cfg.preset
+    limits = cfg.timeouts
     root = str(Path(workdir).resolve() if workdir else runs_dir())
     sha = tracking.git_sha()[:7]
     times: dict[str, float] = {}
@@ -65,8 +70,8 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         start = time.perf_counter()
         with ray_session():
             times["ray_start"] = time.perf_counter() - start
-            base, times["pretrain"] = timed(pretrain_task, cfg.pretrain, tok.shards, root, parent)
-            chat, times["sft"] = timed(sft_task, cfg.sft, base, tok, root, parent)
+            base, times["pretrain"] = timed(limited(pretrain_task, limits), cfg.pretrain, tok.shards, root, parent)
+            chat, times["sft"] = timed(limited(sft_task, limits), cfg.sft, base, tok, root, parent)
             branches, helpers = align_branches(cfg, chat, tok, root, parent, times)
             # every model of the run on the same benchmarks: the pretrained base, the SFT model (every branch's
             # baseline) and each branch; each eval run nests under the run of the stage that made the model
@@ -75,14 +80,14 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
             models = {"base": base, "sft": chat, **branches}
             reports: dict[str, EvalReport] = {}
             for name, model in models.items():
-                reports[name], times[f"eval_{name}"] = timed(eval_task, eval_config(cfg, name), model, tok, root,
+                reports[name], times[f"eval_{name}"] = timed(limited(eval_task, limits), eval_config(cfg, name), model, tok, root,
                                                              model.run_id or parent, name)
             clean = clean_tables(reports, contamination)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
             registered, decision = register_branches(cfg, preset, sha, root, parent, branches, tok, reports, refs,
                                                      contamination, times)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
-                classifier, times["classify"] = timed(classify_task, cfg.classify, base, tok, root, parent)
+                classifier, times["classify"] = timed(limited(classify_task, limits), cfg.classify, base, tok, root, parent)
                 tracking.log_metrics(parent, classifier.metrics)
         table = compare_reports(reports)
         chart = compare_chart(reports, Path(root) / "compare" / parent / "results.png")
@@ -201,12 +206,12 @@ def align_branches(cfg: PipelineConfig, chat: ModelRef, tok: TokenizerRef, root:
     helpers: dict[str, ModelRef] = {}
     for method in cfg.align.methods:
         if method == "dpo":
-            branches["dpo"], times["dpo"] = timed(dpo_task, cfg.align.dpo, chat, tok, root, parent)
+            branches["dpo"], times["dpo"] = timed(limited(dpo_task, cfg.timeouts), cfg.align.dpo, chat, tok, root, parent)
         elif method == "ppo":  # InstructGPT: a reward model from ranked pairs, then PPO against it
-            helpers["reward"], times["reward"] = timed(reward_task, cfg.align.reward, chat, tok, root, parent)
-            branches["ppo"], times["ppo"] = timed(ppo_task, cfg.align.ppo, chat, tok, helpers["reward"], root, parent)
+            helpers["reward"], times["reward"] = timed(limited(reward_task, cfg.timeouts), cfg.align.reward, chat, tok, root, parent)
+            branches["ppo"], times["ppo"] = timed(limited(ppo_task, cfg.timeouts), cfg.align.ppo, chat, tok, helpers["reward"], root, parent)
         elif method == "grpo":
-            branches["grpo"], times["grpo"] = timed(grpo_task, cfg.align.grpo, chat, tok, root, parent)
+            branches["grpo"], times["grpo"] = timed(limited(grpo_task, cfg.timeouts), cfg.align.grpo, chat, tok, root, parent)
         else:
             raise ValueError(f"align.methods: unknown method {method!r}")
     return branches, helpers

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, TimeoutsConfig
 from models.config import GPTConfig
 from tasks.align import AlignConfig
 from tasks.data.config import DataConfig
@@ -68,6 +68,9 @@ def tiny() -> PipelineConfig:
                           reward=RewardConfig(model_name="gpt-tiny-reward"),
                           ppo=PPOConfig(steps=16, log_every=4, eval_every=8, ckpt_every=8)),
         eval=EvalConfig(limit=20, batch_size=32),
+        # each stage takes seconds to ~2 minutes on 2 cores, ~10x that on a machine shared by many: an hour is a
+        # hang, not a slow machine
+        timeouts=TimeoutsConfig(**dict.fromkeys(TimeoutsConfig.model_fields, 3600.0)),
     )
 
 
@@ -94,6 +97,7 @@ def small() -> PipelineConfig:
                              reward=RewardConfig(model_name="gpt-small-reward", steps=200, eval_every=50, ckpt_every=100),
                              ppo=PPOConfig(steps=200, log_every=10, eval_every=40, ckpt_every=40)),
         "eval": EvalConfig(limit=None),
+        "timeouts": TimeoutsConfig(),  # a day a stage: pretraining's ~8 h on a CPU workstation with a 3x margin
     })
 
 

@@ -18,11 +18,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from infra.env import resolve_path, runs_dir
+from flows.config import DAY_S, TimeoutsConfig
+from flows.presets import tiny
+from infra.env import resolve_path, runs_dir, workspace
 from tasks import tracking
 from tasks.classify import ClassifyConfig
 from tasks.conversations import PreferenceSource, SFTSource
@@ -49,8 +51,26 @@ from tasks.refs import (
 from tasks.registry import Decision, RegistryConfig, Score, decide, decision_tags, describe
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
-from tasks.stage import as_input, run_stage
+from tasks.stage import GptflowError, as_input, run_stage
 from tasks.tokenizer import TokenizerConfig, build_tokenizer
+
+TINY = tiny()  # the stage flows' defaults where a stage has no standalone default (pretraining's model)
+
+# IO that can flake (the registry, downloads): a few tries, further apart each time; compute is never retried.
+IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+def run_name(stage: str) -> Callable[..., str]:
+    """A task run's name in the Prefect UI: the stage, then the branch it worked on when it has one (`eval-sft`)."""
+    def name(parameters: dict[str, Any]) -> str:
+        branch = parameters.get("branch")
+        return f"{stage}-{branch}" if branch else stage
+    return name
+
+
+def limited(stage_task: Task, timeouts: TimeoutsConfig) -> Task:
+    """The training or eval task with its limit from the pipeline's config (`timeouts.<stage>`)."""
+    return stage_task.with_options(timeout_seconds=getattr(timeouts, stage_task.name))
 
 
 def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: Callable[[Path, RunLink], Ref],
@@ -80,7 +100,7 @@ def registers(stage: str, register: Callable[..., RegisteredModel], tokenizer: T
     return then
 
 
-@task(name="data", cache_policy=NO_CACHE)
+@task(name="data", task_run_name=run_name("data"), cache_policy=NO_CACHE)
 def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> CorpusRef:
     inputs = crawl_inputs(cfg)  # listings expanded, every file asked about once
     # with decontaminate on, the benchmark files' content joins the stage key (they are no reader's input)
@@ -88,13 +108,13 @@ def data_task(cfg: DataConfig, root: str, parent_run_id: str | None = None) -> C
     return tracked_stage("data", cfg, keyed, lambda out, _: build_corpus(cfg, inputs, out), root, parent_run_id)
 
 
-@task(name="tokenizer", cache_policy=NO_CACHE)
+@task(name="tokenizer", task_run_name=run_name("tokenizer"), cache_policy=NO_CACHE)
 def tokenizer_task(cfg: TokenizerConfig, corpus: CorpusRef, root: str, parent_run_id: str | None = None) -> TokenizerRef:
     return tracked_stage("tokenizer", cfg, {"corpus": corpus}, lambda out, _: build_tokenizer(cfg, corpus, out),
                          root, parent_run_id)
 
 
-@task(name="pretrain", cache_policy=NO_CACHE)
+@task(name="pretrain", task_run_name=run_name("pretrain"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def pretrain_task(cfg: PretrainConfig, shards: ShardsRef, root: str, parent_run_id: str | None = None) -> ModelRef:
     from tasks.pretrain import pretrain_gpt
 
@@ -112,7 +132,7 @@ def source_inputs(sources, prefix: str = "data") -> dict[str, Ref]:
     return refs
 
 
-@task(name="sft", cache_policy=NO_CACHE)
+@task(name="sft", task_run_name=run_name("sft"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
              parent_run_id: str | None = None) -> ModelRef:
     from tasks.sft import finetune_sft
@@ -122,7 +142,7 @@ def sft_task(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, root: str
                          root, parent_run_id)
 
 
-@task(name="dpo", cache_policy=NO_CACHE)
+@task(name="dpo", task_run_name=run_name("dpo"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def dpo_task(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
              parent_run_id: str | None = None) -> ModelRef:
     from tasks.dpo import train_dpo
@@ -132,7 +152,7 @@ def dpo_task(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str
                          root, parent_run_id)
 
 
-@task(name="ppo", cache_policy=NO_CACHE)
+@task(name="ppo", task_run_name=run_name("ppo"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def ppo_task(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, reward: ModelRef | None, root: str,
              parent_run_id: str | None = None) -> ModelRef:
     """PPO from the SFT `model` against the `reward` model (None: the toy `cfg.reward_token`)."""
@@ -143,7 +163,7 @@ def ppo_task(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, reward: M
                          root, parent_run_id)
 
 
-@task(name="grpo", cache_policy=NO_CACHE)
+@task(name="grpo", task_run_name=run_name("grpo"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def grpo_task(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
               parent_run_id: str | None = None) -> ModelRef:
     from tasks.grpo import train_grpo
@@ -155,7 +175,7 @@ def grpo_task(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, root: s
                          root, parent_run_id)
 
 
-@task(name="classify", cache_policy=NO_CACHE)
+@task(name="classify", task_run_name=run_name("classify"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
                   parent_run_id: str | None = None) -> ModelRef:
     """GPT-1 task fine-tuning in its own run, the classifier registered from that run as `cfg.model_name`."""
@@ -166,7 +186,7 @@ def classify_task(cfg: ClassifyConfig, model: ModelRef, tokenizer: TokenizerRef,
                          parent_run_id, then=registers("classify", tracking.register_classifier, tokenizer, cfg.model_name))
 
 
-@task(name="reward", cache_policy=NO_CACHE)
+@task(name="reward", task_run_name=run_name("reward"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def reward_task(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
                 parent_run_id: str | None = None) -> ModelRef:
     """The reward model (Bradley-Terry on ranked pairs) in its own run, registered from that run as `cfg.model_name`."""
@@ -178,7 +198,7 @@ def reward_task(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerRef, roo
                          then=registers("reward", tracking.register_reward_model, tokenizer, cfg.model_name))
 
 
-@task(name="eval", cache_policy=NO_CACHE)
+@task(name="eval", task_run_name=run_name("eval"), cache_policy=NO_CACHE, timeout_seconds=DAY_S)
 def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: str,
               parent_run_id: str | None = None, branch: str | None = None) -> EvalReport:
     from tasks.evaluate import evaluate_model
@@ -188,7 +208,7 @@ def eval_task(cfg: EvalConfig, model: ModelRef, tokenizer: TokenizerRef, root: s
                          root, parent_run_id, branch)
 
 
-@task(name="decontam", cache_policy=NO_CACHE)
+@task(name="decontam", task_run_name=run_name("decontam"), cache_policy=NO_CACHE)
 def decontam_task(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: list[SFTSource],
                   preference_sources: list[PreferenceSource], root: str,
                   parent_run_id: str | None = None) -> ContaminationReport:
@@ -200,7 +220,7 @@ def decontam_task(cfg: DecontamConfig, corpus: CorpusRef, sft_sources: list[SFTS
                          root, parent_run_id)
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="register", task_run_name=run_name("register"), cache_policy=NO_CACHE, **IO_RETRIES)
 def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef, tags: dict[str, str],
                   parent_run_id: str | None = None, branch: str | None = None, card: str = "",
                   datasets: list[DatasetFacts] | None = None) -> RegisteredModel:
@@ -214,7 +234,7 @@ def register_task(cfg: RegistryConfig, model: ModelRef, tokenizer: TokenizerRef,
         return registered
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="promote", task_run_name=run_name("promote"), cache_policy=NO_CACHE, **IO_RETRIES)
 def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, scores: dict[str, Score],
                  setup: str, contamination: dict[str, float] | None = None, parent_run_id: str | None = None,
                  champion_scores: dict[str, Score] | None = None, card: str = "") -> Decision:
@@ -258,8 +278,23 @@ def tokenizer_flow(corpus: str, config: TokenizerConfig = TokenizerConfig(), wor
 
 
 @flow(name="pretrain", log_prints=True)
-def pretrain_flow(shards: str, config: PretrainConfig, workdir: str | None = None) -> ModelRef:
+def pretrain_flow(shards: str, config: PretrainConfig = TINY.pretrain, workdir: str | None = None) -> ModelRef:
+    """Pretrain on a tokenizer stage's `shards/` folder; the default config is the tiny preset's (a 2,048-token
+    vocabulary: raise config.model.vocab_size for a larger tokenizer's shards)."""
     return pretrain_task(config, ShardsRef(path=shards), _root(workdir))
+
+
+@flow(name="pretrain-eval", log_prints=True)
+def pretrain_eval_flow(data: DataConfig = TINY.data, tokenizer: TokenizerConfig = TINY.tokenizer,
+                       pretrain: PretrainConfig = TINY.pretrain, eval: EvalConfig = TINY.eval,
+                       workdir: str | None = None) -> EvalReport:
+    """Data, tokenizer, pretraining and the base model's eval (the weekly deployment). The data and tokenizer
+    stages are reused when the nightly refresh already made them from the same inputs."""
+    root = _root(workdir)
+    corpus = data_task(data, root)
+    tok = tokenizer_task(tokenizer, corpus, root)
+    model = pretrain_task(pretrain, tok.shards, root)
+    return eval_task(eval, model, tok, root, model.run_id, "base")
 
 
 @flow(name="sft", log_prints=True)
@@ -298,6 +333,30 @@ def reward_flow(model: str, tokenizer: str, config: RewardConfig = RewardConfig(
 @flow(name="eval", log_prints=True)
 def eval_flow(model: str, tokenizer: str, config: EvalConfig = EvalConfig(), workdir: str | None = None) -> EvalReport:
     return eval_task(config, ModelRef(path=model), TokenizerRef(path=tokenizer), _root(workdir))
+
+
+@task(name="download", task_run_name="download", cache_policy=NO_CACHE, **IO_RETRIES)
+def download_task(uri: str) -> tuple[ModelRef, TokenizerRef]:
+    """A registered model's model and tokenizer folders, downloaded once per version (retried: registry IO)."""
+    try:
+        model, tokenizer = tracking.download_model(uri, workspace() / "cache" / "registered")
+    except ValueError as e:  # no such name, alias or version: retrying will not make it exist
+        raise GptflowError(str(e)) from None
+    return ModelRef(path=str(model)), TokenizerRef(path=str(tokenizer))
+
+
+@flow(name="eval-registered", log_prints=True)
+def eval_registered_flow(model: str = "models:/gpt-tiny@champion",
+                         config: EvalConfig = EvalConfig(chat_template=True), workdir: str | None = None) -> EvalReport:
+    """Evaluate a registered model version (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) on the benchmarks,
+    logged to MLflow as an `eval-registered` run with the model's URI as a param. Registered models are chat models,
+    so prompts go through the chat template by default."""
+    if not model.startswith("models:/"):
+        raise GptflowError(f"model: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model!r}")
+    weights, tokenizer = download_task(model)
+    report = eval_task(config, weights, tokenizer, _root(workdir), None, "registered")
+    tracking.log_params(report.run_id, {"registered_model": model})
+    return report
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:

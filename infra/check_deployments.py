@@ -7,7 +7,11 @@ In a fresh temporary workspace it serves Prefect, MLflow, a Ray head and a worke
 ports), runs `prefect --no-prompt deploy --all` from the repo root, starts a flow run of one deployment through
 the API the way the UI's Run button does (`create_flow_run_from_deployment`), waits for a final state, checks
 that the run's MLflow runs are on the MLflow server (tagged with the flow run's id), stops everything and
-prints a summary. Exit status 0 when the run completed and its MLflow runs are there, 1 otherwise.
+prints a summary. It also checks what `prefect deploy` stored: every deployment of prefect.yaml is on the server
+with `enforce_parameter_schema`, each schedule with its cron, timezone and active flag, every parameter schema
+holds a type and a description for each config field, the pipeline's form is pre-filled with its preset (every
+stage a section), and the server refuses a run of `llm-pipeline/tiny` with a mistyped field, naming it.
+Exit status 0 when all of that holds, the run completed and its MLflow runs are there, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from infra import services
 from infra.env import REPO_ROOT, setup_env
@@ -63,6 +70,67 @@ async def run_deployment(name: str, parameters: dict, timeout: float) -> tuple[s
         return str(run.id), run.state.name, names
 
 
+# the sections of the pipeline's config form (flows/config.py PipelineConfig; infra does not import flows)
+PIPELINE_SECTIONS = ("data", "tokenizer", "pretrain", "sft", "align", "eval", "decontam", "classify", "registry",
+                     "timeouts")
+
+
+def schema_problems(name: str, schema: dict[str, Any]) -> list[str]:
+    """What the UI's run form of deployment `name` would lack: a config field without a type or a description,
+    and, for the pipeline, a stage section or a preset value."""
+    problems = []
+    for model, definition in schema.get("definitions", {}).items():
+        for field, spec in definition.get("properties", {}).items():
+            if not spec.get("description"):
+                problems.append(f"{name}: {model}.{field} has no description")
+            if not {"type", "anyOf", "allOf", "$ref", "enum"} & set(spec):
+                problems.append(f"{name}: {model}.{field} has no type")
+    if name.startswith("llm-pipeline/"):
+        default = schema["properties"].get("config", {}).get("default") or {}
+        missing = [s for s in PIPELINE_SECTIONS if s not in default]
+        if missing or default.get("preset") != name.split("/", 1)[1]:
+            problems.append(f"{name}: the form is not pre-filled with its preset (sections missing: {missing})")
+    return problems
+
+
+async def check_served(yaml_deployments: list[dict[str, Any]]) -> list[str]:
+    """Each deployment of prefect.yaml as the server holds it: schedules, enforced parameter schemas, forms; and
+    a mistyped pipeline parameter refused, naming the field. Returns the problems found (none: all good)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    problems: list[str] = []
+    async with get_client() as client:
+        flows = {f.id: f.name for f in await client.read_flows()}
+        served = {f"{flows.get(d.flow_id, '?')}/{d.name}": d for d in await client.read_deployments()}
+        by_name = {name.split("/", 1)[1]: name for name in served}
+        for spec in yaml_deployments:
+            full = by_name.get(spec["name"])
+            if full is None:
+                problems.append(f"{spec['name']}: not on the server")
+                continue
+            d = served[full]
+            if not d.enforce_parameter_schema:
+                problems.append(f"{full}: parameter schema not enforced")
+            want = sorted((s["cron"], s["timezone"], s.get("active", True)) for s in spec.get("schedules", []))
+            got = sorted((s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules)
+            if want != got:
+                problems.append(f"{full}: schedules {got} on the server, {want} in prefect.yaml")
+            problems += schema_problems(full, d.parameter_openapi_schema or {})
+        tiny = served.get("llm-pipeline/tiny")
+        if tiny is not None:
+            config = json.loads(json.dumps(tiny.parameter_openapi_schema["properties"]["config"]["default"]))
+            config["pretrain"]["lr"] = "fast"
+            try:
+                run = await client.create_flow_run_from_deployment(tiny.id, parameters={"config": config})
+                problems.append(f"llm-pipeline/tiny: a run with pretrain.lr='fast' was created ({run.id})")
+                await client.delete_flow_run(run.id)
+            except PrefectHTTPStatusError as e:
+                if "config.pretrain.lr" not in e.response.text:
+                    problems.append(f"llm-pipeline/tiny: the refusal does not name the field: {e.response.text[:300]}")
+    return problems
+
+
 def mlflow_runs(tracking_uri: str, flow_run_id: str) -> list[dict]:
     """The MLflow server's runs tagged with this Prefect flow run (over its REST API: infra never imports mlflow)."""
     def post(path: str, body: dict) -> dict:
@@ -93,6 +161,8 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
         t0 = time.monotonic()
         deploy_all({**os.environ, "PREFECT_HOME": str(home / "deployer")})
         echo(f"deployed prefect.yaml in {time.monotonic() - t0:.0f} s")
+        specs = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+        problems = asyncio.run(check_served(specs))
         t0 = time.monotonic()
         run_id, state, names = asyncio.run(run_deployment(deployment, parameters, timeout))
         run_s = time.monotonic() - t0
@@ -102,9 +172,13 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
         for name in reversed(services.SERVICES):
             services.stop(name, home, echo=lambda _: None)
         echo(f"stopped in {time.monotonic() - t0:.0f} s")
-    ok = state == "Completed" and bool(runs)
+    ok = state == "Completed" and bool(runs) and not problems
     echo("\n=== deployment check ===")
     echo(f"deployments on the server: {len(names)} ({', '.join(names)})")
+    scheduled = sum(bool(s.get("schedules")) for s in specs)
+    echo(f"schedules and parameter schemas of {len(specs)} deployments ({scheduled} scheduled): "
+         + ("as prefect.yaml says; a mistyped parameter is refused naming the field" if not problems
+            else "PROBLEMS:\n  " + "\n  ".join(problems)))
     echo(f"flow run {run_id} of {deployment}: {state} in {run_s:.0f} s (picked up by the worker)")
     echo(f"MLflow runs on the server for it: {len(runs)} (" + ", ".join(
         r["info"].get("run_name", "?") + ":" + r["info"]["status"] for r in runs) + ")")
