@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,43 @@ def mlflow_runs(tracking_uri: str, flow_run_id: str) -> list[dict]:
     return found.get("runs", [])
 
 
-def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=print) -> bool:
+async def flow_run_artifacts(flow_run_id: str) -> list[str]:
+    """The keys of the Prefect artifacts the flow run published (the run report and the eval table)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return sorted(a.key for a in found if a.key)
+
+
+def registry_aliases(tracking_uri: str, name: str) -> dict[str, str]:
+    """{alias: version} of a registered model on the MLflow server ({} when it does not exist)."""
+    query = urllib.parse.urlencode({"name": name})
+    try:
+        with urllib.request.urlopen(f"{tracking_uri}/api/2.0/mlflow/registered-models/get?{query}", timeout=30) as r:
+            model = json.loads(r.read())["registered_model"]
+    except urllib.error.HTTPError:
+        return {}
+    return {a["alias"]: a["version"] for a in model.get("aliases", [])}
+
+
+def pipeline_problems(flow_run_id: str, tracking_uri: str, model: str) -> list[str]:
+    """What a pipeline run must leave: the report and eval-table artifacts on its flow run, and its model's
+    versions in the registry with the `candidate` and `champion` aliases."""
+    problems = []
+    keys = asyncio.run(flow_run_artifacts(flow_run_id))
+    problems += [f"no Prefect artifact {k!r} on the flow run (found {keys})" for k in ("run-report", "eval-results")
+                 if k not in keys]
+    aliases = registry_aliases(tracking_uri, model)
+    problems += [f"registered model {model!r} has no alias {a!r} (aliases {aliases})" for a in ("candidate", "champion")
+                 if a not in aliases]
+    return problems
+
+
+def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=print,
+          screenshots: Path | None = None) -> bool:
     os.environ["GPTFLOW_HOME"] = str(home)
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_HOME"):
         os.environ.pop(var, None)  # this workspace's servers, not whatever the caller points at
@@ -167,6 +205,18 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
         run_id, state, names = asyncio.run(run_deployment(deployment, parameters, timeout))
         run_s = time.monotonic() - t0
         runs = mlflow_runs(tracking, run_id)
+        pipeline = deployment.startswith("llm-pipeline/")
+        model = f"gpt-{deployment.split('/', 1)[1]}"
+        if pipeline and state == "Completed":
+            problems += pipeline_problems(run_id, tracking, model)
+        if screenshots is not None and state == "Completed":
+            from infra import screenshots as shots
+
+            ui = api.removesuffix("/api")
+            argv = ["--mlflow-url", tracking, "--model", model if pipeline else "gpt-tiny", "--prefect-url", ui,
+                    "--deployment", deployment, "--out", str(screenshots)]
+            if shots.main(argv) != 0:
+                problems.append(f"the UI screenshots in {screenshots} miss what they must show (see above)")
     finally:
         t0 = time.monotonic()
         for name in reversed(services.SERVICES):
@@ -180,6 +230,9 @@ def check(deployment: str, parameters: dict, timeout: float, home: Path, echo=pr
          + ("as prefect.yaml says; a mistyped parameter is refused naming the field" if not problems
             else "PROBLEMS:\n  " + "\n  ".join(problems)))
     echo(f"flow run {run_id} of {deployment}: {state} in {run_s:.0f} s (picked up by the worker)")
+    if deployment.startswith("llm-pipeline/") and state == "Completed":
+        echo("Prefect artifacts (run-report, eval-results) and registry aliases (candidate, champion): "
+             + ("present" if not any("artifact" in p or "alias" in p for p in problems) else "MISSING"))
     echo(f"MLflow runs on the server for it: {len(runs)} (" + ", ".join(
         r["info"].get("run_name", "?") + ":" + r["info"]["status"] for r in runs) + ")")
     echo(f"total {time.monotonic() - started:.0f} s; logs in {home / 'services'}; {'OK' if ok else 'FAILED'}")
@@ -194,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default: the deployment's own; for data/data, no extra text sources)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the run to finish (default 900)")
     p.add_argument("--workspace", type=Path, help="workspace folder (default: a new temporary one, kept for its logs)")
+    p.add_argument("--screenshots", type=Path, metavar="DIR",
+                   help="after the run, screenshot the Prefect and MLflow UIs into DIR (infra.screenshots, Chromium)")
     args = p.parse_args(argv)
     home = (args.workspace or Path(tempfile.mkdtemp(prefix="gptflow-check-"))).resolve()
     params = args.parameters if args.parameters is not None else CHEAP.get(args.deployment, {})
     try:
-        return 0 if check(args.deployment, params, args.timeout, home) else 1
+        return 0 if check(args.deployment, params, args.timeout, home, screenshots=args.screenshots) else 1
     except (services.ServiceError, RuntimeError) as e:
         print(f"check_deployments: error: {e}", file=sys.stderr)
         return 1
