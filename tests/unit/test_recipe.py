@@ -18,7 +18,7 @@ import torch
 from flows.presets import resolve
 from infra.env import DATA_DIR
 from models.gpt import GPT, GPTConfig
-from models.optim import MuonAdamW
+from models.optim import Muon, MuonAdamW, orthogonalize
 from tasks.heldout import split_bits_per_byte
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef
@@ -105,3 +105,24 @@ def test_muon_is_refused_with_fsdp():
     model = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8)
     with pytest.raises(ValueError, match="optimizer=muon .* use strategy=ddp"):
         PretrainConfig(model=model, optimizer="muon", strategy="fsdp", num_workers=2)
+
+
+def test_our_muon_in_bf16_is_torchs_and_in_fp32_orthogonalises_alike():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(96, 32)), torch.nn.Parameter(torch.randn(16, 48))]
+    theirs = [torch.nn.Parameter(w.detach().clone()) for w in ours]
+    a = Muon(ours, lr=1e-2, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for w, v in zip(ours, theirs, strict=True):
+            w.grad = torch.randn_like(w)
+            v.grad = w.grad.clone()
+        a.step()
+        b.step()
+    for w, v in zip(ours, theirs, strict=True):
+        assert torch.equal(w, v)
+    g = torch.randn(96, 32)
+    fp32, bf16 = orthogonalize(g, dtype=torch.float32), orthogonalize(g, dtype=torch.bfloat16).float()
+    singular = torch.linalg.svdvals(fp32)
+    assert 0.5 < singular.min() and singular.max() < 1.5  # near-orthogonal, as the quintic iteration leaves it
+    assert (fp32 - bf16).abs().max() < 0.05
