@@ -33,19 +33,6 @@ def sqlite_mlflow(tmp_path_factory):
     mlflow.set_tracking_uri(before)
 
 
-@pytest.fixture(scope="module")
-def ray_once():
-    """One Ray for a module's fits (each stage run joins it, as in the pipeline), shut down at the module's end:
-    a local Ray's threads do not survive the forks of the data stage's tests."""
-    import ray
-
-    from infra.ray_cluster import ray_init
-
-    ray_init()
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """Token shards of the C4 demo sample with a 512-token BPE, built once for the session: the data of the small
