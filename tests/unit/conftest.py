@@ -43,3 +43,16 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz")), out)
     return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def alpaca_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token BPE trained on the messages of the bundled Alpaca sample, built once for the session: the
+    tokenizer of the SFT, reward model and PPO tests (test_sft_train, test_reward, test_ppo). Its folder."""
+    from tasks.bpe import save_tokenizer, train_bpe
+    from tasks.chat import read_sft
+    from tasks.tokenizer import TokenizerConfig
+
+    convos = read_sft(DATA_DIR / "sft" / "alpaca_en_demo.json.gz")
+    tok = train_bpe(iter(m["content"] for c in convos for m in c), TokenizerConfig(vocab_size=512), parallel=False)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("alpaca_tokenizer")).parent

@@ -17,12 +17,11 @@ from infra.env import DATA_DIR
 from models.checkpoint import load_model, save_model
 from models.gpt import GPT, GPTConfig
 from models.reward import RewardModel, bradley_terry_loss, load_reward_model, pad_rows, save_reward_model
-from tasks.bpe import load_tokenizer, save_tokenizer, train_bpe
+from tasks.bpe import load_tokenizer
 from tasks.chat import read_sft
 from tasks.refs import ModelRef, ShardsRef, TokenizerRef
 from tasks.reward import RewardConfig, encode_pairs, prepare_pairs
 from tasks.stage import GptflowError
-from tasks.tokenizer import TokenizerConfig
 
 ALPACA = DATA_DIR / "sft" / "alpaca_en_demo.json.gz"
 TINY = GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32)
@@ -33,14 +32,12 @@ def _hh(prompt: str, answer: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
-    """A BPE trained on the Alpaca sample, a random tiny base model, and real pairs with a signal a tiny model can
-    learn: an Alpaca answer (chosen) against the same words in reverse order (rejected). Same words, same length:
-    the longer-reply baseline sits at chance."""
+def inputs(alpaca_tokenizer, tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
+    """The session's BPE of the Alpaca sample, a random tiny base model, and real pairs with a signal a tiny model
+    can learn: an Alpaca answer (chosen) against the same words in reverse order (rejected). Same words, same
+    length: the longer-reply baseline sits at chance."""
     root = tmp_path_factory.mktemp("inputs")
     convos = read_sft(ALPACA)
-    tok = train_bpe(iter(m["content"] for c in convos for m in c), TokenizerConfig(vocab_size=512), parallel=False)
-    save_tokenizer(tok, root / "tok")
     torch.manual_seed(0)
     save_model(GPT(TINY), root / "base")
     short = [c for c in convos if len(c) == 2 and len(c[1]["content"]) < 250 and len(c[1]["content"].split()) > 3
@@ -50,7 +47,7 @@ def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
             answer = assistant["content"]
             f.write(json.dumps({"chosen": _hh(user["content"], answer),
                                 "rejected": _hh(user["content"], " ".join(reversed(answer.split())))}) + "\n")
-    return (ModelRef(path=str(root / "base")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")),
+    return (ModelRef(path=str(root / "base")), TokenizerRef(path=str(alpaca_tokenizer), shards=ShardsRef(path="")),
             root / "pairs.jsonl")
 
 
