@@ -58,7 +58,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked `gpu` need CUDA; without it they are skipped, as datatrove's `require_*` helpers do. A test
-    marked `forks` stops the session's Ray first (the next `ray_once` starts it again)."""
+    marked `forks` stops the session's Ray first: the next module's `ray_once` starts it again (fits in between
+    start and stop their own, as outside the tests)."""
     if item.get_closest_marker("gpu"):
         import torch
 
