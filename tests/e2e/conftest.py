@@ -1,4 +1,5 @@
-"""Servers shared by the end-to-end tests of the registry: one PostgreSQL, one MLflow server, one registered model.
+"""What the end-to-end tests share: the tiny pipeline's one run (`first_run`, with fake credentials in its
+environment), and for the registry's tests one PostgreSQL, one MLflow server, one registered model.
 
 `mlflow_server` is `gptflow serve mlflow` (infra.services) on PostgreSQL when Debian's `postgresql` is installed,
 else on sqlite; `registered` puts a tiny GPT in its registry once, with aliases and tags, for
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -24,6 +26,30 @@ import pytest
 from infra import services
 
 MODEL = "gpt-e2e-registry"
+# Names the tools read credentials from (AWS for s3://, Hugging Face, MLflow's server auth, Weights & Biases, ...).
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY", "PREFECT_API_KEY")
+
+
+@pytest.fixture(scope="session")
+def fake_secret() -> str:
+    """A fake credential, random per session, that the tiny pipeline runs with in every variable of SECRET_VARS
+    (and in AWS_ACCESS_KEY_ID): tests/e2e/test_pipeline_secrets.py looks for it in everything the run wrote."""
+    return f"fake-secret-{secrets.token_hex(12)}"
+
+
+@pytest.fixture(scope="session")
+def first_run(workspace, fake_secret):
+    """The one whole-pipeline run (tiny preset) that tests/e2e/test_pipeline_tiny.py and test_pipeline_secrets.py
+    read: a session fixture, so the ~5 min run happens once. Fake credentials are in the environment for the run
+    alone."""
+    from flows.pipeline import llm_pipeline_flow
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in SECRET_VARS:
+            mp.setenv(var, fake_secret)
+        mp.setenv("AWS_ACCESS_KEY_ID", "AKIA" + fake_secret)
+        return llm_pipeline_flow(preset="tiny")
 
 
 def pg_bin(tool: str) -> str | None:

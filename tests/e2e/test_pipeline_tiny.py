@@ -1,5 +1,5 @@
 """The one whole-pipeline run: tiny preset, bundled sample crawl, real Prefect (ephemeral), MLflow (sqlite),
-Ray (local), datatrove and lm-eval. Then a rerun, which must reuse every stage."""
+Ray (local), datatrove and lm-eval (`first_run`: tests/e2e/conftest.py). Then a rerun, which must reuse every stage."""
 
 from __future__ import annotations
 
@@ -17,11 +17,6 @@ STAGES = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "decon
 CACHED = ["data", "tokenizer", "pretrain", "sft", "dpo", "reward", "ppo", "decontam", "eval_base", "eval_sft", "eval_dpo",
           "eval_ppo"]  # refs
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def first_run(workspace):
-    return llm_pipeline_flow(preset="tiny")
 
 
 def _children(client: MlflowClient, parent_id: str, depth: int = 2) -> dict:

@@ -33,19 +33,6 @@ def sqlite_mlflow(tmp_path_factory):
     mlflow.set_tracking_uri(before)
 
 
-@pytest.fixture(scope="module")
-def ray_once():
-    """One Ray for a module's fits (each stage run joins it, as in the pipeline), shut down at the module's end:
-    a local Ray's threads do not survive the forks of the data stage's tests."""
-    import ray
-
-    from infra.ray_cluster import ray_init
-
-    ray_init()
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """Token shards of the C4 demo sample with a 512-token BPE, built once for the session: the data of the small
@@ -56,3 +43,16 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(TokenizerConfig(vocab_size=512), CorpusRef(path=str(DATA_DIR / "text" / "c4_demo.jsonl.gz")), out)
     return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def alpaca_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token BPE trained on the messages of the bundled Alpaca sample, built once for the session: the
+    tokenizer of the SFT, reward model and PPO tests (test_sft_train, test_reward, test_ppo). Its folder."""
+    from tasks.bpe import save_tokenizer, train_bpe
+    from tasks.chat import read_sft
+    from tasks.tokenizer import TokenizerConfig
+
+    convos = read_sft(DATA_DIR / "sft" / "alpaca_en_demo.json.gz")
+    tok = train_bpe(iter(m["content"] for c in convos for m in c), TokenizerConfig(vocab_size=512), parallel=False)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("alpaca_tokenizer")).parent

@@ -103,10 +103,8 @@ def test_a_model_bigger_than_the_machine_stops_before_training_with_the_numbers(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shards, tmp_path):
+def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shards, ray_once, tmp_path):
     # with the quality recipe's other two options: Muon on 2 DDP workers, and the whole validation split scored
-    import ray
-
     from models.checkpoint import load_model
     from tasks.heldout import split_bits_per_byte
 
@@ -114,10 +112,7 @@ def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shard
     cfg = PretrainConfig(model=MODEL, steps=100_000, batch_size=8, lr=3e-3, warmup_steps=5_000, num_workers=2,
                          log_every=1, eval_every=100_000, ckpt_every=100_000, time_budget_s=budget,
                          allow_repeats=True, optimizer="muon", heldout_bpb=True)
-    try:
-        ref = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
-    finally:
-        ray.shutdown()
+    ref = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     stop = history["stop"]
     assert stop["reason"] == "time_budget" and 10 < stop["step"] < cfg.steps

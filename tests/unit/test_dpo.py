@@ -149,7 +149,7 @@ def mlflow_run(tmp_path_factory) -> RunLink:
 
 
 @pytest.fixture(scope="module")
-def fitted(inputs, mlflow_run, tmp_path_factory) -> tuple[Path, ModelRef]:
+def fitted(inputs, mlflow_run, ray_once, tmp_path_factory) -> tuple[Path, ModelRef]:
     out = tmp_path_factory.mktemp("dpo")
     with open(out / "progress.txt", "w") as bar:
         return out, train_dpo(CFG, *inputs, out, mlflow_run, progress_file=bar)

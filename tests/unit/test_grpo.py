@@ -199,7 +199,7 @@ RAY_CFG = GRPOConfig(task="larger", max_operand=9, val_prompts=20, steps=20, bat
 
 
 @pytest.fixture(scope="module")
-def grpo_run(tmp_path_factory):
+def grpo_run(ray_once, tmp_path_factory):
     """A BPE on the task's texts, a tiny llama-style GPT taught the task sloppily (in process), then GRPO on Ray
     with a sqlite MLflow run."""
     from mlflow.tracking import MlflowClient

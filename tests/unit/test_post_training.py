@@ -29,7 +29,7 @@ def _setup(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sft_lowers_assistant_loss(tmp_path):
+def test_sft_lowers_assistant_loss(ray_once, tmp_path):
     base, tok = _setup(tmp_path)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"add {i} and {i}", "input": "", "output": f"{2 * i}"}) + "\n"

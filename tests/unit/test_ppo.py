@@ -220,22 +220,20 @@ def test_ppo_ptx_adds_the_lm_loss_of_its_rows(inputs):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, one_thread):
-    """A BPE trained on the Alpaca sample, a 2-layer model given 60 steps of language modelling on it (so it says
+def inputs(alpaca_tokenizer, tmp_path_factory, one_thread):
+    """The session's BPE of the Alpaca sample, a 2-layer model given 60 steps of language modelling on it (so it says
     common tokens often enough for a toy reward to be found), the reward token (the sample's most frequent token)
     and the prompts as the driver writes them."""
     from models.checkpoint import save_model
     from models.gpt import GPT, GPTConfig
     from models.tokens import END, PAD
-    from tasks.bpe import save_tokenizer, train_bpe
+    from tasks.bpe import load_tokenizer
     from tasks.chat import read_sft, render
     from tasks.refs import ModelRef, ShardsRef, TokenizerRef
-    from tasks.tokenizer import TokenizerConfig
 
     root = tmp_path_factory.mktemp("inputs")
     convos = read_sft(DATA)
-    tok = train_bpe(iter([m["content"] for c in convos for m in c]), TokenizerConfig(vocab_size=512), parallel=False)
-    save_tokenizer(tok, root / "tok")
+    tok = load_tokenizer(alpaca_tokenizer)
     torch.manual_seed(0)
     model = GPT(GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32))
     rows = [render(c, tok, 64)[0] for c in convos[:300]]
@@ -253,7 +251,7 @@ def inputs(tmp_path_factory, one_thread):
     common = Counter(t for r in rows for t in r).most_common(1)[0][0]
     prompts = {"train": [r[:10] for r in rows[:50]], "val": [r[:10] for r in rows[50:54]],
                "end_id": tok.token_to_id(END), "pad_id": tok.token_to_id(PAD)}
-    return (ModelRef(path=str(root / "sft")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")),
+    return (ModelRef(path=str(root / "sft")), TokenizerRef(path=str(alpaca_tokenizer), shards=ShardsRef(path="")),
             prompts, tok.id_to_token(common))
 
 

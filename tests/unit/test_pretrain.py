@@ -1,6 +1,6 @@
 """Pretraining stage: data windows, learning-rate schedules, exact optimizer/RNG state, and real Ray Train runs.
 
-The Ray tests share one local Ray (`ray_once`) and run 2-worker fits on CPU: an uninterrupted reference run for
+The Ray tests join the session's one local Ray (`ray_once`, tests/conftest.py) and run 2-worker fits on CPU: an uninterrupted reference run for
 DDP and one for FSDP, a DDP run whose whole process tree is killed with SIGKILL after its second checkpoint and
 the rerun that resumes it, an FSDP rerun from its reference's second-to-last checkpoint, and two short fits with
 gradient accumulation checked against a one-process replica; about 3 minutes on 2 cores, most of it Ray Train's

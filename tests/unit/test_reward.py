@@ -17,12 +17,11 @@ from infra.env import DATA_DIR
 from models.checkpoint import load_model, save_model
 from models.gpt import GPT, GPTConfig
 from models.reward import RewardModel, bradley_terry_loss, load_reward_model, pad_rows, save_reward_model
-from tasks.bpe import load_tokenizer, save_tokenizer, train_bpe
+from tasks.bpe import load_tokenizer
 from tasks.chat import read_sft
 from tasks.refs import ModelRef, ShardsRef, TokenizerRef
 from tasks.reward import RewardConfig, encode_pairs, prepare_pairs
 from tasks.stage import GptflowError
-from tasks.tokenizer import TokenizerConfig
 
 ALPACA = DATA_DIR / "sft" / "alpaca_en_demo.json.gz"
 TINY = GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32)
@@ -33,14 +32,12 @@ def _hh(prompt: str, answer: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
-    """A BPE trained on the Alpaca sample, a random tiny base model, and real pairs with a signal a tiny model can
-    learn: an Alpaca answer (chosen) against the same words in reverse order (rejected). Same words, same length:
-    the longer-reply baseline sits at chance."""
+def inputs(alpaca_tokenizer, tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
+    """The session's BPE of the Alpaca sample, a random tiny base model, and real pairs with a signal a tiny model
+    can learn: an Alpaca answer (chosen) against the same words in reverse order (rejected). Same words, same
+    length: the longer-reply baseline sits at chance."""
     root = tmp_path_factory.mktemp("inputs")
     convos = read_sft(ALPACA)
-    tok = train_bpe(iter(m["content"] for c in convos for m in c), TokenizerConfig(vocab_size=512), parallel=False)
-    save_tokenizer(tok, root / "tok")
     torch.manual_seed(0)
     save_model(GPT(TINY), root / "base")
     short = [c for c in convos if len(c) == 2 and len(c[1]["content"]) < 250 and len(c[1]["content"].split()) > 3
@@ -50,7 +47,7 @@ def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef, Path]:
             answer = assistant["content"]
             f.write(json.dumps({"chosen": _hh(user["content"], answer),
                                 "rejected": _hh(user["content"], " ".join(reversed(answer.split())))}) + "\n")
-    return (ModelRef(path=str(root / "base")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path="")),
+    return (ModelRef(path=str(root / "base")), TokenizerRef(path=str(alpaca_tokenizer), shards=ShardsRef(path="")),
             root / "pairs.jsonl")
 
 
@@ -198,9 +195,10 @@ def test_a_non_finite_score_stops_the_stage(inputs, tmp_path):
 
 # ---------------------------------------------------------------- one Ray Train fit, through the Prefect task
 
-# 2 workers x 8 pairs per step; 36 steps = 576 pairs drawn, ~3 epochs of the ~200 training pairs.
+# 2 workers x 8 pairs per step; 36 steps = 576 pairs drawn, ~3 epochs of the ~200 training pairs; a checkpoint at
+# step 18, which the resume test restarts from.
 FIT = dict(max_pairs=240, val_fraction=0.2, steps=36, batch_size=8, lr=2e-3, warmup_steps=4, log_every=6,
-           eval_every=18, ckpt_every=36, num_workers=2, seed=0, model_name="gpt-reward-test")
+           eval_every=18, ckpt_every=18, num_workers=2, seed=0, model_name="gpt-reward-test")
 
 
 @pytest.fixture(scope="module")
@@ -271,25 +269,28 @@ def test_gptflow_reward_resolves_its_config_from_the_preset(capsys, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_resumed_run_continues_exactly(inputs, ray_once, tmp_path):
-    """A run stopped after its step-6 checkpoint and rerun in the same folder with more steps resumes there and
-    ends as a straight 12-step run: same losses, same held-out metrics (constant lr, so the schedule is the same).
-    Three fits on the module's one Ray."""
+def test_a_resumed_run_continues_exactly(fitted, inputs, tmp_path):
+    """The module's fit resumed from its step-18 checkpoint: its Ray run folder copied with the last checkpoint's
+    weights cut short (as by a crash mid-copy), the rerun restores step 18 and ends as the uninterrupted fit did:
+    the same losses and held-out metrics at every step. One fit of 18 steps on the session's Ray."""
+    import shutil
+
     from tasks.reward import train_reward_model
 
     base, tok, pairs = inputs
-    cfg = RewardConfig(sources=str(pairs), max_pairs=80, val_fraction=0.2, steps=12, batch_size=4, lr=1e-3,
-                       warmup_steps=0, min_lr_ratio=1.0, log_every=3, eval_every=6, ckpt_every=6, num_workers=1,
-                       seed=3)
-    straight = train_reward_model(cfg, base, tok, tmp_path / "straight")
-    train_reward_model(cfg.model_copy(update={"steps": 6}), base, tok, tmp_path / "resumed")
-    resumed = train_reward_model(cfg, base, tok, tmp_path / "resumed")
-    a, b = (json.loads(Path(r.files["history"]).read_text()) for r in (straight, resumed))
-    assert b["resumes"] == [6] and a["resumes"] == []
-    assert [s for s, _ in b["train"]] == list(range(1, 13)) and [h["step"] for h in b["held_out"]] == [0, 6, 12]
+    out = tmp_path / "stage"
+    shutil.copytree(Path(fitted.files["history"]).parent / "ray", out / "ray")
+    last = out / "ray" / "reward" / f"checkpoint_{FIT['steps']:06d}"
+    for weights in last.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])
+    resumed = train_reward_model(RewardConfig(sources=str(pairs), **FIT), base, tok, out)
+    a, b = (json.loads(Path(r.files["history"]).read_text()) for r in (fitted, resumed))
+    assert b["resumes"] == [FIT["ckpt_every"]] and a["resumes"] == []
+    assert [s for s, _ in b["train"]] == list(range(1, 37)) and [h["step"] for h in b["held_out"]] == [0, 18, 36]
     assert [v for _, v in b["train"]] == pytest.approx([v for _, v in a["train"]], abs=1e-5)
     for x, y in zip(a["held_out"], b["held_out"], strict=True):
         assert x == pytest.approx(y, abs=1e-5)
+    assert resumed.metrics["reward/val_accuracy"] == pytest.approx(fitted.metrics["reward/val_accuracy"], abs=1e-6)
 
 
 @pytest.mark.ray

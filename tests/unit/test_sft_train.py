@@ -16,11 +16,8 @@ from killing import kill_after_checkpoint
 from infra.env import DATA_DIR
 from models.checkpoint import load_config, load_model, save_model
 from models.gpt import GPT, GPTConfig
-from tasks.bpe import save_tokenizer, train_bpe
-from tasks.chat import read_sft
 from tasks.refs import ModelRef, RunLink, ShardsRef, TokenizerRef
 from tasks.sft import SFTConfig, finetune_sft
-from tasks.tokenizer import TokenizerConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -33,16 +30,13 @@ CFG = SFTConfig(sources=str(DATA), max_examples=200, val_fraction=0.1, steps=24,
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> tuple[ModelRef, TokenizerRef]:
-    """A BPE trained on the sample's own texts and a random llama-style base model (doc_mask off)."""
+def inputs(alpaca_tokenizer, tmp_path_factory) -> tuple[ModelRef, TokenizerRef]:
+    """The session's BPE of the sample's own texts and a random llama-style base model (doc_mask off)."""
     root = tmp_path_factory.mktemp("inputs")
-    texts = [m["content"] for c in read_sft(DATA) for m in c]
-    tok = train_bpe(iter(texts), TokenizerConfig(vocab_size=512), parallel=False)
-    save_tokenizer(tok, root / "tok")
     torch.manual_seed(0)
     save_model(GPT(GPTConfig(arch="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=32,
                              dropout=0.1)), root / "base")
-    return ModelRef(path=str(root / "base")), TokenizerRef(path=str(root / "tok"), shards=ShardsRef(path=""))
+    return ModelRef(path=str(root / "base")), TokenizerRef(path=str(alpaca_tokenizer), shards=ShardsRef(path=""))
 
 
 @pytest.fixture(scope="module")

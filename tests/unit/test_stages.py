@@ -78,6 +78,7 @@ def base_model(tmp_path_factory) -> ModelRef:
 
 
 @pytest.mark.slow
+@pytest.mark.forks  # datatrove's local executor: before the session's Ray (tests/conftest.py)
 def test_data_task(root):
     wet = "data/crawl/CC-MAIN-2016-50_sparkwarc-sample.warc.wet.gz"  # 69 records, some English pages
     cfg = DataConfig(inputs=[wet], text_sources={}, minhash=False, sentence_dedup=False, tasks=1, workers=1)
@@ -105,7 +106,7 @@ def test_tokenizer_task(tokenizer):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretrain_task(tokenizer, root, ray_once):  # one Ray for the module's three fits, as in the pipeline
+def test_pretrain_task(tokenizer, root, ray_once):  # the session's one Ray for the module's three fits, as in the pipeline
     cfg = PretrainConfig(model=GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32),
                          steps=4, batch_size=2, warmup_steps=1, num_workers=1, log_every=2, eval_every=4,
                          eval_batches=1, ckpt_every=4)
