@@ -128,7 +128,9 @@ def shakespeare() -> PipelineConfig:
     #   gptflow tokenizer --preset shakespeare --input data/text/tinyshakespeare.txt.gz
     #   gptflow pretrain --preset shakespeare --input <the tokenizer's shards folder>
     # 1,003,854 train characters -> ~412k tokens with a 1,024 BPE trained on them alone (val_split="tail").
-    # One worker with both cores (a second worker would halve each one's threads and add an all-reduce).
+    # One worker with both cores (a second worker would halve each one's threads and add an all-reduce). The clock
+    # ends the run: `steps` is set above what 10 minutes reach (~4.6k tokens/s x 600 s / 2,048 = ~1,350 steps), so
+    # it only sets the schedule's resolution; ~7 passes over the 412k train tokens, hence allow_repeats.
     vocab = 1024
     base = tiny()
     return base.model_copy(update={
@@ -137,8 +139,9 @@ def shakespeare() -> PipelineConfig:
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=4, n_head=4, n_embd=128,
                             dropout=0.1),
-            steps=1000, batch_size=8, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
-            num_workers=1, cpus_per_worker=2, time_budget_s=600, heldout_bpb=True, allow_repeats=True,
+            steps=5000, batch_size=8, lr=1e-2, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
+            optimizer="muon", num_workers=1, cpus_per_worker=2, time_budget_s=600, heldout_bpb=True,
+            allow_repeats=True,
             log_every=25, eval_every=250, ckpt_every=250, eval_batches=8,
         ),
     })
