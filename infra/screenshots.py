@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -138,8 +139,12 @@ def chromium_argv(url: str, profile: Path, screenshot: Path | None = None, size:
             *what, url]
 
 
-def run_chromium(argv: list[str], timeout: float = 120) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run_chromium(argv: list[str], profile: Path, timeout: float = 120) -> str:
+    """Run one Chromium call with its home in `profile` too: Chromium's crash reporter writes under
+    ~/.config whatever --user-data-dir says, and nothing may land in the user's home folder."""
+    env = {**os.environ, "HOME": str(profile), "XDG_CONFIG_HOME": str(profile / "config"),
+           "XDG_CACHE_HOME": str(profile / "cache")}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"chromium failed on {argv[-1]} (status {out.returncode}): {out.stderr.strip()[-500:]}")
     return out.stdout
@@ -171,14 +176,14 @@ def visible_text(html: str) -> str:
 
 def page_text(url: str, budget_ms: int = 20000) -> str:
     with tempfile.TemporaryDirectory(prefix="gptflow-chromium-") as profile:
-        return visible_text(run_chromium(chromium_argv(url, Path(profile), budget_ms=budget_ms)))
+        return visible_text(run_chromium(chromium_argv(url, Path(profile), budget_ms=budget_ms), Path(profile)))
 
 
 def screenshot(page: Page, out_dir: Path, size: tuple[int, int] = (1400, 1000), budget_ms: int = 20000) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{page.name}.png"
     with tempfile.TemporaryDirectory(prefix="gptflow-chromium-") as profile:
-        run_chromium(chromium_argv(page.url, Path(profile), png, size, budget_ms))
+        run_chromium(chromium_argv(page.url, Path(profile), png, size, budget_ms), Path(profile))
     if not png.is_file() or png.stat().st_size == 0:
         raise RuntimeError(f"chromium wrote no screenshot for {page.url} ({png})")
     return png

@@ -115,7 +115,7 @@ def test_cli_error_in_a_real_process_has_no_traceback():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "nope"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "gptflow: error: unknown preset 'nope'; choose one of: tiny, small, gpt2-124m")
+        "gptflow: error: unknown preset 'nope'; choose one of: tiny, small, gpt2-124m, shakespeare")
     assert "Traceback" not in out.stderr
 
 
