@@ -27,7 +27,6 @@ from infra.env import REPO_ROOT, setup_env, workspace
 setup_env()  # before anything imports ray
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -248,32 +247,17 @@ def bench_head_loss(chunks: list[int], vocab: int, batch: int, steps: int) -> li
 
 
 def shakespeare_shards(text_file: Path, vocab_size: int, out: Path) -> Path:
-    """BPE trained on the first 90 % of the text; token shards in the tokenizer stage's format, with the last 10 %
-    (by characters) as the validation split. Cached in `out`."""
-    from models.tokens import EOT
-    from tasks.bpe import train_bpe
-    from tasks.tokenizer import TokenizerConfig
+    """The tokenizer stage's own tail split (`val_split="tail"`): a BPE trained on the text's first 90 %, the last
+    10 % of its characters as the validation split. Cached in `out`."""
+    from tasks.refs import CorpusRef
+    from tasks.tokenizer import TokenizerConfig, build_tokenizer
 
-    shards = out / "shards"
-    if (shards / "index.json").exists():
-        return shards
-    if not text_file.exists():
-        raise SystemExit(f"tiny-shakespeare not found at {text_file}; pass --text PATH")
-    with gzip.open(text_file, "rt", encoding="utf-8") as f:
-        text = f.read()
-    cut = int(len(text) * 0.9)
-    parts = {"train": text[:cut], "val": text[cut:]}
-    tok = train_bpe(iter([parts["train"]]), TokenizerConfig(vocab_size=vocab_size))
-    shards.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    index = {"dtype": "uint16", "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT), "splits": {}}
-    for split, part in parts.items():
-        ids = np.asarray(tok.encode(part, add_special_tokens=False).ids, dtype=np.uint16)
-        ids.tofile(shards / f"{split}_0000.bin")
-        index["splits"][split] = {"tokens": len(ids), "docs": 1, "bytes": len(part.encode("utf-8")),
-                                  "shards": [{"file": f"{split}_0000.bin", "tokens": len(ids), "docs": 1}]}
-    (shards / "index.json").write_text(json.dumps(index, indent=1))
-    return shards
+    if not (out / "shards" / "index.json").exists():
+        if not text_file.exists():
+            raise SystemExit(f"tiny-shakespeare not found at {text_file}; pass --text PATH")
+        build_tokenizer(TokenizerConfig(vocab_size=vocab_size, val_fraction=0.1, val_split="tail"),
+                        CorpusRef(path=str(text_file)), out)
+    return out / "shards"
 
 
 # ---------------------------------------------------------------- (c) 1 vs 2 Ray workers

@@ -60,9 +60,9 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
     preset = cfg.preset
     limits = cfg.timeouts
     root = str(Path(workdir).resolve() if workdir else runs_dir())
-    sha = tracking.git_sha()[:7]
+    commit = tracking.git_sha()
     times: dict[str, float] = {}
-    with tracking.pipeline_run(f"{preset}-{sha}", cfg.model_dump(mode="json"), {"preset": preset}) as parent:
+    with tracking.pipeline_run(f"{preset}-{commit[:7]}", cfg.model_dump(mode="json"), {"preset": preset}) as parent:
         corpus, times["data"] = timed(data_task, cfg.data, root, parent)
         tok, times["tokenizer"] = timed(tokenizer_task, cfg.tokenizer, corpus, root, parent)
         # Ray starts once, here, for every Ray Train stage after it (each stage's own ray_session joins it), and
@@ -84,7 +84,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
                                                              model.run_id or parent, name)
             clean = clean_tables(reports, contamination)
             refs = {"data": corpus, "tokenizer": tok, "pretrain": base, "sft": chat, **helpers, **branches}
-            registered, decision = register_branches(cfg, preset, sha, root, parent, branches, tok, reports, refs,
+            registered, decision = register_branches(cfg, preset, commit, root, parent, branches, tok, reports, refs,
                                                      contamination, times)
             if cfg.run_classify:  # a side branch from the pretrained model: GPT-1 task fine-tuning, its own model
                 classifier, times["classify"] = timed(limited(classify_task, limits), cfg.classify, base, tok, root, parent)
@@ -122,7 +122,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
     }
 
 
-def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, parent: str,
+def register_branches(cfg: PipelineConfig, preset: str, commit: str, root: str, parent: str,
                       branches: dict[str, ModelRef], tok: TokenizerRef, reports: dict[str, EvalReport],
                       refs: dict[str, Any], contamination: ContaminationReport, times: dict[str, float]) -> tuple[dict[str, RegisteredModel], Decision]:
     """Each branch as a version of the preset's registered model (alias = its method), then the eval gate on the
@@ -132,7 +132,7 @@ def register_branches(cfg: PipelineConfig, preset: str, sha: str, root: str, par
     scores = {name: report_scores(reports[name]) for name in branches}
     registered, cards = {}, {}
     for name, model in branches.items():
-        tags = {**version_tags(preset, tracking.git_sha(), parent, {**refs, "eval": reports[name]}, reports[name],
+        tags = {**version_tags(preset, commit, parent, {**refs, "eval": reports[name]}, reports[name],
                                setup, cfg.model_dump(mode="json")), "align_method": name}
         facts = card_facts(lineage_refs(refs, name, reports[name]), name)
         cards[name] = model_card(reg.model_name or f"gpt-{preset}", facts, scores[name], contamination.fractions())
