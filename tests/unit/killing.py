@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from infra.env import REPO_ROOT
@@ -72,3 +73,16 @@ def kill_after_checkpoint(driver: str, args: list[str], run_dir: Path, step: int
         kill_tree(proc)
         shutil.rmtree(home, ignore_errors=True)
     return registered_step(run_dir)
+
+
+def assert_same_curves(out: Path, reference: Path, atol: float = 1e-5) -> dict:
+    """The run in `out` logged the reference run's train and val losses at the same steps (to `atol`); returns
+    its history."""
+    history = json.loads((out / "history.json").read_text())
+    expected = json.loads((reference / "history.json").read_text())
+    for split in ("train", "val"):
+        steps, losses = np.array(history[split]).T
+        ref_steps, ref_losses = np.array(expected[split]).T
+        assert np.array_equal(steps, ref_steps)
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=atol)
+    return history

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from killing import assert_no_line_repeats, kill_after_checkpoint
+from killing import assert_no_line_repeats, assert_same_curves, kill_after_checkpoint
 
 from models.gpt import GPT, GPTConfig
 from tasks import train_state
@@ -301,13 +301,7 @@ pretrain_gpt(PretrainConfig.model_validate_json(sys.argv[1]), ShardsRef(path=sys
 
 def _assert_same_curve(out: Path, reference: tuple[Path, ModelRef], result: ModelRef) -> dict:
     """The run in `out` logged the reference run's train and val losses at the same steps, and ended on its loss."""
-    history = json.loads((out / "history.json").read_text())
-    expected = json.loads((reference[0] / "history.json").read_text())
-    for split in ("train", "val"):
-        steps, losses = np.array(history[split]).T
-        ref_steps, ref_losses = np.array(expected[split]).T
-        assert np.array_equal(steps, ref_steps)
-        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    history = assert_same_curves(out, reference[0])
     assert result.metrics["pretrain/final_train_loss"] == pytest.approx(
         reference[1].metrics["pretrain/final_train_loss"], abs=1e-5)
     return history

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from killing import assert_no_line_repeats as _assert_no_line_repeats
-from killing import kill_after_checkpoint
+from killing import assert_same_curves, kill_after_checkpoint
 
 from infra.env import DATA_DIR
 from models.checkpoint import load_config, load_model, save_model
@@ -118,14 +118,8 @@ def test_killed_sft_run_resumes_to_the_same_loss_curve(reference, inputs, tmp_pa
 
     finetune_sft(CFG, base, tok, out)  # the rerun: same folder, same RunConfig(name, storage_path)
 
-    history = json.loads((out / "history.json").read_text())
+    history = assert_same_curves(out, reference[0])
     assert history["resumes"] == [killed_at]
-    expected = json.loads((reference[0] / "history.json").read_text())
-    for split in ("train", "val"):
-        steps, losses = np.array(history[split]).T
-        ref_steps, ref_losses = np.array(expected[split]).T
-        assert np.array_equal(steps, ref_steps)
-        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
 
 
 def test_lora_sft_trains_only_adapters_and_saves_them_merged(inputs, ray_once, tmp_path):
