@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, preset_help: str) -> None:
-        sp.add_argument("--preset", default="tiny", help=preset_help + " (tiny, small, gpt2-124m; default: tiny)")
+        sp.add_argument("--preset", default="tiny", help=preset_help + " (tiny, small, gpt2-124m, shakespeare; default: tiny)")
         sp.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (nested or dotted), applied before --set")
         sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key; repeatable; values parse as JSON when they can")
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline", epilog=EPILOG,
                          description="Run data, tokenizer, pretrain, SFT, alignment, eval and registration as one Prefect flow.")
     common(run, "the preset to start from")
+    run.add_argument("--result-json", metavar="FILE",
+                     help="also write the run's result as JSON (MLflow run id, models, gate decision, stage times and "
+                          "cache hits, stage folders) for scripts")
 
     data = sub.add_parser("data", help="Common Crawl WARC/WET -> clean JSONL documents", epilog=EPILOG,
                           description="Run the data stage alone. Keys for --set are relative to the data config (e.g. languages).")
@@ -320,6 +323,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_flow(args, llm_pipeline_flow, preset=args.preset, overrides=overrides, workdir=args.workdir)
     print_summary(result)
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -264,8 +264,19 @@ def log_datasets(run_id: str, datasets: list[DatasetFacts]) -> None:
     digest (two runs on the same data show the same dataset) and where it is (a local file's URI or a URL)."""
     from mlflow.entities import DatasetInput
 
-    if datasets:
-        MlflowClient().log_inputs(run_id, [DatasetInput(_dataset(d), _input_tags(d)) for d in datasets])
+    if not datasets:
+        return
+    inputs = [DatasetInput(_dataset(d), _input_tags(d)) for d in datasets]
+    for attempt in range(4):
+        try:
+            MlflowClient().log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            # MLflow's SQL store looks a dataset up, then inserts it: two runs logging the same dataset at once
+            # (two pipelines on one workspace) race, and the loser hits the unique key. Its retry finds the row.
+            if ("UNIQUE constraint" not in str(e) and "duplicate key" not in str(e)) or attempt == 3:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _dataset(d: DatasetFacts):

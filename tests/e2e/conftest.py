@@ -1,5 +1,6 @@
 """What the end-to-end tests share: the tiny pipeline's one run (`first_run`, with fake credentials in its
-environment), and for the registry's tests one PostgreSQL, one MLflow server, one registered model.
+environment) with a second `gptflow run` started 3 s after it on the same workspace (`two_runs`); for the
+registry's tests one PostgreSQL, one MLflow server, one registered model.
 
 `mlflow_server` is `gptflow serve mlflow` (infra.services) on PostgreSQL when Debian's `postgresql` is installed,
 else on sqlite; `registered` puts a tiny GPT in its registry once, with aliases and tags, for
@@ -10,12 +11,15 @@ reads it in the MLflow UI). Each server start costs ~15-20 s on 2 idle cores: on
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from infra import services
+from infra.env import REPO_ROOT
 
 MODEL = "gpt-e2e-registry"
 # Names the tools read credentials from (AWS for s3://, Hugging Face, MLflow's server auth, Weights & Biases, ...).
@@ -38,18 +43,57 @@ def fake_secret() -> str:
     return f"fake-secret-{secrets.token_hex(12)}"
 
 
+@dataclass(frozen=True)
+class TwoRuns:
+    first: dict  # llm_pipeline_flow's result, in this process
+    second: dict | None  # `gptflow run --result-json`'s result, None when that run failed
+    second_rc: int
+    second_log: str
+
+
 @pytest.fixture(scope="session")
-def first_run(workspace, fake_secret):
-    """The one whole-pipeline run (tiny preset) that tests/e2e/test_pipeline_tiny.py and test_pipeline_secrets.py
-    read: a session fixture, so the ~5 min run happens once. Fake credentials are in the environment for the run
-    alone."""
+def two_runs(workspace, fake_secret, tmp_path_factory) -> TwoRuns:
+    """The tiny pipeline in this process and, 3 s after it started, `gptflow run --preset tiny` on the same workspace
+    (issue 19: two runs at once must both complete). A session fixture: the ~5 min happen once. Either run may be
+    the one that computes a stage (the other waits on its lock and reuses it): which one is a race at every stage.
+    Fake credentials are in the environment of both runs alone."""
     from flows.pipeline import llm_pipeline_flow
+
+    folder = tmp_path_factory.mktemp("second_run")
+    log = open(folder / "run.log", "w")  # noqa: SIM115 (closed below, after the process ends)
+    second: dict[str, subprocess.Popen] = {}
+
+    def start_second() -> None:
+        second["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--result-json", str(folder / "result.json")],
+            cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
 
     with pytest.MonkeyPatch.context() as mp:
         for var in SECRET_VARS:
             mp.setenv(var, fake_secret)
         mp.setenv("AWS_ACCESS_KEY_ID", "AKIA" + fake_secret)
-        return llm_pipeline_flow(preset="tiny")
+        timer = threading.Timer(3.0, start_second)
+        timer.start()
+        try:
+            first = llm_pipeline_flow(preset="tiny")
+        finally:
+            timer.join()
+            proc = second["proc"]
+            try:
+                proc.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+    result = folder / "result.json"
+    return TwoRuns(first, json.loads(result.read_text()) if result.exists() else None, proc.returncode,
+                   (folder / "run.log").read_text(errors="replace"))
+
+
+@pytest.fixture(scope="session")
+def first_run(two_runs) -> dict:
+    """The in-process run of `two_runs`, which tests/e2e/test_pipeline_tiny.py and test_pipeline_secrets.py read."""
+    return two_runs.first
 
 
 def pg_bin(tool: str) -> str | None:

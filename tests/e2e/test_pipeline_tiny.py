@@ -1,5 +1,7 @@
 """The one whole-pipeline run: tiny preset, bundled sample crawl, real Prefect (ephemeral), MLflow (sqlite),
-Ray (local), datatrove and lm-eval (`first_run`: tests/e2e/conftest.py). Then a rerun, which must reuse every stage."""
+Ray (local), datatrove and lm-eval (`first_run`: tests/e2e/conftest.py), with a second `gptflow run --preset tiny`
+started 3 s after it on the same workspace (`two_runs`): at each stage either one computes and the other waits and
+reuses, so the curves of a stage are read from the run that computed it. Then a rerun, which must reuse every stage."""
 
 from __future__ import annotations
 
@@ -29,8 +31,19 @@ def _children(client: MlflowClient, parent_id: str, depth: int = 2) -> dict:
     return found
 
 
-def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, workspace):
-    client = MlflowClient()
+def both(two_runs) -> tuple[dict, dict]:
+    assert two_runs.second_rc == 0 and two_runs.second is not None, two_runs.second_log[-4000:]
+    return two_runs.first, two_runs.second
+
+
+def computed(two_runs, stage: str) -> dict:
+    """The stage runs (by name) under the pipeline run that computed `stage` (the other one reused its folder)."""
+    first, second = both(two_runs)
+    return _children(MlflowClient(), (first if not first["cached"][stage] else second)["run_id"])
+
+
+def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(two_runs, workspace):
+    client, first_run = MlflowClient(), two_runs.first
     artifacts = client.get_experiment_by_name(EXPERIMENT).artifact_location
     assert artifacts == (Path(workspace) / "mlartifacts").resolve().as_uri()  # not ./mlruns of the current folder
     parent = client.get_run(first_run["run_id"])
@@ -45,7 +58,8 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
     ppo = children["ppo"].data.metrics  # PPO's curves and the reward model it trained against
     assert {"ppo/reward", "ppo/kl", "ppo/clip_frac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
             "perf/rollout_tokens_per_s"} <= set(ppo), sorted(ppo)
-    assert len(client.get_metric_history(children["ppo"].info.run_id, "ppo/reward")) >= 2  # a curve, not a point
+    ppo_run = computed(two_runs, "ppo")["ppo"].info.run_id  # the per-step curves are on the run that trained
+    assert len(client.get_metric_history(ppo_run, "ppo/reward")) >= 2  # a curve, not a point
     assert {"dpo/margin", "dpo/reward_acc"} <= set(children["dpo"].data.metrics)
     table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
     assert table.splitlines()[0].split("|")[2:6] == [" base ", " sft ", " dpo ", " ppo "], table  # side by side
@@ -74,7 +88,7 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
         assert [d.dataset.name for d in inputs] == [dataset], stage
     pre = children["pretrain"].data.metrics
     assert {"train/loss", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu"} <= set(pre)
-    history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
+    history = client.get_metric_history(computed(two_runs, "pretrain")["pretrain"].info.run_id, "train/loss")
     assert len(history) >= 2 and history[-1].value < history[0].value, "pretraining loss did not fall"
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
     assert children["sft"].data.metrics["sft/val_loss_after"] < children["sft"].data.metrics["sft/val_loss_before"]
@@ -85,15 +99,18 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(first_run, work
         assert any(k.startswith(f"eval/{task}/") or k.startswith(f"eval/gptflow_{task}/") for k in evals), task
 
 
-def test_each_branch_is_a_version_and_the_first_candidate_becomes_champion(first_run):
+def test_each_branch_is_a_version_and_the_first_candidate_becomes_champion(two_runs):
     client = MlflowClient()
+    first_run, second = both(two_runs)
     m, decision = first_run["model"], first_run["decision"]
     version = client.get_model_version_by_alias(m["name"], "candidate")
     assert int(version.version) == m["version"]
     assert version.tags["preset"] == "tiny"
-    assert version.tags["pipeline_run_id"] == first_run["run_id"]
+    # registered by whichever run got there first; the other found the same weights
+    assert version.tags["pipeline_run_id"] in (first_run["run_id"], second["run_id"])
     assert version.tags["align_method"] == decision["method"] in ("dpo", "ppo")
-    assert decision["outcome"] == "first" and version.tags["gate.outcome"] == "first"
+    outcomes = sorted(r["decision"]["outcome"] for r in (first_run, second))
+    assert outcomes == ["already-champion", "first"] and version.tags["gate.outcome"] == "first", outcomes
     assert client.get_model_version_by_alias(m["name"], "champion").version == version.version
     for method, reg in first_run["models"].items():
         assert int(client.get_model_version_by_alias(m["name"], method).version) == reg["version"]
@@ -205,6 +222,28 @@ def test_mlflow_models_serve_answers_a_chat_request(first_run, tmp_path):
         proc.wait(timeout=30)
     local = mlflow.pyfunc.load_model(uri).predict({"messages": messages}, params={"max_new_tokens": 16})
     assert isinstance(reply, str) and reply == local, (reply, local)
+
+
+def test_a_second_run_started_3_s_later_on_the_same_workspace_completes_beside_the_first(two_runs):
+    """Issue 19: two `gptflow run --preset tiny` at once on one workspace (the first here in-process). Both complete,
+    no stage's core runs twice, each run keeps its own MLflow runs, and no new model version comes of the second."""
+    client = MlflowClient()
+    first, second = both(two_runs)
+    assert second["run_id"] != first["run_id"]
+    assert second["stage_dirs"] == first["stage_dirs"]  # one folder per stage key, shared, written once
+    assert [s for s in CACHED if not first["cached"][s] and not second["cached"][s]] == [], (first["cached"],
+                                                                                             second["cached"])
+    if not first["cached"]["data"]:  # the data stage takes ~20 s: the second run waited on its lock
+        assert "data: waiting for pid" in two_runs.second_log
+    children = _children(client, second["run_id"])  # its own stage runs, each tagged as it went
+    for stage, name in zip(CACHED, STAGES, strict=True):
+        assert children[name].data.tags["cached"] == str(second["cached"][stage]).lower(), name
+    assert {k: v["version"] for k, v in second["models"].items()} == {k: v["version"] for k, v in first["models"].items()}
+    name = first["model"]["name"]
+    versions = {int(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    assert versions == {v["version"] for v in first["models"].values()}, versions
+    assert int(client.get_model_version_by_alias(name, "champion").version) == first["model"]["version"] \
+        == second["model"]["version"]
 
 
 def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
