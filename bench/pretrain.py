@@ -363,7 +363,7 @@ def load_nanogpt(checkout: Path):
 def bench_nanogpt(checkout: Path, contexts: tuple[int, ...], rounds: int, tokens_per_step: int) -> list[dict]:
     """One training step (forward with the loss, backward, clip to 1.0, AdamW step) of our GPT-2-style model and
     of nanoGPT's on the same configuration (nanoGPT's CPU recipe: 4 layers, 4 heads, d_model 128, no bias, no
-    dropout; a 65-id character vocabulary), each with its own optimizer set-up, alternating step by step in this
+    dropout, exact GELU; a 65-id character vocabulary), each with its own optimizer set-up, alternating step by step in this
     process so that load from other processes falls on both alike. The batch keeps the tokens per step fixed."""
     import contextlib
     import io
@@ -372,7 +372,8 @@ def bench_nanogpt(checkout: Path, contexts: tuple[int, ...], rounds: int, tokens
     rows = []
     for T in contexts:
         batch = max(1, tokens_per_step // T)
-        ours_cfg = GPTConfig(arch="gpt2", vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False)
+        ours_cfg = GPTConfig(arch="gpt2", vocab_size=65, block_size=T, n_layer=4, n_head=4, n_embd=128, bias=False,
+                             gelu="exact")  # nanoGPT's nn.GELU(): erf, not GPT-2's tanh approximation
         theirs_cfg = nano.GPTConfig(block_size=T, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
                                     bias=False)
         torch.manual_seed(0)

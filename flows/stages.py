@@ -83,7 +83,12 @@ def tracked_stage(stage: str, cfg: BaseModel, inputs: Mapping[str, Ref], core: C
     run_name = f"{stage}-{branch}" if branch else stage
     with tracking.stage_run(run_name, parent_run_id, {"stage": stage, "branch": branch} if branch else None) as run_id:
         link = RunLink(run_id=run_id, tracking_uri=tracking.tracking_uri())
-        ref = run_stage(stage, cfg, inputs, lambda out: core(out, link), Path(root))
+
+        def computing(out: Path) -> Ref:  # a later run that reuses the folder links to this one (its curves)
+            (out / tracking.COMPUTED_IN).write_text(run_id)
+            return core(out, link)
+
+        ref = run_stage(stage, cfg, inputs, computing, Path(root))
         tracking.log_stage(run_id, ref, cfg, inputs)
         if then is not None:
             then(run_id, ref)

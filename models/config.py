@@ -31,6 +31,9 @@ class GPTConfig(BaseModel):
     bias: bool | None = Field(
         None, description="Biases in linear layers and LayerNorm; None means True (gpt2) or False (llama)."
     )
+    gelu: Literal["tanh", "exact"] = Field(
+        "tanh", description="The GPT-2 MLP's GELU: 'tanh' (GPT-2's approximation; Hugging Face `gelu_new`) or 'exact' "
+        "(erf; Hugging Face `gelu`, ~1.5x faster forward and backward on CPU). Unused by llama (SwiGLU).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency (llama only).")

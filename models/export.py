@@ -55,7 +55,7 @@ def hf_config(cfg: GPTConfig, eos_id: int | None, dtype: torch.dtype = torch.flo
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
             n_inner=cfg.ffn_dim,
-            activation_function="gelu_new",
+            activation_function="gelu_new" if cfg.gelu == "tanh" else "gelu",
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,

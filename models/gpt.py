@@ -1,6 +1,6 @@
 """A GPT language model in one file, in two flavours chosen by the config alone.
 
-- `arch="gpt2"`: learned position embeddings, LayerNorm, GELU (tanh approximation, as HF `gelu_new`) MLP,
+- `arch="gpt2"`: learned position embeddings, LayerNorm, GELU MLP (tanh approximation as HF `gelu_new`, or exact),
   biases, multi-head attention.
 - `arch="llama"`: rotary position embeddings (HF `rotate_half` layout), RMSNorm, SwiGLU MLP, no biases,
   grouped-query attention (`n_kv_head` < `n_head`).
@@ -167,16 +167,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2 MLP: Linear -> GELU(tanh) -> Linear."""
+    """GPT-2 MLP: Linear -> GELU (tanh approximation, or exact by `cfg.gelu`) -> Linear."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
         self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):

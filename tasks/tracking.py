@@ -31,6 +31,7 @@ from tasks.registry import RegistryConfig
 from tasks.stage import GptflowError, is_url
 
 EXPERIMENT = "llm-pipeline"
+COMPUTED_IN = "mlflow_run_id.txt"  # in a stage folder: the MLflow run that computed it (`flows.stages.tracked_stage`)
 log = logging.getLogger(__name__)
 
 
@@ -228,7 +229,8 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
 
 def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) -> None:
     """A stage's params, counts, metrics, manifest and the files its ref marks as artifacts; its output's content
-    hash as the tag `output_sha256`; its data inputs (crawl files, corpus, token shards, SFT and preference data,
+    hash as the tag `output_sha256`; for a reused folder, the run that computed it (with the per-step curves) as the
+    tag `computed_in_run`; its data inputs (crawl files, corpus, token shards, SFT and preference data,
     benchmarks) as MLflow dataset inputs, for lineage (`stage_dataset`)."""
     log_params(run_id, flatten(cfg.model_dump(mode="json")))
     metrics = {f"{ref.stage}/{k}": v for k, v in flatten(ref.counts).items()}
@@ -238,6 +240,8 @@ def log_stage(run_id: str, ref: Ref, cfg: BaseModel, inputs: Mapping[str, Ref]) 
     client = MlflowClient()
     client.set_tag(run_id, "cached", str(ref.cached).lower())
     client.set_tag(run_id, "stage_dir", str(ref.dir))
+    if ref.cached and (made := Path(ref.dir) / COMPUTED_IN).exists():  # where the reused stage's curves are
+        client.set_tag(run_id, "computed_in_run", made.read_text().strip())
     log_artifact(run_id, Path(ref.manifest))
     for name in ref.artifacts:
         if ref.file(name).exists():

@@ -36,10 +36,13 @@ def both(two_runs) -> tuple[dict, dict]:
     return two_runs.first, two_runs.second
 
 
-def computed(two_runs, stage: str) -> dict:
-    """The stage runs (by name) under the pipeline run that computed `stage` (the other one reused its folder)."""
-    first, second = both(two_runs)
-    return _children(MlflowClient(), (first if not first["cached"][stage] else second)["run_id"])
+def curves_of(run) -> str:
+    """The id of the run with a stage's per-step curves: its own, or for a reused stage folder the run that
+    computed it (tag `computed_in_run`)."""
+    if run.data.tags["cached"] == "false":
+        return run.info.run_id
+    assert run.data.tags.get("computed_in_run"), f"{run.info.run_name}: reused, without the run that computed it"
+    return run.data.tags["computed_in_run"]
 
 
 def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(two_runs, workspace):
@@ -55,12 +58,12 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(two_runs, works
     assert set(STAGES + ["register-dpo", "register-ppo", "promote"]) <= set(children), sorted(children)
     for model, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo")):  # eval under its model
         assert children[f"eval-{model}"].data.tags["mlflow.parentRunId"] == children[stage].info.run_id
-    ppo = children["ppo"].data.metrics  # PPO's curves and the reward model it trained against
+    ppo_run = curves_of(children["ppo"])  # the per-step curves are on the run that trained (either of the two)
+    ppo = client.get_run(ppo_run).data.metrics  # PPO's curves and the reward model it trained against
     assert {"ppo/reward", "ppo/kl", "ppo/clip_frac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
             "perf/rollout_tokens_per_s"} <= set(ppo), sorted(ppo)
-    ppo_run = computed(two_runs, "ppo")["ppo"].info.run_id  # the per-step curves are on the run that trained
     assert len(client.get_metric_history(ppo_run, "ppo/reward")) >= 2  # a curve, not a point
-    assert {"dpo/margin", "dpo/reward_acc"} <= set(children["dpo"].data.metrics)
+    assert {"dpo/margin", "dpo/reward_acc"} <= set(client.get_run(curves_of(children["dpo"])).data.metrics)
     table = Path(client.download_artifacts(first_run["run_id"], "results.md")).read_text()
     assert table.splitlines()[0].split("|")[2:6] == [" base ", " sft ", " dpo ", " ppo "], table  # side by side
     assert first_run["eval_table"] == table
@@ -86,12 +89,14 @@ def test_every_stage_has_a_nested_run_with_metrics_and_artifacts(two_runs, works
     for stage, dataset in (("tokenizer", "corpus"), ("pretrain", "token-shards")):
         inputs = client.get_run(children[stage].info.run_id).inputs.dataset_inputs
         assert [d.dataset.name for d in inputs] == [dataset], stage
-    pre = children["pretrain"].data.metrics
+    pretrain_run = client.get_run(curves_of(children["pretrain"]))
+    pre = pretrain_run.data.metrics
     assert {"train/loss", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu"} <= set(pre)
-    history = client.get_metric_history(computed(two_runs, "pretrain")["pretrain"].info.run_id, "train/loss")
+    history = client.get_metric_history(pretrain_run.info.run_id, "train/loss")
     assert len(history) >= 2 and history[-1].value < history[0].value, "pretraining loss did not fall"
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
-    assert children["sft"].data.metrics["sft/val_loss_after"] < children["sft"].data.metrics["sft/val_loss_before"]
+    sft = client.get_run(curves_of(children["sft"])).data.metrics
+    assert sft["sft/val_loss_after"] < sft["sft/val_loss_before"]
     assert children["eval-dpo"].data.tags["branch"] == "dpo"
     evals = children["eval-dpo"].data.metrics
     for task in ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "openbookqa",
@@ -236,8 +241,11 @@ def test_a_second_run_started_3_s_later_on_the_same_workspace_completes_beside_t
     if not first["cached"]["data"]:  # the data stage takes ~20 s: the second run waited on its lock
         assert "data: waiting for pid" in two_runs.second_log
     children = _children(client, second["run_id"])  # its own stage runs, each tagged as it went
+    first_children = _children(client, first["run_id"])
     for stage, name in zip(CACHED, STAGES, strict=True):
         assert children[name].data.tags["cached"] == str(second["cached"][stage]).lower(), name
+        if second["cached"][stage] and not first["cached"][stage]:  # reused: linked to the run that computed it
+            assert children[name].data.tags["computed_in_run"] == first_children[name].info.run_id, name
     assert {k: v["version"] for k, v in second["models"].items()} == {k: v["version"] for k, v in first["models"].items()}
     name = first["model"]["name"]
     versions = {int(v.version) for v in client.search_model_versions(f"name = '{name}'")}

@@ -16,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 CASES = {
     "gpt2": (dict(arch="gpt2"), "GPT2LMHeadModel"),
     "gpt2_nobias_untied": (dict(arch="gpt2", bias=False, tie_embeddings=False), "GPT2LMHeadModel"),
+    "gpt2_exact_gelu": (dict(arch="gpt2", gelu="exact"), "GPT2LMHeadModel"),
     "llama_gqa": (dict(arch="llama", n_kv_head=2, rope_theta=500000.0), "LlamaForCausalLM"),
     "llama_bias_untied": (dict(arch="llama", bias=True, tie_embeddings=False), "LlamaForCausalLM"),
 }

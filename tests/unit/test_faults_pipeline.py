@@ -226,8 +226,8 @@ def assert_one_line_naming(run: subprocess.CompletedProcess, what: str, url: str
 
 def test_the_mlflow_server_dying_mid_stage_is_one_error_and_the_rerun_reuses_the_stage(tmp_path):
     """A real MLflow server killed while the tokenizer stage computes: the stage folder is sealed, its logging
-    fails after MLflow's bounded retries (infra.env) as one line naming the server, and with the server back the
-    rerun reuses the folder."""
+    fails after MLflow's bounded retries (infra.env) as one line naming the server; a run started while the server
+    is still gone stops at its start with one line naming it; with the server back the rerun reuses the folder."""
     from test_faults import _free_port, _mlflow_server, _printed_ref
 
     port = _free_port()
@@ -242,6 +242,12 @@ def test_the_mlflow_server_dying_mid_stage_is_one_error_and_the_rerun_reuses_the
         kill_tree(server)
     assert_one_line_naming(gone, "MLflow", url)
     assert (folder / "_SUCCESS").exists(), "the stage's finished work was not kept"
+    early = stage_cli(env)  # the server still gone: the health check before any stage names it
+    _, err = early.communicate(timeout=300)
+    assert early.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"gptflow: error: the MLflow server at {url} does not answer"), \
+        err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     server = _mlflow_server(tmp_path, port, SERVER_START_S)
     try:
         again = stage_cli(env)

@@ -23,6 +23,8 @@ CASES = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4),
     "gpt2_untied": lambda: transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                                    n_inner=48, tie_word_embeddings=False),
+    "gpt2_exact_gelu": lambda: transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                                       activation_function="gelu"),
     "llama_gqa": lambda: transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80,
                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                   max_position_embeddings=32, rope_theta=500000.0),
