@@ -254,8 +254,11 @@ def promote_task(cfg: RegistryConfig, registered: RegisteredModel, method: str, 
         tags = decision_tags(decision) | {f"contamination.{t}": f"{f:.4f}" for t, f in (contamination or {}).items()}
         card = card or model_card(registered.name, None, scores, contamination)  # no card: the scores alone
         text = describe(registered.name, registered.version, method, decision, card)
+        # already the champion (a rerun, or a second run at once): the version keeps the record of the gate that
+        # made it champion; this decision is on the promote run
+        kept = decision.outcome == "already-champion"
         tracking.record_gate(registered.name, registered.version, list(cfg.aliases), cfg.champion_alias,
-                             decision.promote, tags, text)
+                             decision.promote, {} if kept else tags, None if kept else text)
         tracking.log_params(run_id, {"candidate_version": registered.version, "outcome": decision.outcome,
                                      "gate_metrics": ",".join(cfg.gate_metrics)})
         tracking.log_text(run_id, text, "decision.md")

@@ -448,9 +448,9 @@ def alias_version(name: str, alias: str) -> tuple[int, dict[str, str]] | None:
 
 
 def record_gate(name: str, version: int, aliases: list[str], champion_alias: str, promote: bool,
-                tags: Mapping[str, str], description: str) -> None:
+                tags: Mapping[str, str], description: str | None) -> None:
     """Write the gate's outcome on `version`: its aliases (`candidate`), the champion alias when promoted, the
-    decision as tags and the version's description."""
+    decision as tags and the version's description (unless None)."""
     client = MlflowClient()
     for alias in aliases:
         client.set_registered_model_alias(name, alias, str(version))
@@ -458,7 +458,8 @@ def record_gate(name: str, version: int, aliases: list[str], champion_alias: str
         client.set_registered_model_alias(name, champion_alias, str(version))
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), metric_name(k), str(v))
-    client.update_model_version(name, str(version), description=description)
+    if description is not None:
+        client.update_model_version(name, str(version), description=description)
 
 
 def _chat_signature():
