@@ -36,6 +36,10 @@ class GPTConfig(BaseModel):
         "(erf; Hugging Face `gelu`, ~1.5x faster forward and backward on CPU). Unused by llama (SwiGLU).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    attn_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Dropout on the attention weights alone; None: `dropout`. 0 keeps the fused "
+        "attention kernel (on CPU, 4x128 LLaMA at context 256: 5.2k tokens/s with 0.1 everywhere, 7.2k with 0.1 off "
+        "the attention weights, 8.2k with none).")
     rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency (llama only).")
     norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of LayerNorm / RMSNorm.")
     doc_mask: bool = Field(False, description="Block attention across eot_id boundaries inside a packed window.")
@@ -73,6 +77,10 @@ class GPTConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.attn_dropout if self.attn_dropout is not None else self.dropout
 
     @property
     def kv_heads(self) -> int:

@@ -124,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.use_rope = cfg.arch == "llama"
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
         qkv_dim = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
@@ -355,7 +355,7 @@ class GPT(nn.Module):
         if not (cfg.doc_mask or padded or (past > 0 and T > 1)):
             return None
         if cfg.doc_mask and cfg.flex_attention and kv_cache is None and idx.is_cuda:
-            if not (self.training and cfg.dropout > 0):  # FlexAttention has no attention dropout
+            if not (self.training and cfg.attention_dropout > 0):  # FlexAttention has no attention dropout
                 return self._doc_block_mask(idx)
         L = past + T
         q_pos = torch.arange(past, L, device=idx.device)  # (T,)

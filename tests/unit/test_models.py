@@ -156,6 +156,23 @@ def test_backward_and_dropout():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_attention_dropout_can_be_off_while_the_residuals_drop(arch):
+    """`attn_dropout=0` with `dropout` > 0: training is random only through the residual and embedding dropout;
+    with both 0 two training-mode passes agree, with attention dropout alone they do not."""
+    idx = torch.randint(0, 61, (2, 8))
+
+    def differs(**kw) -> bool:
+        torch.manual_seed(0)
+        model = GPT(tiny(arch=arch, **kw)).train()
+        return not torch.equal(model(idx)[0], model(idx)[0])
+
+    assert not differs(dropout=0.0, attn_dropout=0.0)
+    assert differs(dropout=0.0, attn_dropout=0.5)  # attention dropout on its own
+    assert differs(dropout=0.5, attn_dropout=0.0)  # residual dropout without it
+    assert GPTConfig.model_validate(tiny(arch=arch, dropout=0.2).model_dump()).attention_dropout == 0.2
+
+
 # -- bookkeeping -------------------------------------------------------------------------------------------
 
 
