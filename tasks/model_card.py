@@ -136,8 +136,22 @@ def _data(f: CardFacts) -> list[str]:
         split = ", ".join(f"{s} {n:,}" for s, n in f.corpus_tokens.items())
         lines.append(f"- Tokens (tokenizer vocabulary {f.vocab_size or 0:,}): {split}")
     lines += ["", "| stage | input | path | sha256 |", "|---|---|---|---|"]
-    lines += [f"| {d.stage} | {d.name} | `{d.path}` | `{d.sha256[:16]}` |" for d in f.datasets]
+    lines += [f"| {d.stage} | {d.name} | `{shown(d.path)}` | `{d.sha256[:16]}` |" for d in f.datasets]
     return lines + [""]
+
+
+def shown(path: str) -> str:
+    """A path as a reader of the card elsewhere can use it: a URL as it is; under the workspace as
+    `$GPTFLOW_HOME/...`; under the repository relative to it (`data/crawl/...`); anything else in full."""
+    from infra.env import REPO_ROOT, workspace
+
+    if "://" in path:
+        return path
+    p = Path(path).resolve()
+    for base, label in ((workspace(), "$GPTFLOW_HOME/"), (REPO_ROOT, "")):
+        if p.is_relative_to(base.resolve()):
+            return label + p.relative_to(base.resolve()).as_posix()
+    return path
 
 
 def _size(f: CardFacts) -> list[str]:

@@ -64,3 +64,14 @@ def test_the_card_has_data_size_compute_scores_contamination_and_use(refs):
     assert "## Intended use and limits" in card
     bare = model_card("gpt-test", None, {"mean/acc": Score(value=0.31)}, None)  # registered outside a pipeline
     assert "## Data" not in bare and "| mean/acc | 0.3100 |" in bare
+
+
+def test_the_card_shows_paths_a_reader_elsewhere_can_use(monkeypatch, tmp_path):
+    from infra.env import REPO_ROOT
+    from tasks.model_card import shown
+
+    monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "home"))
+    assert shown(str(REPO_ROOT / "data" / "crawl" / "a.warc.gz")) == "data/crawl/a.warc.gz"
+    assert shown(str(tmp_path / "home" / "runs" / "data" / "k" / "documents")) == "$GPTFLOW_HOME/runs/data/k/documents"
+    assert shown("https://data.commoncrawl.org/b.wet.gz") == "https://data.commoncrawl.org/b.wet.gz"
+    assert shown("/elsewhere/c.warc.gz") == "/elsewhere/c.warc.gz"  # outside both: in full
