@@ -129,8 +129,10 @@ def shakespeare() -> PipelineConfig:
     #   gptflow pretrain --preset shakespeare --input <the tokenizer's shards folder>
     # 1,003,854 train characters -> ~412k tokens with a 1,024 BPE trained on them alone (val_split="tail").
     # One worker with both cores (a second worker would halve each one's threads and add an all-reduce). The clock
-    # ends the run: `steps` is set above what 10 minutes reach (~4.6k tokens/s x 600 s / 2,048 = ~1,350 steps), so
-    # it only sets the schedule's resolution; ~7 passes over the 412k train tokens, hence allow_repeats.
+    # ends the run: `steps` is set above what 10 minutes reach (~6.5k tokens/s x 600 s / 2,048 = ~1,900 steps), so
+    # it only sets the schedule's resolution; ~10 passes over the 412k train tokens, hence allow_repeats. Dropout
+    # 0.2 on the residuals and embeddings, none on the attention weights (which would leave the fused attention
+    # kernel: ~30 % slower); warmup-stable-decay to 0. Measured (README): 2.140 bits per byte.
     vocab = 1024
     base = tiny()
     return base.model_copy(update={
@@ -138,8 +140,8 @@ def shakespeare() -> PipelineConfig:
         "tokenizer": TokenizerConfig(vocab_size=vocab, val_fraction=0.1, val_split="tail"),
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=4, n_head=4, n_embd=128,
-                            dropout=0.1),
-            steps=5000, batch_size=8, lr=1e-2, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
+                            dropout=0.2, attn_dropout=0.0),
+            steps=5000, batch_size=8, lr=1e-2, warmup_steps=30, schedule="wsd", min_lr_ratio=0.0, weight_decay=0.1,
             optimizer="muon", num_workers=1, cpus_per_worker=2, time_budget_s=600, heldout_bpb=True,
             allow_repeats=True,
             log_every=25, eval_every=250, ckpt_every=250, eval_batches=8,
