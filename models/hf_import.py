@@ -60,7 +60,8 @@ def gpt_config(hf: dict[str, Any], where: str) -> GPTConfig:
         _expect(hf, "activation_function", GPT2_ACTIVATIONS, where)
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                         gelu="exact" if hf.get("activation_function") == "gelu" else "tanh", ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"], bias=True,
+                         gelu="exact" if hf.get("activation_function") == "gelu" else "tanh",
+                         ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"], bias=True,
                          tie_embeddings=hf.get("tie_word_embeddings", True),
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     if kind == "llama":
