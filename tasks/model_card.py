@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.env import REPO_ROOT, workspace
 from tasks.refs import Ref
 from tasks.registry import Score, score_cell
 
@@ -143,8 +144,6 @@ def _data(f: CardFacts) -> list[str]:
 def shown(path: str) -> str:
     """A path as a reader of the card elsewhere can use it: a URL as it is; under the workspace as
     `$GPTFLOW_HOME/...`; under the repository relative to it (`data/crawl/...`); anything else in full."""
-    from infra.env import REPO_ROOT, workspace
-
     if "://" in path:
         return path
     p = Path(path).resolve()

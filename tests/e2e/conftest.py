@@ -60,19 +60,14 @@ def two_runs(workspace, fake_secret, tmp_path_factory) -> TwoRuns:
     from flows.pipeline import llm_pipeline_flow
 
     folder = tmp_path_factory.mktemp("second_run")
-    log = open(folder / "run.log", "w")  # noqa: SIM115 (closed below, after the process ends)
     second: dict[str, subprocess.Popen] = {}
-
-    def start_second() -> None:
-        second["proc"] = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--result-json", str(folder / "result.json")],
-            cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-
-    with pytest.MonkeyPatch.context() as mp:
+    with open(folder / "run.log", "w") as log, pytest.MonkeyPatch.context() as mp:
         for var in SECRET_VARS:
             mp.setenv(var, fake_secret)
         mp.setenv("AWS_ACCESS_KEY_ID", "AKIA" + fake_secret)
-        timer = threading.Timer(3.0, start_second)
+        argv = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--result-json", str(folder / "result.json")]
+        timer = threading.Timer(3.0, lambda: second.update(  # inherits the fake credentials set above
+            proc=subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)))
         timer.start()
         try:
             first = llm_pipeline_flow(preset="tiny")
@@ -84,7 +79,6 @@ def two_runs(workspace, fake_secret, tmp_path_factory) -> TwoRuns:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            log.close()
     result = folder / "result.json"
     return TwoRuns(first, json.loads(result.read_text()) if result.exists() else None, proc.returncode,
                    (folder / "run.log").read_text(errors="replace"))
