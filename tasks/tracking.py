@@ -134,14 +134,16 @@ def pipeline_run(name: str, config: Mapping[str, Any], tags: Mapping[str, str]) 
 
 @contextmanager
 def _run(name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """A run created and ended through the client, so no thread-local "active run" leaks between tasks."""
-    client = MlflowClient()
+    """A run created and ended through the client, so no thread-local "active run" leaks between tasks. The
+    store's first access is `set_experiment`'s, under its lock: a client made before it opened a fresh sqlite
+    store unlocked, racing a second pipeline's migration ("table mcp_servers already exists")."""
     tags = dict(tags)
     flow_run = _prefect_flow_run_id()
     if flow_run:
         tags["prefect_flow_run_id"] = flow_run
     with server_errors():
         set_experiment()
+        client = MlflowClient()
         exp = mlflow.get_experiment_by_name(EXPERIMENT)
         run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
     status = "FAILED"
