@@ -1,10 +1,12 @@
 """Bits per byte of a whole held-out split: every token predicted once, the score a quality recipe reports.
 
 The stage's running validation (`val/bpb` in the loss curve) samples a few random windows; this reads the split
-from its first token to its last in non-overlapping windows of the model's context (the last one shorter), sums the
-cross-entropy in nats and divides by the split's UTF-8 bytes (`index.json`), so tokenizers of any vocabulary
-compare. A token at the start of a window sees less context than it would in a sliding window, which makes the
-number slightly pessimistic, and the same for every model of a given context.
+from its first token to its last, sums the cross-entropy in nats and divides by the split's UTF-8 bytes
+(`index.json`), so tokenizers of any vocabulary compare. Windows of the model's context start every `stride`
+tokens and each scores only the tokens the windows before it did not (the last window is moved back to end at the
+split's end). With `stride` equal to the context (the default) the windows do not overlap and a token at a
+window's start sees no context, which makes the number pessimistic; a smaller stride gives every token at least
+`context - stride` tokens before it, for a pass that costs context / stride times as much.
 """
 
 from __future__ import annotations
@@ -20,25 +22,39 @@ import torch.nn.functional as F
 from models.gpt import GPT
 
 
+def score_windows(n: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first) for each window over `n` ids: the window reads ids[start : start + context + 1] (fewer
+    when n is shorter) and scores its predictions from offset `first` on. Every id but the first is scored once."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be between 1 and the context ({context}), not {stride}")
+    windows, done, start = [], 0, 0  # done: the last id scored (id 0 is never predicted)
+    while done < n - 1:
+        start = max(0, min(start, n - 1 - context))
+        windows.append((start, done - start))
+        done = min(start + context, n - 1)
+        start += stride
+    return windows
+
+
 @torch.no_grad()
-def split_bits_per_byte(model: GPT, shards: Path, split: str = "val", batch: int = 16) -> float:
+def split_bits_per_byte(model: GPT, shards: Path, split: str = "val", batch: int = 16,
+                        stride: int | None = None) -> float:
     index = json.loads((Path(shards) / "index.json").read_text())
     info = index["splits"][split]
     ids = np.concatenate([np.fromfile(Path(shards) / s["file"], dtype=np.dtype(index["dtype"])) for s in info["shards"]])
     ids = torch.from_numpy(ids.astype(np.int64))
     T = model.config.block_size
-    full = (len(ids) - 1) // T
-    windows = [ids[s : s + T + 1] for s in range(0, full * T, T)]
-    batches = [torch.stack(windows[i : i + batch]) for i in range(0, full, batch)]
-    if len(ids) - full * T > 1:
-        batches.append(ids[None, full * T :])  # the shorter tail
+    windows = score_windows(len(ids), T, stride or T)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nats = 0.0
-    for x in batches:
-        x = x.to(device)
+    for i in range(0, len(windows), batch):
+        group = windows[i : i + batch]
+        x = torch.stack([ids[s : s + T + 1] for s, _ in group]).to(device)  # one length: all but a short split's
         logits, _ = model(x[:, :-1])
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
+        losses = F.cross_entropy(logits.transpose(1, 2).float(), x[:, 1:], reduction="none")
+        scored = torch.arange(x.shape[1] - 1, device=device)[None] >= torch.tensor([f for _, f in group], device=device)[:, None]
+        nats += losses[scored].sum().item()
     model.train(was_training)
     return nats / math.log(2) / info["bytes"]

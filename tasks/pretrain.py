@@ -69,8 +69,16 @@ class PretrainConfig(TrainOptions):
     heldout_bpb: bool = Field(
         False,
         description="After training, bits per byte of the whole validation split, every token predicted once in "
-        "non-overlapping windows (`pretrain/heldout_bpb`; tasks/heldout.py), in the driver. Off by default: on a "
-        "large corpus it is a pass over every validation token.",
+        "windows of the model's context (`pretrain/heldout_bpb`; tasks/heldout.py), in the driver. Off by default: "
+        "on a large corpus it is a pass over every validation token.",
+    )
+    heldout_stride: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens between the held-out windows' starts: each window scores only the tokens the one before "
+        "did not, so every token is still predicted once, with at least context - stride tokens before it. None: "
+        "the context (non-overlapping windows). Below the context, the non-overlapping score is logged beside it "
+        "as `pretrain/heldout_bpb_disjoint`.",
     )
 
     @model_validator(mode="after")
@@ -257,10 +265,15 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
         from models.checkpoint import load_model
         from tasks.heldout import split_bits_per_byte
 
-        bpb = split_bits_per_byte(load_model(out_dir / "model"), Path(shards.path))
-        ref = ref.model_copy(update={"metrics": {**ref.metrics, "pretrain/heldout_bpb": bpb}})
-        print(f"pretrain: {bpb:.4f} bits per byte on the whole validation split "
-              f"({index['splits']['val']['bytes']:,} bytes, each predicted once)")
+        model, T = load_model(out_dir / "model"), cfg.model.block_size
+        stride = min(cfg.heldout_stride or T, T)
+        scores = {"pretrain/heldout_bpb": split_bits_per_byte(model, Path(shards.path), stride=stride)}
+        if stride < T:
+            scores["pretrain/heldout_bpb_disjoint"] = split_bits_per_byte(model, Path(shards.path))
+        ref = ref.model_copy(update={"metrics": {**ref.metrics, **scores}})
+        print(f"pretrain: {scores['pretrain/heldout_bpb']:.4f} bits per byte on the whole validation split "
+              f"({index['splits']['val']['bytes']:,} bytes, each predicted once, windows of {T} every {stride})"
+              + (f"; {scores['pretrain/heldout_bpb_disjoint']:.4f} in non-overlapping windows" if stride < T else ""))
     return ref
 
 

@@ -21,7 +21,8 @@ class TrainOptions(BaseModel):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak (Chinchilla: 0.1).")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (decay over the last 20%).")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="Cosine decay, or warmup-stable-decay (linear decay over the last decay_frac).")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps in the final linear decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on matrices.")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw",
@@ -69,7 +70,7 @@ def lr_at(step: float, cfg: TrainOptions) -> float:
         return min(cfg.lr, cfg.lr * (step + 1) / cfg.warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        decay_start = int(cfg.steps * 0.8)
+        decay_start = int(cfg.steps * (1 - cfg.decay_frac))
         if step < decay_start:
             return cfg.lr
         frac = (step - decay_start) / max(cfg.steps - decay_start, 1)

@@ -111,7 +111,7 @@ def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shard
     budget = 8.0
     cfg = PretrainConfig(model=MODEL, steps=100_000, batch_size=8, lr=3e-3, warmup_steps=5_000, num_workers=2,
                          log_every=1, eval_every=100_000, ckpt_every=100_000, time_budget_s=budget,
-                         allow_repeats=True, optimizer="muon", heldout_bpb=True)
+                         allow_repeats=True, optimizer="muon", heldout_bpb=True, heldout_stride=MODEL.block_size // 2)
     ref = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     stop = history["stop"]
@@ -122,7 +122,9 @@ def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shard
     assert ref.metrics["pretrain/tokens"] == stop["tokens"] and ref.metrics["pretrain/stopped_by_time_budget"] == 1.0
     ckpt = sorted((tmp_path / "out" / "ray").rglob("train_state.json"))[-1]
     assert json.loads(ckpt.read_text())["elapsed_s"] == stop["elapsed_s"]  # the clock a resume continues from
-    bpb = split_bits_per_byte(load_model(tmp_path / "out" / "model"), shards)
+    model = load_model(tmp_path / "out" / "model")
+    bpb = split_bits_per_byte(model, shards, stride=MODEL.block_size // 2)
     val = json.loads((shards / "index.json").read_text())["splits"]["val"]
     assert ref.metrics["pretrain/heldout_bpb"] == pytest.approx(bpb)
+    assert ref.metrics["pretrain/heldout_bpb_disjoint"] == pytest.approx(split_bits_per_byte(model, shards))
     assert bpb < val["tokens"] * math.log2(512) / val["bytes"]  # better than a uniform guess

@@ -130,6 +130,13 @@ def test_wsd_is_flat_then_decays_linearly_over_the_last_fifth():
     assert lrs[-1] == pytest.approx(1e-4 + 9e-4 / 20)  # one step short of the floor
 
 
+def test_wsd_decays_over_the_share_decay_frac_names():
+    lrs = _lrs(schedule="wsd", decay_frac=0.5)
+    assert lrs[10:50] == pytest.approx([1e-3] * 40)
+    assert lrs[50] == pytest.approx(1e-3) and lrs[51] < 1e-3  # the decay starts half-way
+    assert lrs[-1] == pytest.approx(1e-4 + 9e-4 / 50)
+
+
 # ---------------------------------------------------------------- checkpoint state (no Ray)
 
 

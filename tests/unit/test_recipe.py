@@ -19,7 +19,7 @@ from flows.presets import resolve
 from infra.env import DATA_DIR
 from models.gpt import GPT, GPTConfig
 from models.optim import Muon, MuonAdamW, orthogonalize
-from tasks.heldout import split_bits_per_byte
+from tasks.heldout import score_windows, split_bits_per_byte
 from tasks.pretrain import PretrainConfig
 from tasks.refs import CorpusRef
 from tasks.tokenizer import build_tokenizer, tail_split
@@ -62,6 +62,41 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_byte(sha
     val = index["splits"]["val"]
     expected = (val["tokens"] - 1) * math.log2(index["vocab_size"]) / val["bytes"]  # every token but the first, once
     assert split_bits_per_byte(model, shakespeare, batch=7) == pytest.approx(expected, rel=1e-6)
+    assert split_bits_per_byte(model, shakespeare, batch=7, stride=24) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("n", "context", "stride"), [(1, 4, 4), (2, 4, 4), (5, 8, 3), (100, 8, 8), (100, 8, 3),
+                                                       (101, 16, 1), (57, 10, 7)])
+def test_sliding_windows_score_every_token_once_with_at_least_context_minus_stride_before_it(n, context, stride):
+    scored = []
+    for start, first in score_windows(n, context, stride):
+        end = min(start + context, n - 1)  # the window's last target
+        assert 0 <= start and end - start <= context
+        for t in range(start + 1 + first, end + 1):
+            scored.append(t)
+            assert t - start >= min(context - stride + 1, t)  # ids before t that the window reads
+    assert scored == list(range(1, n))
+
+
+@pytest.mark.parametrize("stride", [8, 3, 1])
+def test_the_batched_sliding_score_equals_scoring_each_token_on_its_own(tmp_path, stride):
+    ids = np.random.default_rng(0).integers(0, 50, 61).astype(np.uint16)
+    ids.tofile(tmp_path / "val.bin")
+    index = {"dtype": "uint16", "splits": {"val": {"bytes": 150, "tokens": 61, "shards": [{"file": "val.bin"}]}}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="llama", vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    x = torch.from_numpy(ids.astype(np.int64))
+    nats = 0.0
+    for start, first in score_windows(len(x), 8, stride):  # each token from the window the plan gives it
+        for t in range(start + 1 + first, min(start + 8, len(x) - 1) + 1):
+            with torch.no_grad():
+                logits = model(x[None, start:t])[0][0, -1]
+            nats -= torch.log_softmax(logits, -1)[x[t]].item()
+    assert split_bits_per_byte(model, tmp_path, batch=3, stride=stride) == pytest.approx(nats / math.log(2) / 150,
+                                                                                          rel=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        split_bits_per_byte(model, tmp_path, stride=9)
 
 
 def _train(steps: int, resume_at: int | None = None) -> list[float]:
