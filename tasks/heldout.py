@@ -51,10 +51,11 @@ def split_bits_per_byte(model: GPT, shards: Path, split: str = "val", batch: int
     nats = 0.0
     for i in range(0, len(windows), batch):
         group = windows[i : i + batch]
-        x = torch.stack([ids[s : s + T + 1] for s, _ in group]).to(device)  # one length: all but a short split's
+        # every window is T + 1 ids long (score_windows moves the last one back), unless the split is shorter
+        x = torch.stack([ids[s : s + T + 1] for s, _ in group]).to(device)
         logits, _ = model(x[:, :-1])
         losses = F.cross_entropy(logits.transpose(1, 2).float(), x[:, 1:], reduction="none")
-        scored = torch.arange(x.shape[1] - 1, device=device)[None] >= torch.tensor([f for _, f in group], device=device)[:, None]
-        nats += losses[scored].sum().item()
+        first = torch.tensor([f for _, f in group], device=device)
+        nats += losses[torch.arange(losses.shape[1], device=device) >= first[:, None]].sum().item()
     model.train(was_training)
     return nats / math.log(2) / info["bytes"]

@@ -96,6 +96,13 @@ class PretrainConfig(TrainOptions):
                              f"micro-batches per step but grad_accum is {self.grad_accum}: set one of the two")
         return self
 
+    @model_validator(mode="after")
+    def _check_heldout_stride(self) -> PretrainConfig:
+        if self.heldout_stride is not None and self.heldout_stride > self.model.block_size:
+            raise ValueError(f"heldout_stride ({self.heldout_stride}) must not exceed the context, "
+                             f"model.block_size ({self.model.block_size}): a token would go unscored")
+        return self
+
     @property
     def accum_steps(self) -> int:
         """Micro-batches per optimizer step on each worker: from batch_tokens when it is set, else grad_accum."""
@@ -266,14 +273,14 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
         from tasks.heldout import split_bits_per_byte
 
         model, T = load_model(out_dir / "model"), cfg.model.block_size
-        stride = min(cfg.heldout_stride or T, T)
+        stride = cfg.heldout_stride or T
         scores = {"pretrain/heldout_bpb": split_bits_per_byte(model, Path(shards.path), stride=stride)}
         if stride < T:
             scores["pretrain/heldout_bpb_disjoint"] = split_bits_per_byte(model, Path(shards.path))
         ref = ref.model_copy(update={"metrics": {**ref.metrics, **scores}})
-        print(f"pretrain: {scores['pretrain/heldout_bpb']:.4f} bits per byte on the whole validation split "
-              f"({index['splits']['val']['bytes']:,} bytes, each predicted once, windows of {T} every {stride})"
-              + (f"; {scores['pretrain/heldout_bpb_disjoint']:.4f} in non-overlapping windows" if stride < T else ""))
+        print(f"pretrain: bits per byte on the whole validation split ({index['splits']['val']['bytes']:,} bytes, "
+              f"each predicted once, windows of {T} every {stride}): "
+              + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items()))
     return ref
 
 

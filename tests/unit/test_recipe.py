@@ -99,6 +99,13 @@ def test_the_batched_sliding_score_equals_scoring_each_token_on_its_own(tmp_path
         split_bits_per_byte(model, tmp_path, stride=9)
 
 
+def test_a_held_out_stride_longer_than_the_context_is_a_config_error():
+    cfg = resolve("shakespeare").pretrain.model_dump()
+    with pytest.raises(ValueError, match=r"heldout_stride \(257\) must not exceed the context, model.block_size \(256\)"):
+        PretrainConfig.model_validate({**cfg, "heldout_stride": 257})
+    assert PretrainConfig.model_validate({**cfg, "heldout_stride": 256}).heldout_stride == 256
+
+
 def _train(steps: int, resume_at: int | None = None) -> list[float]:
     cfg = GPTConfig(arch="llama", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
     batches = [torch.from_numpy(np.random.default_rng(i).integers(0, 64, (4, 17))) for i in range(2)]
