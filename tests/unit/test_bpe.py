@@ -436,7 +436,7 @@ def test_special_token_is_never_split(name, before, special, after):
 
 @pytest.mark.parametrize("name", ["trained", "gpt2"])
 @settings(max_examples=100, deadline=None)
-@given(text=st.lists(st.one_of(st.characters(), st.sampled_from(["<|", "|>", "<", "|", ">", "endoftext", "pad"])))
+@given(text=st.lists(st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from(["<|", "|>", "<", "|", ">", "endoftext", "pad"])))  # no lone surrogates: valid_unicode removes them before any encode (test_round_trip_any_text)
        .map("".join))
 def test_ordinary_text_never_produces_special_tokens(name, text):
     tok = _tok(name)
