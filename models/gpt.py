@@ -47,9 +47,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and not x.is_cuda and not torch.is_autocast_enabled("cpu"):
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same values, one kernel: ~25% faster
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout`, with the mask drawn from random bytes on CPU (`byte_dropout`); on GPU, `F.dropout`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return F.dropout(x, self.p, training=True) if x.is_cuda else byte_dropout(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout whose mask compares random bytes with round(256 p): torch's CPU `bernoulli_` draws a float per
+    element, ~9x slower (a (8, 256, 128) mask: 2.3 ms against 0.26 ms on 2 cores), which was 13% of a
+    shakespeare-recipe training step. p is rounded to a multiple of 1/256 (0.2 -> 51/256 = 0.199) and kept
+    values are scaled by 1 / (1 - that p), so the expectation stays x."""
+    drop = min(round(p * 256), 255)
+    if drop == 0:
+        return x
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.uint8)[:n].view(x.shape) >= drop
+    return x.mul(keep).mul_(256 / (256 - drop))
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -128,7 +160,7 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -174,7 +206,7 @@ class MLP(nn.Module):
         self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
         self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
@@ -188,7 +220,7 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
         self.w_up = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
@@ -231,7 +263,7 @@ class GPT(nn.Module):
         self.config = cfg = config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

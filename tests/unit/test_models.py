@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from models.checkpoint import load_model, save_model
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, Dropout, GPTConfig, RMSNorm, byte_dropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,6 +154,40 @@ def test_backward_and_dropout():
     _, loss = model(idx, idx)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rms_norm_in_one_kernel_equals_the_composite():
+    """RMSNorm on CPU in fp32 goes through `F.rms_norm`; bf16 through the composite (fp32 inside, as HF)."""
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(4, 16, 48) * 3
+    composite = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), composite, atol=1e-6, rtol=1e-6)
+    half = x.bfloat16()
+    assert norm(half).dtype == torch.float32  # weight (fp32) * normed.to(bf16), as LlamaRMSNorm
+    torch.testing.assert_close(norm(half), norm.weight * (half.float() * torch.rsqrt(
+        half.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16())
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_byte_dropout_drops_p_of_the_values_and_keeps_the_expectation(p):
+    """CPU dropout from random bytes: p rounded to 1/256, the kept values scaled so the mean stays, the gradient
+    the same mask and scale, the same seed the same mask, eval the identity."""
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = byte_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    q = round(p * 256) / 256
+    assert abs(dropped - q) < 5 * math.sqrt(q * (1 - q) / x.numel())  # five standard errors
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(y.unique(), torch.tensor([0.0, 1 / (1 - q)]))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, (y != 0).float() * 2 / (1 - q))
+    torch.manual_seed(0)
+    assert torch.equal(byte_dropout(x, p), y)
+    assert torch.equal(byte_dropout(x, p), y) is False  # the next draw is another mask
+    assert Dropout(p).eval()(x) is x and Dropout(0.0).train()(x) is x
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

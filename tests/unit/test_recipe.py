@@ -168,3 +168,24 @@ def test_our_muon_in_bf16_is_torchs_and_in_fp32_orthogonalises_alike():
     singular = torch.linalg.svdvals(fp32)
     assert 0.5 < singular.min() and singular.max() < 1.5  # near-orthogonal, as the quintic iteration leaves it
     assert (fp32 - bf16).abs().max() < 0.05
+
+
+def test_muon_orthogonalises_same_shape_matrices_in_one_batch_as_it_would_one_by_one():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 96, 32)
+    batched = orthogonalize(stack, dtype=torch.float32)
+    for g, o in zip(stack, batched, strict=True):
+        torch.testing.assert_close(o, orthogonalize(g, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    together = [torch.nn.Parameter(torch.randn(32, 96)) for _ in range(3)]  # one shape: one batched step
+    alone = [torch.nn.Parameter(w.detach().clone()) for w in together]
+    start = [w.detach().clone() for w in together]
+    opts = [Muon(together, lr=1e-2, weight_decay=0.1)] + [Muon([w], lr=1e-2, weight_decay=0.1) for w in alone]
+    for _ in range(3):
+        for w, v in zip(together, alone, strict=True):
+            w.grad = torch.randn_like(w)
+            v.grad = w.grad.clone()
+        for opt in opts:
+            opt.step()
+    for w, v, w0 in zip(together, alone, start, strict=True):
+        torch.testing.assert_close(w, v, atol=1e-6, rtol=1e-5)
+        assert (w - w0).abs().max() > 1e-3  # the steps moved it
