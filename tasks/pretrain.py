@@ -48,10 +48,10 @@ class PretrainConfig(TrainOptions):
     time_budget_s: float | None = Field(
         None,
         gt=0,
-        description="Wall-clock budget of the training steps in seconds (evaluation and checkpoints not counted), "
-        "as speedrun recipes compare: training stops at the first step that ends past it, and the learning-rate "
-        "schedule follows the clock (its position is elapsed / budget * steps, so the decay reaches its floor at "
-        "the budget). `steps` then only shapes the schedule and caps the run. None: train `steps` steps.",
+        description="Wall-clock budget of the training steps in seconds (logging, evaluation and checkpoints not "
+        "counted), as speedrun recipes compare: training stops at the first step that ends past it, and the "
+        "learning-rate schedule follows the clock (its position is elapsed / budget * steps, so the decay reaches "
+        "its floor at the budget). `steps` then only shapes the schedule and caps the run. None: train `steps` steps.",
     )
     max_passes: float = Field(
         4.0,

@@ -442,9 +442,9 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
     step 0 too (fine-tuning's "before"); not repeated on resume.
 
     With `cfg.time_budget_s` (pretraining), the clock drives the run: the learning rate is `lr_at_time` of the
-    training seconds so far (rank 0's, continued from the checkpoint on resume; evaluation and checkpoints do
-    not count), and the step that ends past the budget is the last. The history records why the run stopped,
-    its steps, tokens and seconds."""
+    training seconds so far (rank 0's, continued from the checkpoint on resume; logging, evaluation and
+    checkpoints do not count), and the step that ends past the budget is the last. The history records why the
+    run stopped, its steps, tokens and seconds."""
     cfg = w.cfg
     budget = getattr(cfg, "time_budget_s", None)
     meter = Meter(w, run, progress)
@@ -463,7 +463,6 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
         w.elapsed_s += time.perf_counter() - t0
         if budget is not None:  # a host sync each step, so the clock sees the step's work done
             w.elapsed_s = _shared_clock(w, w.elapsed_s)
-        t0 = time.perf_counter()
         out_of_time = budget is not None and w.elapsed_s >= budget
         done, last = step + 1, step + 1 == cfg.steps or out_of_time
         log_due, ckpt_due = done % cfg.log_every == 0 or last, done % cfg.ckpt_every == 0 or last
@@ -475,7 +474,6 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
             metrics.update({"train/tokens": done * meter.tokens_per_step, "train/elapsed_s": w.elapsed_s})
         if log_due and hasattr(data, "step_metrics"):
             metrics.update(data.step_metrics(w))
-        paused = time.perf_counter()  # evaluation and checkpoints stay off the clock
         if done % cfg.eval_every == 0 or last:
             metrics.update(data.evaluate(w))
             w.history["val"].append([done, metrics["val/loss"]])
@@ -487,6 +485,6 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
             save_checkpoint(w, done, loss, metrics)
         if log_due:
             meter.restart_clock(done)
-        t0 += time.perf_counter() - paused
+        t0 = time.perf_counter()  # logging (its MFU probe: 0.1 s), evaluation, checkpoints: off the clock
         if last:
             break
