@@ -427,23 +427,28 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
     def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), optimizer: str = "adamw"
+        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), optimizer: str = "adamw",
+        embed_lr_mult: float = 1.0,
     ) -> torch.optim.AdamW | MuonAdamW:
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms and biases. With
-        `optimizer="muon"`, the blocks' weight matrices go to Muon instead (`models/optim.py`)."""
+        `optimizer="muon"`, the blocks' weight matrices go to Muon instead (`models/optim.py`). With
+        `embed_lr_mult` != 1 the embeddings (wte, wpe; the head too when tied to wte) are a group of their own whose
+        "lr_mult" the training loop multiplies the scheduled learning rate by."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        embeds = [p for n, p in named if n in ("wte.weight", "wpe.weight")] if embed_lr_mult != 1.0 else []
+        own = {id(p) for p in embeds}
+        if optimizer == "muon":
+            own |= {id(p) for n, p in named if p.dim() == 2 and n.startswith("blocks.")}
+        rest = [p for _, p in named if id(p) not in own]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        if embeds:
+            groups.append({"params": embeds, "weight_decay": weight_decay, "lr": lr * embed_lr_mult,
+                           "lr_mult": embed_lr_mult})
         if optimizer == "muon":
             matrices = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
-            ids = {id(p) for p in matrices}
-            rest = [p for _, p in named if id(p) not in ids]
-            return MuonAdamW(matrices, [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                                        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                             lr, weight_decay, betas)
+            return MuonAdamW(matrices, groups, lr, weight_decay, betas)
         params = [p for _, p in named]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         fused = bool(params) and all(p.is_cuda for p in params)
         # fused kernel on GPU; elsewhere foreach (the per-tensor loop is ~10x slower on CPU)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +184,18 @@ def check_memory(cfg: PretrainConfig) -> dict[str, float] | None:
     return need
 
 
+def check_compiler(cfg: TrainOptions) -> None:
+    """`compile` on CPU: torch's inductor builds C++ kernels on the workers, so a C++ compiler must be there.
+    Checked here, before Ray starts, rather than as a compiler error from inside the first training step."""
+    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # inductor's own default
+    if cfg.compile and not cfg.use_gpu and not shutil.which(cxx):
+        raise GptflowError(
+            f"pretrain.compile=true on CPU needs a C++ compiler (torch.compile builds C++ kernels) and {cxx!r} was not "
+            "found on PATH: install g++ (Debian: apt install g++), point CXX at one, or set pretrain.compile=false "
+            "(`--set compile=false` with `gptflow pretrain`)"
+        )
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -262,6 +276,7 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
         raise GptflowError(f"pretrain.model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
     check_data_budget(cfg, index["splits"]["train"]["tokens"], f"the shards in {shards.path}")
     check_memory(cfg)
+    check_compiler(cfg)
     config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
               "run": (run or RunLink()).model_dump()}
     history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,

@@ -30,6 +30,8 @@ class TrainOptions(BaseModel):
         "orthogonalised, update scaled to AdamW's RMS so lr is shared) and AdamW on embeddings, head and norms; "
         "needs whole matrices, so not with strategy=fsdp.",
     )
+    embed_lr_mult: float = Field(
+        1.0, gt=0, description="The embeddings' learning rate as a multiple of lr (the head's too when tied).")
     beta1: float = Field(0.9, description="AdamW beta1.")
     beta2: float = Field(0.95, description="AdamW beta2 (GPT-3: 0.95).")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")

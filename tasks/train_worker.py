@@ -27,6 +27,7 @@ import torch
 
 from infra.progress import report_progress
 from models.config import GPTConfig
+from models.optim import MuonAdamW
 from models.plan import peak_bf16_flops
 from tasks import train_state
 from tasks.pretrain import PretrainConfig
@@ -188,7 +189,8 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
         if d is not None:
             load_weights(raw, d)  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
-        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer)  # FSDP: over the shards
+        opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer,  # FSDP: shards
+                                      cfg.embed_lr_mult)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         w = Worker(cfg, rank, world, device, raw, model, opt, amp, accum or cfg.accum_steps,
                    save_config or cfg.model, stage)
@@ -285,10 +287,15 @@ class PretrainBatches:
         return {"val/loss": vloss, "val/bpb": vloss / math.log(2) * self.val.tokens_per_byte}
 
 
+def set_lr(opt: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """The scheduled learning rate on every group, times the group's "lr_mult" where it has one."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
 def _worker_step(w: Worker, data: Batches, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `step` (from 0) of this rank: its learning rate, its micro-batches, one optimizer step."""
-    for group in w.opt.param_groups:
-        group["lr"] = lr
+    set_lr(w.opt, lr)
     batches = data.micro_batches(w, step)
     return train_step(w.model, w.opt, batches, w.accum, w.cfg.grad_clip, w.device, w.amp, w.world > 1,
                       getattr(data, "loss", None))

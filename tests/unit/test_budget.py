@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 
@@ -16,7 +18,14 @@ from flows.presets import PRESETS, resolve
 from models.gpt import GPTConfig
 from models.plan import param_count
 from tasks.data.inputs import read_listing
-from tasks.pretrain import PretrainConfig, check_data_budget, check_memory, pretrain_gpt, worker_memory_bytes
+from tasks.pretrain import (
+    PretrainConfig,
+    check_compiler,
+    check_data_budget,
+    check_memory,
+    pretrain_gpt,
+    worker_memory_bytes,
+)
 from tasks.refs import ShardsRef
 from tasks.stage import GptflowError
 from tasks.train_config import lr_at, lr_at_time
@@ -99,6 +108,35 @@ def test_a_model_bigger_than_the_machine_stops_before_training_with_the_numbers(
     fsdp = worker_memory_bytes(cfg.model_copy(update={"strategy": "fsdp"}))
     assert fsdp["states"] == need["states"] / 2  # sharded over the two workers
     assert check_memory(resolve("tiny").pretrain)["total"] < 1e9  # the tiny preset fits
+
+
+def test_compile_on_cpu_without_a_compiler_stops_before_training(shards, tmp_path, monkeypatch):
+    cfg = PretrainConfig(model=MODEL, steps=5, batch_size=8, num_workers=1, compile=True)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(GptflowError, match=r"compile=true on CPU needs a C\+\+ compiler .* 'no-such-compiler' was "
+                                           r"not found on PATH: .* set pretrain.compile=false"):
+        pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()
+    check_compiler(cfg.model_copy(update={"compile": False}))  # nothing to build without compile
+    check_compiler(cfg.model_copy(update={"use_gpu": True}))  # on GPU torch builds Triton kernels, not C++
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs g++")
+def test_a_compiled_fit_trains_and_saves_plain_weights(shards, ray_once, tmp_path):
+    # the shakespeare recipe compiles (~20 s for its model, then ~15% more steps in its 10 minutes)
+    from models.checkpoint import load_model
+
+    cfg = PretrainConfig(model=MODEL.model_copy(update={"dropout": 0.1}), steps=8, batch_size=4, lr=1e-2,
+                         warmup_steps=0, num_workers=1, cpus_per_worker=2, compile=True, optimizer="muon",
+                         log_every=4, eval_every=8, ckpt_every=8)
+    pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
+    losses = [loss for _, loss in json.loads((tmp_path / "out" / "history.json").read_text())["train"]]
+    assert len(losses) == 8 and losses[0] == pytest.approx(math.log(512), abs=0.3)  # from a uniform guess
+    assert losses[-1] < losses[0] - 0.1  # it learns (6.25 -> 6.07 measured)
+    model = load_model(tmp_path / "out" / "model")  # the uncompiled module's names, no "_orig_mod." prefix
+    assert "wte.weight" in model.state_dict()
 
 
 @pytest.mark.ray

@@ -243,6 +243,31 @@ def test_configure_optimizer():
     assert decay["betas"] == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_learning_rate_multiplier(optimizer, tied):
+    """embed_lr_mult puts the embeddings in a group of their own, which the loop's `set_lr` steps mult times
+    faster: AdamW's first step moves each weight with a gradient by lr, so the embedding moves 10x as far."""
+    from tasks.train_worker import set_lr
+
+    moved = {}
+    for mult in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = GPT(tiny(arch="llama", tie_embeddings=tied))
+        opt = model.configure_optimizer(lr=1e-3, weight_decay=0.0, optimizer=optimizer, embed_lr_mult=mult)
+        own = [g for g in opt.param_groups if "lr_mult" in g]
+        assert len(own) == (mult != 1.0)
+        assert not own or own[0]["params"] == [model.wte.weight]
+        assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+        set_lr(opt, 1e-3)
+        before = model.wte.weight.detach().clone()
+        idx = torch.randint(0, 61, (2, 16))
+        model(idx, idx)[1].backward()
+        opt.step()
+        moved[mult] = (model.wte.weight - before).abs().max().item()
+    assert moved[10.0] == pytest.approx(10 * moved[1.0], rel=1e-3)
+
+
 # -- checkpoint --------------------------------------------------------------------------------------------
 
 
