@@ -39,6 +39,7 @@ docs/architecture.svg: docs/architecture.dot
 bench: install
 	$(BIN)/python -m bench.tokenizer
 	$(BIN)/python -m bench.pretrain
+	$(BIN)/python -m bench.step
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.extraction
 	$(BIN)/python -m bench.data_counts
