@@ -70,7 +70,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D weights only, not a tensor of shape {tuple(p.shape)}")
                 same_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
-            # one batched Newton-Schulz per shape: the shakespeare recipe's 20 matrices, 19 -> 14 ms a step on CPU
+            # one batched Newton-Schulz per shape (the 4-layer shakespeare model's 20 matrices: 19 -> 14 ms on CPU)
             for params in same_shape.values():
                 grads = [p.grad for p in params]
                 for p in params:
