@@ -18,7 +18,7 @@ import argparse
 import os
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,7 @@ PARTS = ("forward", "backward", "clip", "adamw", "muon")
 def before():
     """torch's dropout and the composite RMSNorm, as the model had them."""
     drop, norm = gpt.byte_dropout, gpt.RMSNorm.forward
-
-    def composite(self, x):  # noqa: ANN001, ANN202
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-    gpt.byte_dropout, gpt.RMSNorm.forward = (lambda x, p: F.dropout(x, p, training=True)), composite
+    gpt.byte_dropout, gpt.RMSNorm.forward = (lambda x, p: F.dropout(x, p, training=True)), gpt.RMSNorm.composite
     try:
         yield
     finally:
@@ -62,8 +57,7 @@ def build(setup: str) -> tuple[torch.nn.Module, torch.nn.Module, object]:
 def run_steps(setup: str, raw, model, opt, batch: tuple[torch.Tensor, torch.Tensor], n: int) -> list[dict]:
     x, y = batch
     out = []
-    ctx = before() if setup == "before" else _nothing()
-    with ctx:
+    with before() if setup == "before" else nullcontext():
         for _ in range(n):
             t = [time.perf_counter()]
             loss = model(x, y)[1]
@@ -79,11 +73,6 @@ def run_steps(setup: str, raw, model, opt, batch: tuple[torch.Tensor, torch.Tens
             opt.zero_grad()
             out.append({p: t[i + 1] - t[i] for i, p in enumerate(PARTS)})
     return out
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def main() -> None:
