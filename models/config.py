@@ -34,6 +34,14 @@ class GPTConfig(BaseModel):
     gelu: Literal["tanh", "exact"] = Field(
         "tanh", description="The GPT-2 MLP's GELU: 'tanh' (GPT-2's approximation; Hugging Face `gelu_new`) or 'exact' "
         "(erf; Hugging Face `gelu`, ~1.5x faster forward and backward on CPU). Unused by llama (SwiGLU).")
+    mlp: Literal["swiglu", "relu2"] = Field(
+        "swiglu", description="The LLaMA MLP: 'swiglu' (LLaMA's) or 'relu2' (two matrices around relu(x)^2, the GPT-2 "
+        "speedruns' choice; ffn_hidden defaults to 4*n_embd; not exportable to transformers). Unused by gpt2.")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE and attention "
+                          "(OLMo 2, Qwen 3, the speedruns; not exportable to transformers' Llama or GPT-2).")
+    logit_softcap: float | None = Field(
+        None, gt=0.0, description="Squash the logits to cap * tanh(logits / cap) (Gemma 2, the speedruns); None: off. "
+        "Not with loss_chunk; not exportable to transformers' Llama or GPT-2.")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     attn_dropout: float | None = Field(
@@ -70,6 +78,8 @@ class GPTConfig(BaseModel):
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
         if self.doc_mask and self.eot_id is None:
             raise ValueError("doc_mask=True requires eot_id")
+        if self.logit_softcap is not None and self.loss_chunk:
+            raise ValueError("logit_softcap and loss_chunk cannot be combined (the chunked loss has no cap)")
         if self.eot_id is not None and self.eot_id >= self.vocab_size:
             raise ValueError(f"eot_id ({self.eot_id}) must be < vocab_size ({self.vocab_size})")
         return self
@@ -90,9 +100,16 @@ class GPTConfig(BaseModel):
     def ffn_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.arch == "gpt2":
+        if self.arch == "gpt2" or self.mlp == "relu2":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU keeps ~8 d^2 weights with 3 matrices
+
+    @property
+    def hf_unsupported(self) -> list[str]:
+        """The options set here that transformers' GPT2LMHeadModel / LlamaForCausalLM cannot express."""
+        off = [f"mlp={self.mlp}"] if self.arch == "llama" and self.mlp != "swiglu" else []
+        off += ["qk_norm=true"] if self.qk_norm else []
+        return off + ([f"logit_softcap={self.logit_softcap}"] if self.logit_softcap is not None else [])
 
     @property
     def use_bias(self) -> bool:

@@ -46,6 +46,10 @@ def hf_config(cfg: GPTConfig, eos_id: int | None, dtype: torch.dtype = torch.flo
     """The transformers config equivalent to ours."""
     from transformers import GPT2Config, LlamaConfig
 
+    if cfg.hf_unsupported:
+        raise ValueError(f"the model's {', '.join(cfg.hf_unsupported)} has no equivalent in transformers' "
+                         f"{'GPT2LMHeadModel' if cfg.arch == 'gpt2' else 'LlamaForCausalLM'}: it cannot be exported "
+                         "to Hugging Face format (our own loader, `models.checkpoint.load_model`, reads it)")
     if cfg.arch == "gpt2":
         return GPT2Config(
             architectures=["GPT2LMHeadModel"],

@@ -5,6 +5,10 @@
 - `arch="llama"`: rotary position embeddings (HF `rotate_half` layout), RMSNorm, SwiGLU MLP, no biases,
   grouped-query attention (`n_kv_head` < `n_head`).
 
+Three options from the GPT-2 speedruns, for either flavour, none of which transformers' Llama or GPT-2 can load
+(`models.export` refuses them by name): `mlp="relu2"` (llama: Linear -> relu(x)^2 -> Linear instead of SwiGLU),
+`qk_norm` (RMSNorm on each head's queries and keys) and `logit_softcap` (logits squashed to cap * tanh(x / cap)).
+
 Attention always goes through `F.scaled_dot_product_attention`: with `is_causal=True` on the plain training
 path, with an explicit boolean mask when documents are masked (`doc_mask`), when a batch is left-padded, or
 when a KV cache is fed more than one token at a time. Document masking on GPU goes through FlexAttention
@@ -164,6 +168,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.use_bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
         self.resid_dropout = Dropout(cfg.dropout)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(
         self,
@@ -179,6 +186,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -229,6 +238,31 @@ class SwiGLU(nn.Module):
         return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
 
 
+class ReLU2(nn.Module):
+    """The GPT-2 speedruns' MLP: Linear -> relu(x)^2 -> Linear."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.use_bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.use_bias)
+        self.dropout = Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+
+
+class Head(nn.Linear):
+    """The output head: a Linear without bias, its logits squashed to cap * tanh(logits / cap) when `softcap`."""
+
+    def __init__(self, n_embd: int, vocab_size: int, softcap: float | None):
+        super().__init__(n_embd, vocab_size, bias=False)
+        self.softcap = softcap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -237,7 +271,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
+        self.mlp = MLP(cfg) if cfg.arch == "gpt2" else ReLU2(cfg) if cfg.mlp == "relu2" else SwiGLU(cfg)
 
     def forward(
         self,
@@ -269,7 +303,7 @@ class GPT(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Head(cfg.n_embd, cfg.vocab_size, cfg.logit_softcap)
         if cfg.arch == "llama":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)

@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 ADAPTER = "default"  # peft's adapter name; we keep one adapter per model
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_CONFIG = "adapters.json"
-# Every linear layer inside a transformer block, by architecture (models/gpt.py names).
+# Every linear layer inside a transformer block, by the block's MLP (models/gpt.py names).
 BLOCK_LINEARS = {
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "llama": ("attn.c_attn", "attn.c_proj", "mlp.w_gate", "mlp.w_up", "mlp.c_proj"),
+    "two matrices": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # gpt2; llama with mlp="relu2"
+    "swiglu": ("attn.c_attn", "attn.c_proj", "mlp.w_gate", "mlp.w_up", "mlp.c_proj"),
 }
 
 
@@ -87,7 +87,7 @@ class LoraOptions(BaseModel):
         bad = [i for i in layers if not 0 <= i < cfg.n_layer]
         if bad:
             raise ValueError(f"LoRA layers {bad} out of range: the model has {cfg.n_layer} blocks (0..{cfg.n_layer - 1})")
-        linears = BLOCK_LINEARS[cfg.arch]
+        linears = BLOCK_LINEARS["swiglu" if cfg.arch == "llama" and cfg.mlp == "swiglu" else "two matrices"]
         wanted = linears if self.target_modules is None else self.target_modules
         for name in wanted:
             if not any(lin == name or lin.endswith("." + name) for lin in linears):

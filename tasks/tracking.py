@@ -354,8 +354,14 @@ def register_model(run_id: str, model: ModelRef, tokenizer: TokenizerRef, cfg: R
     from tasks import pyfunc_model
 
     def hf_folder(tmp: Path) -> dict[str, str]:
+        from models.checkpoint import load_config
         from models.export import export_hf
 
+        unsupported = load_config(Path(model.path)).hf_unsupported
+        if unsupported:
+            log.warning("model %s: no hf/ folder, transformers has no equivalent of %s", cfg.model_name,
+                        ", ".join(unsupported))
+            return {}
         out = export_hf(Path(model.path), tokenizer.tokenizer_json, tmp / "hf")
         (out / "README.md").write_text(card or f"# {cfg.model_name}\n")
         return {"hf": str(out)}

@@ -72,3 +72,13 @@ def test_export_missing_inputs(tmp_path, tokenizer_json):
         export_hf(tmp_path / "nothing", tokenizer_json, tmp_path / "hf")
     with pytest.raises(ValueError, match="tokenizer"):
         export_hf(tmp_path, tmp_path / "missing.json", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kw, named", [(dict(qk_norm=True), "qk_norm=true"), (dict(mlp="relu2"), "mlp=relu2"),
+                                       (dict(arch="gpt2", logit_softcap=15.0), "logit_softcap=15.0")])
+def test_export_refuses_options_transformers_cannot_express(tmp_path, tokenizer_json, kw, named):
+    cfg = GPTConfig(**{**dict(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16), **kw})
+    save_model(GPT(cfg), tmp_path / "model")
+    with pytest.raises(ValueError, match=f"{named} has no equivalent in transformers"):
+        export_hf(tmp_path / "model", tokenizer_json, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -19,6 +19,7 @@ ARCHS = {
     "gpt2": dict(arch="gpt2"),
     "llama": dict(arch="llama"),
     "llama_gqa": dict(arch="llama", n_kv_head=2),
+    "llama_speedrun": dict(arch="llama", mlp="relu2", qk_norm=True, logit_softcap=3.0),
 }
 
 
@@ -52,6 +53,8 @@ def build(cfg: GPTConfig, seed: int = 0) -> GPT:
         (dict(arch="bert"), "arch"),
         (dict(unknown_field=1), "unknown_field"),
         (dict(n_layer=0), "n_layer"),
+        (dict(logit_softcap=10.0, loss_chunk=16), "cannot be combined"),
+        (dict(mlp="gelu"), "mlp"),
     ],
 )
 def test_config_rejects(kw, msg):
@@ -168,6 +171,43 @@ def test_rms_norm_in_one_kernel_equals_the_composite():
     assert norm(half).dtype == torch.float32  # weight (fp32) * normed.to(bf16), as LlamaRMSNorm
     torch.testing.assert_close(norm(half), norm.weight * (half.float() * torch.rsqrt(
         half.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(arch):
+    """With qk_norm, scaling the q and k projections changes nothing; without, it changes the logits."""
+    idx = torch.randint(0, 61, (2, 12))
+    for qk_norm in (True, False):
+        model = build(tiny(arch=arch, qk_norm=qk_norm))
+        before = model(idx)[0]
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.c_attn.weight[: 2 * 32].mul_(3.0)  # the query and key rows (n_kv_head = n_head)
+                if block.attn.c_attn.bias is not None:
+                    block.attn.c_attn.bias[: 2 * 32].mul_(3.0)
+        change = (model(idx)[0] - before).abs().max().item()
+        assert change < 1e-3 if qk_norm else change > 0.1  # the norm's eps and float rounding: ~1e-4
+    assert "blocks.0.attn.q_norm.weight" in dict(build(tiny(qk_norm=True)).named_parameters())
+
+
+def test_logit_softcap_squashes_the_head_logits():
+    idx = torch.randint(0, 61, (2, 12))
+    plain = build(tiny())
+    capped = build(tiny(logit_softcap=1.0))
+    logits = plain(idx)[0]
+    assert logits.abs().max() > 1.0  # the cap below binds
+    torch.testing.assert_close(capped(idx)[0], torch.tanh(logits))
+    _, loss = capped(idx, idx)
+    torch.testing.assert_close(loss, GPT.loss(torch.tanh(logits), idx))
+
+
+def test_relu2_mlp_is_two_matrices_around_a_squared_relu():
+    model = build(tiny(mlp="relu2"))
+    mlp = model.blocks[0].mlp
+    assert mlp.c_fc.weight.shape == (4 * 32, 32) and not hasattr(mlp, "w_gate")
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
+    assert tiny(mlp="relu2", ffn_hidden=48).ffn_dim == 48 and tiny(arch="gpt2", mlp="relu2").ffn_dim == 128
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])

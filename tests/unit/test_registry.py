@@ -192,3 +192,23 @@ def test_a_version_holds_the_model_in_hugging_face_format_with_its_card_and_line
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == version.run_id
     assert [(m.key, m.value, m.dataset_name) for m in logged.metrics] == [("mean/acc", 0.25, "benchmarks")]
+
+
+def test_a_model_transformers_cannot_load_is_registered_without_an_hf_folder(tmp_path, tok, caplog):
+    """qk_norm has no transformers equivalent: the version holds our weights (loadable, same logits) and no hf/."""
+    import mlflow
+
+    from models.checkpoint import load_model
+
+    torch.manual_seed(3)
+    folder = tmp_path / "qk"
+    save_model(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, qk_norm=True)), folder)
+    model = ModelRef(path=str(folder), sha256=path_sha256(folder))
+    reg = register_task.fn(RegistryConfig(model_name="gpt-qk-test"), model, tok, {}, None, None)
+    dl = tmp_path / "dl"
+    mlflow.artifacts.download_artifacts(f"models:/gpt-qk-test/{reg.version}", dst_path=str(dl))
+    assert not (dl / "artifacts" / "hf").exists() and (dl / "artifacts" / "qk").is_dir(), sorted(
+        str(p.relative_to(dl)) for p in dl.rglob("*"))
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    torch.testing.assert_close(load_model(dl / "artifacts" / "qk")(ids)[0], load_model(folder)(ids)[0])
+    assert "no hf/ folder, transformers has no equivalent of qk_norm=true" in caplog.text
