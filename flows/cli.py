@@ -355,9 +355,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         from models.export import export_hf
+        from tasks.stage import GptflowError
 
-        out = export_hf(Path(require(args.model, "model folder")), Path(require(args.tokenizer, "tokenizer folder")) / "tokenizer.json",
-                        Path(args.out))
+        try:
+            out = export_hf(Path(require(args.model, "model folder")),
+                            Path(require(args.tokenizer, "tokenizer folder")) / "tokenizer.json", Path(args.out))
+        except ValueError as e:  # a missing file, or a model option transformers cannot express
+            raise GptflowError(f"export: {e}") from None
         print(f"exported a Hugging Face model to {out}")
         return 0
     params: dict[str, Any] = {}

@@ -76,9 +76,14 @@ def test_export_missing_inputs(tmp_path, tokenizer_json):
 
 @pytest.mark.parametrize("kw, named", [(dict(qk_norm=True), "qk_norm=true"), (dict(mlp="relu2"), "mlp=relu2"),
                                        (dict(arch="gpt2", logit_softcap=15.0), "logit_softcap=15.0")])
-def test_export_refuses_options_transformers_cannot_express(tmp_path, tokenizer_json, kw, named):
+def test_export_refuses_options_transformers_cannot_express(tmp_path, tokenizer_json, kw, named, capsys):
+    from flows.cli import main
+
     cfg = GPTConfig(**{**dict(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16), **kw})
     save_model(GPT(cfg), tmp_path / "model")
     with pytest.raises(ValueError, match=f"{named} has no equivalent in transformers"):
         export_hf(tmp_path / "model", tokenizer_json, tmp_path / "hf")
+    assert main(["export", "--model", str(tmp_path / "model"), "--tokenizer", str(tokenizer_json.parent),
+                 "--out", str(tmp_path / "hf")]) == 2
+    assert f"gptflow: error: export: the model's {named} has no equivalent" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "model.safetensors").exists()
