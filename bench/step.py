@@ -9,7 +9,10 @@ on all cores, in three set-ups, alternating rounds so that the machine's load fa
   compile  the same under `torch.compile` (its compile time printed apart)
 Medians of each part (forward, backward, gradient clip, AdamW, Muon) and of the whole step, tokens/s, ratios.
 
-Run: `python -m bench.step [--rounds 4] [--steps 10]` (about 2 minutes on 2 CPU cores).
+With `--options`, the set-ups are instead the compiled preset without the speedrun options of `models.gpt`, with
+each one (qk_norm, mlp=relu2, logit_softcap=15) and with all three: what each costs per step.
+
+Run: `python -m bench.step [--options] [--rounds 4] [--steps 10]` (about 2-3 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from flows.presets import resolve
 from models.optim import Muon
 
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
+NONE = {"qk_norm": False, "mlp": "swiglu", "logit_softcap": None}
+OPTIONS = {"none": NONE, "qk_norm": {**NONE, "qk_norm": True}, "relu2": {**NONE, "mlp": "relu2"},
+           "softcap": {**NONE, "logit_softcap": 15.0}, "all three": {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}}
 
 
 @contextmanager
@@ -41,16 +47,16 @@ def before():
         gpt.byte_dropout, gpt.RMSNorm.forward = drop, norm
 
 
-def build(setup: str) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+def build(setup: str, model_options: dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     cfg = resolve("shakespeare").pretrain
     torch.manual_seed(0)
-    raw = gpt.GPT(cfg.model).train()
+    raw = gpt.GPT(cfg.model.model_copy(update=model_options or {})).train()
     opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, optimizer="muon")
     if setup == "before":  # a group per matrix: each orthogonalised on its own
         matrices = [p for g in opt.muon.param_groups for p in g["params"]]
         opt.muon = Muon([{"params": [p]} for p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt.parts = (opt.adamw, opt.muon)
-    model = torch.compile(raw) if setup == "compile" else raw
+    model = torch.compile(raw) if setup == "compile" or model_options is not None else raw
     return raw, model, opt
 
 
@@ -79,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per set-up per round")
+    ap.add_argument("--options", action="store_true", help="the compiled preset against its speedrun options")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = resolve("shakespeare").pretrain
@@ -86,12 +93,15 @@ def main() -> None:
     shape = (cfg.batch_size, cfg.model.block_size)
     batch = (torch.randint(0, cfg.model.vocab_size, shape, generator=g),
              torch.randint(0, cfg.model.vocab_size, shape, generator=g))
-    setups = {name: build(name) for name in ("before", "eager", "compile")}
+    if args.options:
+        setups = {name: build("compile", kw) for name, kw in OPTIONS.items()}
+    else:
+        setups = {name: build(name) for name in ("before", "eager", "compile")}
     for name, (raw, model, opt) in setups.items():  # warm-up; the compile happens here
         start = time.perf_counter()
         run_steps(name, raw, model, opt, batch, 3)
-        print(f"{name}: first 3 steps {time.perf_counter() - start:.1f} s" + (" (includes compiling)"
-                                                                              if name == "compile" else ""))
+        compiled = args.options or name == "compile"
+        print(f"{name}: first 3 steps {time.perf_counter() - start:.1f} s" + (" (includes compiling)" * compiled))
     times: dict[str, list[dict]] = {name: [] for name in setups}
     for r in range(args.rounds):
         for name, (raw, model, opt) in setups.items():
@@ -99,12 +109,13 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}")
     tokens = shape[0] * shape[1]
     print(f"\nmedian ms per part, {tokens:,} tokens a step, {torch.get_num_threads()} threads")
-    print(f"{'set-up':<8} " + " ".join(f"{p:>9}" for p in PARTS) + f" {'step':>9} {'tokens/s':>9} {'vs before':>9}")
-    base = statistics.median(sum(s.values()) for s in times["before"])
+    first = next(iter(times))
+    print(f"{'set-up':<9} " + " ".join(f"{p:>9}" for p in PARTS) + f" {'step':>9} {'tokens/s':>9} {'vs ' + first:>10}")
+    base = statistics.median(sum(s.values()) for s in times[first])
     for name, steps in times.items():
         step = statistics.median(sum(s.values()) for s in steps)
         parts = " ".join(f"{1e3 * statistics.median(s[p] for s in steps):9.1f}" for p in PARTS)
-        print(f"{name:<8} {parts} {1e3 * step:9.1f} {tokens / step:9,.0f} {base / step:8.2f}x")
+        print(f"{name:<9} {parts} {1e3 * step:9.1f} {tokens / step:9,.0f} {base / step:9.2f}x")
 
 
 if __name__ == "__main__":
