@@ -147,7 +147,8 @@ def shakespeare() -> PipelineConfig:
         "tokenizer": TokenizerConfig(vocab_size=vocab, val_fraction=0.1, val_split="tail"),
         "pretrain": PretrainConfig(
             model=GPTConfig(arch="llama", vocab_size=vocab, block_size=256, n_layer=5, n_head=4, n_embd=128,
-                            dropout=0.2, attn_dropout=0.0, tie_embeddings=False),
+                            dropout=0.2, attn_dropout=0.0, tie_embeddings=False,
+                            qk_norm=True, mlp="relu2", logit_softcap=15.0),
             steps=10000, batch_size=8, lr=7e-3, embed_lr_mult=30.0, warmup_steps=60, schedule="wsd", decay_frac=0.5,
             min_lr_ratio=0.0, weight_decay=0.1, optimizer="muon", compile=True, num_workers=1, cpus_per_worker=2,
             time_budget_s=600,
