@@ -100,14 +100,19 @@ class GPTConfig(BaseModel):
     def ffn_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.arch == "gpt2" or self.mlp == "relu2":
+        if not self.swiglu:
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU keeps ~8 d^2 weights with 3 matrices
 
     @property
+    def swiglu(self) -> bool:
+        """The block's MLP is SwiGLU (three matrices); otherwise GELU (gpt2) or ReLU^2, two matrices."""
+        return self.arch == "llama" and self.mlp == "swiglu"
+
+    @property
     def hf_unsupported(self) -> list[str]:
         """The options set here that transformers' GPT2LMHeadModel / LlamaForCausalLM cannot express."""
-        off = [f"mlp={self.mlp}"] if self.arch == "llama" and self.mlp != "swiglu" else []
+        off = [f"mlp={self.mlp}"] if self.arch == "llama" and not self.swiglu else []
         off += ["qk_norm=true"] if self.qk_norm else []
         return off + ([f"logit_softcap={self.logit_softcap}"] if self.logit_softcap is not None else [])
 

@@ -87,7 +87,7 @@ class LoraOptions(BaseModel):
         bad = [i for i in layers if not 0 <= i < cfg.n_layer]
         if bad:
             raise ValueError(f"LoRA layers {bad} out of range: the model has {cfg.n_layer} blocks (0..{cfg.n_layer - 1})")
-        linears = BLOCK_LINEARS["swiglu" if cfg.arch == "llama" and cfg.mlp == "swiglu" else "two matrices"]
+        linears = BLOCK_LINEARS["swiglu" if cfg.swiglu else "two matrices"]
         wanted = linears if self.target_modules is None else self.target_modules
         for name in wanted:
             if not any(lin == name or lin.endswith("." + name) for lin in linears):

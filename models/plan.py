@@ -37,8 +37,7 @@ def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
     qkv = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
     norm = d * (2 if cfg.arch == "gpt2" and cfg.use_bias else 1)  # LayerNorm weight (+bias) or RMSNorm weight
     attn = d * qkv + b * qkv + d * d + b * d
-    swiglu = cfg.arch == "llama" and cfg.mlp == "swiglu"
-    n_mlp_in = 2 if swiglu else 1  # SwiGLU has gate and up projections
+    n_mlp_in = 2 if cfg.swiglu else 1  # SwiGLU has gate and up projections
     mlp = n_mlp_in * (d * f + b * f) + f * d + b * d
     per_layer = 2 * norm + attn + mlp + (2 * cfg.head_dim if cfg.qk_norm else 0)
     wpe = cfg.block_size * d if cfg.arch == "gpt2" else 0
@@ -58,7 +57,7 @@ def matrix_weights(cfg: GPTConfig) -> dict[str, int]:
     """
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     kv = cfg.kv_heads * cfg.head_dim
-    n_mlp = 3 if cfg.arch == "llama" and cfg.mlp == "swiglu" else 2
+    n_mlp = 3 if cfg.swiglu else 2
     out = {
         "embedding": V * d,
         "unembedding": V * d,
