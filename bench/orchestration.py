@@ -5,11 +5,14 @@ Measures and prints, asserts nothing:
   (b) a Ray Train fit whose loop does nothing (`TorchTrainer` with N workers, the pattern of the pretraining and
       SFT stages), repeated: the controller and worker processes, their imports, the gloo process group; what
       every training stage pays before its first step, on a Ray that is already up;
+  (b2) a fit whose workers report 6 checkpoints 0.3 s apart, in a fresh Ray each time, with Ray Train's poll of
+      its workers at its default 2 s and at ours (`infra.ray_cluster.POLL_S`), alternating: how long the loop and
+      the fit's end wait on the poll;
   (c) with `--pipeline`, the tiny pipeline's own stage times (`gptflow run --preset tiny` on a fresh workspace):
       wall time, the stages' sum and the share of orchestration (Prefect and MLflow outside the stages, Ray's
       start, and (b) once per Ray Train stage).
 
-Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]`.
+Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]` (~2 min; --pipeline ~5 min more).
 """
 
 from __future__ import annotations
@@ -45,6 +48,54 @@ def empty_fit(workers: int) -> float:
     return time.perf_counter() - start
 
 
+def _reporting_loop(config: dict) -> None:
+    """Six quick steps, each ending in a report with a checkpoint, as a fit with frequent checkpoints does."""
+    import ray.train
+
+    start = time.time()
+    for i in range(6):
+        time.sleep(0.3)
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "state"), "w") as fh:
+                fh.write(str(i))
+            ray.train.report({"i": i}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"c{i}")
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as fh:
+            json.dump([start, time.time()], fh)
+
+
+def reporting_fit(workers: int) -> dict[str, float]:
+    """(b2) in this process: a fresh Ray, one fit of `_reporting_loop`; its loop's and its end's seconds."""
+    from ray.train import RunConfig, ScalingConfig
+
+    from infra.ray_cluster import ray_init, torch_trainer
+
+    ray_init()
+    with tempfile.TemporaryDirectory() as storage:
+        out = os.path.join(storage, "times.json")
+        torch_trainer(_reporting_loop, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=workers),
+                      run_config=RunConfig(name="reports", storage_path=storage)).fit()
+        end = time.time()
+        with open(out) as fh:
+            start, stop = json.load(fh)
+    return {"loop_s": stop - start, "end_s": end - stop}
+
+
+def reporting_fits(workers: int, repeats: int) -> dict[str, list[dict[str, float]]]:
+    """(b2) at Ray's default poll and at ours, alternating, each in a fresh process and workspace."""
+    from infra.ray_cluster import POLL_ENV, POLL_S
+
+    found: dict[str, list[dict[str, float]]] = {"2.0": [], POLL_S: []}
+    for _ in range(repeats):
+        for poll in found:
+            with tempfile.TemporaryDirectory(prefix="gptflow-bench-") as home:
+                env = {**os.environ, "GPTFLOW_HOME": home, POLL_ENV: poll}
+                out = subprocess.run([sys.executable, "-m", "bench.orchestration", "--reporting-fit",
+                                      "--workers", str(workers)], env=env, check=True, capture_output=True, text=True)
+            found[poll].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return found
+
+
 def pipeline_times() -> tuple[float, dict[str, float]]:
     """Wall time and stage times of `gptflow run --preset tiny` on a fresh workspace (its summary line)."""
     with tempfile.TemporaryDirectory() as home:
@@ -64,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pipeline", action="store_true", help="also run the tiny pipeline and split its wall time")
+    p.add_argument("--reporting-fit", action="store_true", help=argparse.SUPPRESS)  # (b2)'s child process
     args = p.parse_args(argv)
+    if args.reporting_fit:
+        print(json.dumps(reporting_fit(args.workers)))
+        return
     from infra.ray_cluster import ray_init
 
     start = time.perf_counter()
@@ -76,10 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(a) Ray start: {ray_start:.1f} s")
     print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s")
     result = {"ray_start_s": ray_start, "empty_fit_s": fits}
-    if args.pipeline:
-        import ray
+    import ray
 
-        ray.shutdown()  # the pipeline starts its own
+    ray.shutdown()  # (b2) and (c) start their own
+    reports = reporting_fits(args.workers, args.repeats)
+    for poll, runs in reports.items():
+        print(f"(b2) 6 reports 0.3 s apart, Ray Train polling every {poll} s: loop "
+              + ", ".join(f"{r['loop_s']:.1f}" for r in runs) + " s (1.8 s of it the steps), fit's end after the loop "
+              + ", ".join(f"{r['end_s']:.1f}" for r in runs) + " s")
+    result["reporting_fit"] = reports
+    if args.pipeline:
         wall, times = pipeline_times()
         stages = times["total"]
         fits = sum(s in times for s in RAY_TRAIN_STAGES)  # the Ray Train stages this run ran

@@ -10,7 +10,7 @@ on all cores, in three set-ups, alternating rounds so that the machine's load fa
 Medians of each part (forward, backward, gradient clip, AdamW, Muon) and of the whole step, tokens/s, ratios.
 
 With `--options`, the set-ups are instead the compiled preset without the speedrun options of `models.gpt`, with
-each one (qk_norm, mlp=relu2, logit_softcap=15) and with all three: what each costs per step.
+each one (qk_norm, mlp=relu2, logit_softcap=15, x0_mix) and with all four: what each costs per step.
 
 Run: `python -m bench.step [--options] [--rounds 4] [--steps 10]` (about 2-3 minutes on 2 CPU cores).
 """
@@ -31,9 +31,10 @@ from flows.presets import resolve
 from models.optim import Muon
 
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
-NONE = {"qk_norm": False, "mlp": "swiglu", "logit_softcap": None}
+NONE = {"qk_norm": False, "mlp": "swiglu", "logit_softcap": None, "x0_mix": False}
 OPTIONS = {"none": NONE, "qk_norm": {**NONE, "qk_norm": True}, "relu2": {**NONE, "mlp": "relu2"},
-           "softcap": {**NONE, "logit_softcap": 15.0}, "all three": {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}}
+           "softcap": {**NONE, "logit_softcap": 15.0}, "x0_mix": {**NONE, "x0_mix": True},
+           "all four": {"qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0, "x0_mix": True}}
 
 
 @contextmanager

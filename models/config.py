@@ -42,6 +42,8 @@ class GPTConfig(BaseModel):
     logit_softcap: float | None = Field(
         None, gt=0.0, description="Squash the logits to cap * tanh(logits / cap) (Gemma 2, the speedruns); None: off. "
         "Not with loss_chunk; not exportable to transformers' Llama or GPT-2.")
+    x0_mix: bool = Field(False, description="Each block reads a * x + b * x0, x0 the embedding's output and a, b "
+                         "learned per block from 1 and 0 (the GPT-2 speedruns); not exportable to transformers.")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     attn_dropout: float | None = Field(
@@ -114,6 +116,7 @@ class GPTConfig(BaseModel):
         """The options set here that transformers' GPT2LMHeadModel / LlamaForCausalLM cannot express."""
         off = [f"mlp={self.mlp}"] if self.arch == "llama" and not self.swiglu else []
         off += ["qk_norm=true"] if self.qk_norm else []
+        off += ["x0_mix=true"] if self.x0_mix else []
         return off + ([f"logit_softcap={self.logit_softcap}"] if self.logit_softcap is not None else [])
 
     @property

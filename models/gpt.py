@@ -304,6 +304,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = make_norm(cfg)
         self.lm_head = Head(cfg.n_embd, cfg.vocab_size, cfg.logit_softcap)
+        if cfg.x0_mix:  # block i reads x0_a[i] * x + x0_b[i] * x0: the identity at init
+            self.x0_a, self.x0_b = nn.Parameter(torch.ones(cfg.n_layer)), nn.Parameter(torch.zeros(cfg.n_layer))
         if cfg.arch == "llama":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
@@ -350,8 +352,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (1 or B, 1, T, hd)
         x = self.drop(x)
         mask = self._attention_mask(idx, kv_cache)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, kv_cache, layer)
+        x = self._blocks(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(idx)
         x = self.ln_f(x)
@@ -377,9 +378,17 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (1, 1, T, hd)
         x = self.drop(x)
         mask = self._attention_mask(idx, None)
+        return self.ln_f(self._blocks(x, rope, mask, None))
+
+    def _blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | BlockMask | None, kv_cache: KVCache | None) -> torch.Tensor:
+        """The blocks in turn; with `x0_mix`, each reads its learned mix of the stream and the embedding `x`."""
+        x0 = x
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, None, layer)
-        return self.ln_f(x)
+            if self.config.x0_mix:
+                x = self.x0_a[layer] * x + self.x0_b[layer] * x0
+            x = block(x, rope, mask, kv_cache, layer)
+        return x
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
     per_layer = 2 * norm + attn + mlp + (2 * cfg.head_dim if cfg.qk_norm else 0)
     wpe = cfg.block_size * d if cfg.arch == "gpt2" else 0
     head = 0 if cfg.tie_embeddings else V * d
-    total = V * d + wpe + cfg.n_layer * per_layer + norm + head
+    total = V * d + wpe + cfg.n_layer * per_layer + norm + head + (2 * cfg.n_layer if cfg.x0_mix else 0)
     if non_embedding:
         total -= wpe + (0 if cfg.tie_embeddings else V * d)
     return total

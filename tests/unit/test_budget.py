@@ -129,7 +129,7 @@ def test_a_compiled_fit_trains_and_saves_plain_weights(shards, ray_once, tmp_pat
     # speedrun options
     from models.checkpoint import load_model
 
-    speedrun = {"dropout": 0.1, "qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0}
+    speedrun = {"dropout": 0.1, "qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0, "x0_mix": True}
     cfg = PretrainConfig(model=MODEL.model_copy(update=speedrun), steps=8, batch_size=4, lr=1e-2,
                          warmup_steps=0, num_workers=1, cpus_per_worker=2, compile=True, optimizer="muon",
                          log_every=4, eval_every=8, ckpt_every=8)
@@ -138,7 +138,7 @@ def test_a_compiled_fit_trains_and_saves_plain_weights(shards, ray_once, tmp_pat
     assert len(losses) == 8 and losses[0] == pytest.approx(math.log(512), abs=0.3)  # from a uniform guess
     assert losses[-1] < losses[0] - 0.1  # it learns (6.25 -> 6.07 measured)
     model = load_model(tmp_path / "out" / "model")  # the uncompiled module's names, no "_orig_mod." prefix
-    assert "wte.weight" in model.state_dict() and model.config.qk_norm
+    assert "wte.weight" in model.state_dict() and model.config.qk_norm and "x0_a" in model.state_dict()
 
 
 @pytest.mark.ray

@@ -75,7 +75,8 @@ def test_export_missing_inputs(tmp_path, tokenizer_json):
 
 
 @pytest.mark.parametrize("kw, named", [(dict(qk_norm=True), "qk_norm=true"), (dict(mlp="relu2"), "mlp=relu2"),
-                                       (dict(arch="gpt2", logit_softcap=15.0), "logit_softcap=15.0")])
+                                       (dict(arch="gpt2", logit_softcap=15.0), "logit_softcap=15.0"),
+                                       (dict(x0_mix=True), "x0_mix=true")])
 def test_export_refuses_options_transformers_cannot_express(tmp_path, tokenizer_json, kw, named, capsys):
     from flows.cli import main
 

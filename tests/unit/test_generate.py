@@ -15,7 +15,7 @@ ARCHS = {
     "gpt2": dict(arch="gpt2"),
     "llama_gqa": dict(arch="llama", n_kv_head=2),
     "llama_gqa_docmask": dict(arch="llama", n_kv_head=1, doc_mask=True, eot_id=0),
-    "llama_speedrun": dict(arch="llama", n_kv_head=2, mlp="relu2", qk_norm=True, logit_softcap=3.0),
+    "llama_speedrun": dict(arch="llama", n_kv_head=2, mlp="relu2", qk_norm=True, logit_softcap=3.0, x0_mix=True),
 }
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 0, 8, 9], [42], [3, 0, 3, 0]]
 

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = {"gpt2": dict(arch="gpt2"), "llama_gqa": dict(arch="llama", n_kv_head=2),
-         "llama_relu2": dict(arch="llama", mlp="relu2", qk_norm=True)}
+         "llama_relu2": dict(arch="llama", mlp="relu2", qk_norm=True, x0_mix=True)}
 
 
 def tiny(arch: str = "gpt2", **kw) -> GPTConfig:

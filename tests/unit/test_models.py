@@ -19,7 +19,7 @@ ARCHS = {
     "gpt2": dict(arch="gpt2"),
     "llama": dict(arch="llama"),
     "llama_gqa": dict(arch="llama", n_kv_head=2),
-    "llama_speedrun": dict(arch="llama", mlp="relu2", qk_norm=True, logit_softcap=3.0),
+    "llama_speedrun": dict(arch="llama", mlp="relu2", qk_norm=True, logit_softcap=3.0, x0_mix=True),
 }
 
 
@@ -208,6 +208,31 @@ def test_relu2_mlp_is_two_matrices_around_a_squared_relu():
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
     assert tiny(mlp="relu2", ffn_hidden=48).ffn_dim == 48 and tiny(arch="gpt2", mlp="relu2").ffn_dim == 128
+
+
+def test_x0_mix_starts_as_the_plain_stream_and_learns_to_mix_in_the_embedding():
+    """At init each block reads 1 * x + 0 * x0: the logits of the model without the mix, same weights. The mix
+    weights get gradients, and a block given b = 1 reads the previous block's output plus the embedding's."""
+    fresh = GPT(tiny(x0_mix=True, n_layer=3))
+    assert fresh.x0_a.tolist() == [1.0] * 3 and fresh.x0_b.tolist() == [0.0] * 3
+    idx = torch.randint(0, 61, (2, 12))
+    mixed = build(tiny(x0_mix=True))
+    with torch.no_grad():  # build() made every weight noisy; the mix back to its init
+        mixed.x0_a.fill_(1.0)
+        mixed.x0_b.zero_()
+    plain = build(tiny())
+    plain.load_state_dict({k: v for k, v in mixed.state_dict().items() if not k.startswith("x0_")})
+    torch.testing.assert_close(mixed(idx)[0], plain(idx)[0])
+    mixed(idx, idx)[1].backward()
+    assert mixed.x0_a.grad.abs().min() > 0 and mixed.x0_b.grad.abs().min() > 0
+    with torch.no_grad():
+        mixed.x0_b[1] = 1.0
+    seen: dict[str, torch.Tensor] = {}
+    mixed.blocks[0].register_forward_pre_hook(lambda _, args: seen.update(x0=args[0]))
+    mixed.blocks[0].register_forward_hook(lambda _, args, out: seen.update(out0=out))
+    mixed.blocks[1].register_forward_pre_hook(lambda _, args: seen.update(in1=args[0]))
+    mixed(idx)
+    torch.testing.assert_close(seen["in1"], seen["out0"] + seen["x0"])
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])

@@ -46,7 +46,7 @@ def test_full_finetune_memory_7b():
         dict(arch="gpt2", bias=False, tie_embeddings=False),
         dict(arch="llama", n_kv_head=2),
         dict(arch="llama", bias=True, tie_embeddings=False, ffn_hidden=50),
-        dict(arch="llama", n_kv_head=2, mlp="relu2", qk_norm=True, logit_softcap=15.0),
+        dict(arch="llama", n_kv_head=2, mlp="relu2", qk_norm=True, logit_softcap=15.0, x0_mix=True),
         dict(arch="gpt2", qk_norm=True),
     ],
 )

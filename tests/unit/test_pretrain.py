@@ -30,8 +30,9 @@ from tasks.train_config import lr_at
 from tasks.train_worker import TokenWindows
 
 # 2 workers x 16 sequences x 64 tokens = 2,048 tokens per step; 30 steps, a checkpoint every 5. Ray takes in a
-# worker's report only every 2 s (its poll interval) and holds the next report until then, so a kill right after
-# the second checkpoint is recorded always lands mid-run. Dropout makes the resume depend on each rank's RNG.
+# worker's report only when it polls (every 0.5 s, infra.ray_cluster.POLL_S) and holds the next report until then,
+# so a kill right after the second checkpoint is recorded lands seconds before the run's end. Dropout makes the
+# resume depend on each rank's RNG.
 CFG = PretrainConfig(
     model=GPTConfig(arch="llama", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.1),
     steps=30, batch_size=16, lr=3e-3, warmup_steps=3, num_workers=2,
