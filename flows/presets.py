@@ -141,10 +141,10 @@ def shakespeare() -> PipelineConfig:
     # warmup-stable-decay to 0 over the last half. The GPT-2 speedruns' qk_norm, ReLU^2 MLP and logit soft-cap 15:
     # 2.037 against 2.057 at a fixed 3,300 steps (0.005, 0.011 and 0.007 each alone), at ~3 % of the step's time;
     # transformers cannot load them (no hf/ export). And x0_mix (each block reads a learned mix of the stream and
-    # the embedding, as the speedruns): 2.052 against 2.0xx at a fixed 2,700 steps (what 10 minutes reach on a
-    # slow day); zero-initialised projections (2.064) and value embeddings (2.065) measured no better.
-    # Scored in windows every 128 tokens, so every token has at
-    # least 128 before it (64 and 32 changed the score by < 0.001). Measured: README.
+    # the embedding, as the speedruns): 2.052 against 2.055 at a fixed 2,700 steps (what 10 minutes reach on a
+    # slow day); zero-initialised projections (2.064) and value embeddings (2.065) measured worse. Scored in
+    # windows every 128 tokens, so every token has at least 128 before it (64 and 32 changed the score by
+    # < 0.001). Measured: README.
     vocab = 1024
     base = tiny()
     return base.model_copy(update={
