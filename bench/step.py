@@ -1,12 +1,15 @@
 """The shakespeare recipe's training step on CPU, part by part: measures and prints, asserts nothing.
 
-The preset's model (LLaMA style, 4 layers x 128, context 256, 8 windows a step, dropout 0.2, Muon) in one process
-on all cores, in three set-ups, alternating rounds so that the machine's load falls on each alike:
+The preset's model (LLaMA style, 5 layers x 128 with its speedrun options, context 256, 8 windows a step, dropout
+0.2, Muon) in one process on all cores, in four set-ups, alternating rounds so that the machine's load falls on
+each alike:
   before   torch's dropout (`F.dropout`: a float per element from `bernoulli_`), Muon one matrix at a time, RMSNorm
            as separate ops
   eager    ours: dropout masks from random bytes (`models.gpt.byte_dropout`), Muon's Newton-Schulz batched over
            same-shape matrices, RMSNorm through `F.rms_norm`
   compile  the same under `torch.compile` (its compile time printed apart)
+  bf16     compiled, under bf16 autocast (`pretrain.cpu_bf16`): matmuls in bf16, attention in fp32, Muon's
+           Newton-Schulz in bf16; faster only on a CPU with bf16 matrix units (AMX, printed)
 Medians of each part (forward, backward, gradient clip, AdamW, Muon) and of the whole step, tokens/s, ratios.
 
 With `--options`, the set-ups are instead the compiled preset without the speedrun options of `models.gpt`, with
@@ -52,22 +55,25 @@ def build(setup: str, model_options: dict | None = None) -> tuple[torch.nn.Modul
     cfg = resolve("shakespeare").pretrain
     torch.manual_seed(0)
     raw = gpt.GPT(cfg.model.model_copy(update=model_options or {})).train()
-    opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, optimizer="muon")
+    opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, optimizer="muon",
+                                  muon_dtype=torch.bfloat16 if setup == "bf16" else None)
     if setup == "before":  # a group per matrix: each orthogonalised on its own
         matrices = [p for g in opt.muon.param_groups for p in g["params"]]
         opt.muon = Muon([{"params": [p]} for p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt.parts = (opt.adamw, opt.muon)
-    model = torch.compile(raw) if setup == "compile" or model_options is not None else raw
+    model = torch.compile(raw) if setup in ("compile", "bf16") or model_options is not None else raw
     return raw, model, opt
 
 
 def run_steps(setup: str, raw, model, opt, batch: tuple[torch.Tensor, torch.Tensor], n: int) -> list[dict]:
     x, y = batch
     out = []
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if setup == "bf16" else nullcontext()
     with before() if setup == "before" else nullcontext():
         for _ in range(n):
             t = [time.perf_counter()]
-            loss = model(x, y)[1]
+            with amp:
+                loss = model(x, y)[1]
             t.append(time.perf_counter())
             loss.backward()
             t.append(time.perf_counter())
@@ -97,11 +103,12 @@ def main() -> None:
     if args.options:
         setups = {name: build("compile", kw) for name, kw in OPTIONS.items()}
     else:
-        setups = {name: build(name) for name in ("before", "eager", "compile")}
+        setups = {name: build(name) for name in ("before", "eager", "compile", "bf16")}
+        print(f"AMX bf16 tiles: {torch.cpu._is_amx_tile_supported()}")
     for name, (raw, model, opt) in setups.items():  # warm-up; the compile happens here
         start = time.perf_counter()
         run_steps(name, raw, model, opt, batch, 3)
-        compiled = args.options or name == "compile"
+        compiled = args.options or name in ("compile", "bf16")
         print(f"{name}: first 3 steps {time.perf_counter() - start:.1f} s" + (" (includes compiling)" * compiled))
     times: dict[str, list[dict]] = {name: [] for name in setups}
     for r in range(args.rounds):

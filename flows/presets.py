@@ -129,8 +129,8 @@ def shakespeare() -> PipelineConfig:
     #   gptflow pretrain --preset shakespeare --input <the tokenizer's shards folder>
     # 1,003,854 train characters -> ~412k tokens with a 1,024 BPE trained on them alone (val_split="tail"; 512 and
     # 2,048 measured worse). One worker with both cores (a second would halve each one's threads and add an
-    # all-reduce). The clock ends the run: `steps` is set above what 10 minutes reach (~11-14k tokens/s compiled x
-    # 600 s / 2,048 = ~3,300-4,100 steps), so it only sets the schedule's resolution (warmup 60/10,000 of the time);
+    # all-reduce). The clock ends the run: `steps` is set above what 10 minutes reach (~9-16k tokens/s compiled x
+    # 600 s / 2,048 = ~2,600-4,700 steps), so it only sets the schedule's resolution (warmup 60/10,000 of the time);
     # ~17-20 passes over the train tokens, hence allow_repeats. torch.compile: ~28% more steps in the 10 minutes
     # (its compile time, ~15-40 s cold, counts). The best depth follows the machine's speed: compiled, 5 layers x 128
     # edged 4 (2.062 vs 2.065); eager at ~14k tokens/s 4 beat 3 and 5, at ~8.7k 3 beat 4; width 192 was far worse.
@@ -142,9 +142,11 @@ def shakespeare() -> PipelineConfig:
     # 2.037 against 2.057 at a fixed 3,300 steps (0.005, 0.011 and 0.007 each alone), at ~3 % of the step's time;
     # transformers cannot load them (no hf/ export). And x0_mix (each block reads a learned mix of the stream and
     # the embedding, as the speedruns): 2.052 against 2.055 at a fixed 2,700 steps (what 10 minutes reach on a
-    # slow day); zero-initialised projections (2.064) and value embeddings (2.065) measured worse. Scored in
-    # windows every 128 tokens, so every token has at least 128 before it (64 and 32 changed the score by
-    # < 0.001). Measured: README.
+    # slow day); zero-initialised projections (2.064) and value embeddings (2.065) measured worse. bf16 autocast
+    # where the CPU has AMX (cpu_bf16="auto"; attention stays fp32): 2.057 at 2,700 steps (0.005 worse), but ~1.3x
+    # the steps in 10 minutes: 2.039 at 3,663 steps on the clock against 2.053-2.063 at 2,352-2,759 in fp32.
+    # Scored in windows every 128 tokens, so every token has at least 128 before it (64 and 32 changed the score
+    # by < 0.001). Measured: README.
     vocab = 1024
     base = tiny()
     return base.model_copy(update={
@@ -155,7 +157,8 @@ def shakespeare() -> PipelineConfig:
                             dropout=0.2, attn_dropout=0.0, tie_embeddings=False,
                             qk_norm=True, mlp="relu2", logit_softcap=15.0, x0_mix=True),
             steps=10000, batch_size=8, lr=7e-3, embed_lr_mult=30.0, warmup_steps=60, schedule="wsd", decay_frac=0.5,
-            min_lr_ratio=0.0, weight_decay=0.1, optimizer="muon", compile=True, num_workers=1, cpus_per_worker=2,
+            min_lr_ratio=0.0, weight_decay=0.1, optimizer="muon", compile=True, cpu_bf16="auto", num_workers=1,
+            cpus_per_worker=2,
             time_budget_s=600,
             heldout_bpb=True, heldout_stride=128, allow_repeats=True,
             log_every=25, eval_every=250, ckpt_every=250, eval_batches=8,

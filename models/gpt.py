@@ -22,6 +22,7 @@ hd = head dim, V = vocab size.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -197,15 +198,19 @@ class CausalSelfAttention(nn.Module):
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
             y = flex_attention(q, k, v, mask, gqa=self.n_kv_head != self.n_head)
             return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past == 0,  # mask None and past > 0 means T == 1: see everything
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, nh, T, hd)
+        cpu_amp = not q.is_cuda and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
+            # fp32 under CPU autocast: torch's CPU flash-attention backward is slower in bf16 than in fp32 (10.8
+            # against 7.4 ms forward + backward at the shakespeare preset's shapes; the compiled step: bench.step)
+            y = F.scaled_dot_product_attention(
+                q.float() if cpu_amp else q,
+                k.float() if cpu_amp else k,
+                v.float() if cpu_amp else v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and past == 0,  # mask None and past > 0 means T == 1: see everything
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -474,12 +479,13 @@ class GPT(nn.Module):
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), optimizer: str = "adamw",
-        embed_lr_mult: float = 1.0,
+        embed_lr_mult: float = 1.0, muon_dtype: torch.dtype | None = None,
     ) -> torch.optim.AdamW | MuonAdamW:
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms and biases. With
         `optimizer="muon"`, the blocks' weight matrices go to Muon instead (`models/optim.py`). With
         `embed_lr_mult` != 1 the embeddings (wte, wpe; the head too when tied to wte) are a group of their own whose
-        "lr_mult" the training loop multiplies the scheduled learning rate by."""
+        "lr_mult" the training loop multiplies the scheduled learning rate by. `muon_dtype`: Muon's Newton-Schulz
+        dtype (default: bf16 on GPU, fp32 elsewhere)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         embeds = [p for n, p in named if n in ("wte.weight", "wpe.weight")] if embed_lr_mult != 1.0 else []
         matrices = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")] if optimizer == "muon" else []
@@ -491,7 +497,7 @@ class GPT(nn.Module):
             groups.append({"params": embeds, "weight_decay": weight_decay, "lr": lr * embed_lr_mult,
                            "lr_mult": embed_lr_mult})
         if optimizer == "muon":
-            return MuonAdamW(matrices, groups, lr, weight_decay, betas)
+            return MuonAdamW(matrices, groups, lr, weight_decay, betas, ns_dtype=muon_dtype)
         params = [p for _, p in named]
         fused = bool(params) and all(p.is_cuda for p in params)
         # fused kernel on GPU; elsewhere foreach (the per-tensor loop is ~10x slower on CPU)

@@ -90,9 +90,9 @@ class Muon(torch.optim.Optimizer):
 
 class MuonAdamW:
     def __init__(self, matrices: Iterable[torch.Tensor], others: list[dict[str, Any]], lr: float, weight_decay: float,
-                 betas: tuple[float, float], momentum: float = 0.95):
+                 betas: tuple[float, float], momentum: float = 0.95, ns_dtype: torch.dtype | None = None):
         self.adamw = torch.optim.AdamW(others, lr=lr, betas=betas, foreach=True)
-        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype)
         self.parts = (self.adamw, self.muon)
 
     @property

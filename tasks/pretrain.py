@@ -310,7 +310,8 @@ def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], fin
                "pretrain/tokens_per_s": final.get("perf_tokens_per_s", math.nan),
                "pretrain/mfu": final.get("perf_mfu", math.nan), "pretrain/fit_seconds": seconds,
                "pretrain/tokens": stop["tokens"], "pretrain/train_seconds": stop["elapsed_s"],
-               "pretrain/stopped_by_time_budget": float(stop["reason"] == "time_budget")}
+               "pretrain/stopped_by_time_budget": float(stop["reason"] == "time_budget"),
+               "pretrain/bf16_autocast": float(stop.get("bf16", cfg.use_gpu))}
     files = {"model": model_dir, "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json",
              "config": model_dir / "config.json"}
     return ModelRef(path=str(model_dir), counts={"steps": stop["step"], "tokens": stop["tokens"]},

@@ -141,7 +141,7 @@ class Worker:
     raw: torch.nn.Module  # the GPT itself: optimizer groups, state dicts, FLOPs per token
     model: torch.nn.Module  # what runs forward and backward: DDP- or FSDP-wrapped, compiled when asked
     opt: torch.optim.Optimizer
-    amp: Any  # bf16 autocast on GPU, a null context on CPU
+    amp: Any  # bf16 autocast on GPU, on CPU with cfg.cpu_bf16 (`cpu_bf16`), else a null context
     accum: int  # micro-batches per optimizer step on this worker
     save_config: GPTConfig  # the architecture written beside the weights in every checkpoint
     stage: str = "pretrain"  # names the log lines
@@ -189,9 +189,10 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
         if d is not None:
             load_weights(raw, d)  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
+        bf16 = device.type == "cuda" or cpu_bf16(cfg)
         opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer,  # FSDP: shards
-                                      cfg.embed_lr_mult)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+                                      cfg.embed_lr_mult, torch.bfloat16 if bf16 else None)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         w = Worker(cfg, rank, world, device, raw, model, opt, amp, accum or cfg.accum_steps,
                    save_config or cfg.model, stage)
         if d is not None:
@@ -199,6 +200,12 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
     if cfg.compile:
         w.model = torch.compile(w.model)
     return w
+
+
+def cpu_bf16(cfg: Any) -> bool:
+    """Whether a CPU worker trains under bf16 autocast: `cfg.cpu_bf16` on, or auto on a CPU with AMX tiles."""
+    mode = getattr(cfg, "cpu_bf16", "off")
+    return mode == "on" or (mode == "auto" and torch.cpu._is_amx_tile_supported())
 
 
 def _restore(w: Worker, d: Path) -> None:
@@ -336,15 +343,17 @@ class Meter:
     """Tokens/s and MFU since the last log step, the metrics to MLflow, the log line and the driver's progress
     bar. Only rank 0 logs, measures and draws; the other ranks' logger is a `NullLogger`.
 
-    MFU is per worker: each worker's model FLOP/s over the matmul throughput of one worker's CPUs (or GPU),
-    re-measured briefly at every log step and the best kept, so a busy moment at start-up does not inflate it.
+    MFU is per worker: each worker's model FLOP/s over the matmul throughput of one worker's CPUs (or GPU), in
+    the dtype the matmuls run in (bf16 under autocast), re-measured briefly at every log step and the best kept,
+    so a busy moment at start-up does not inflate it.
     On a GPU in the datasheet table, `perf/mfu_datasheet` divides by its bf16 peak instead, as papers report it.
     """
 
     def __init__(self, w: Worker, run: RunLink, progress: Any):
         cfg = w.cfg
         self.w, self.logger, self.progress = w, run.logger(w.rank), progress
-        self.peak_args = (torch.bfloat16, 4096) if w.device.type == "cuda" else (torch.float32, 1024)
+        cuda = w.device.type == "cuda"  # the peak of the dtype the matmuls run in
+        self.peak_args = (torch.bfloat16, 4096 if cuda else 1024) if cuda or cpu_bf16(cfg) else (torch.float32, 1024)
         self.peak = matmul_flops(w.device, *self.peak_args) if w.rank == 0 else math.nan
         self.datasheet = peak_bf16_flops(torch.cuda.get_device_name(w.device)) if w.device.type == "cuda" else None
         self.flops_per_token = w.raw.flops_per_token()
@@ -352,8 +361,9 @@ class Meter:
         self.tokens_per_step = w.world * cfg.batch_size * w.accum * block_size
         self.progress_every = max(1, cfg.steps // 200)  # the driver's progress bar: ~200 updates in a run
         if w.rank == 0:
-            log.info("[%s] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step", w.stage, w.world,
-                     w.accum, cfg.batch_size, block_size, f"{self.tokens_per_step:,}")
+            log.info("[%s] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step, %s", w.stage,
+                     w.world, w.accum, cfg.batch_size, block_size, f"{self.tokens_per_step:,}",
+                     "bf16 autocast" if isinstance(w.amp, torch.autocast) else "fp32")
         self.restart_clock(w.start_step)
 
     def restart_clock(self, step: int) -> None:
@@ -487,7 +497,8 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
         meter.log(metrics, done)
         if last:
             w.history["stop"] = {"reason": "time_budget" if out_of_time else "steps", "step": done,
-                                 "tokens": done * meter.tokens_per_step, "elapsed_s": w.elapsed_s}
+                                 "tokens": done * meter.tokens_per_step, "elapsed_s": w.elapsed_s,
+                                 "bf16": isinstance(w.amp, torch.autocast)}
         if ckpt_due:
             save_checkpoint(w, done, loss, metrics)
         if log_due:

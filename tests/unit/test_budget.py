@@ -126,14 +126,15 @@ def test_compile_on_cpu_without_a_compiler_stops_before_training(shards, tmp_pat
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs g++")
 def test_a_compiled_fit_trains_and_saves_plain_weights(shards, ray_once, tmp_path):
     # the shakespeare recipe compiles (~20 s for its model, then ~25% more steps in its 10 minutes), with its
-    # speedrun options
+    # speedrun options, in bf16 autocast (cpu_bf16 "auto" there; "on" here, so any CPU runs the bf16 path)
     from models.checkpoint import load_model
 
     speedrun = {"dropout": 0.1, "qk_norm": True, "mlp": "relu2", "logit_softcap": 15.0, "x0_mix": True}
     cfg = PretrainConfig(model=MODEL.model_copy(update=speedrun), steps=8, batch_size=4, lr=1e-2,
                          warmup_steps=0, num_workers=1, cpus_per_worker=2, compile=True, optimizer="muon",
-                         log_every=4, eval_every=8, ckpt_every=8)
-    pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
+                         cpu_bf16="on", log_every=4, eval_every=8, ckpt_every=8)
+    ref = pretrain_gpt(cfg, ShardsRef(path=str(shards)), tmp_path / "out", run=None)
+    assert ref.metrics["pretrain/bf16_autocast"] == 1.0
     losses = [loss for _, loss in json.loads((tmp_path / "out" / "history.json").read_text())["train"]]
     assert len(losses) == 8 and losses[0] == pytest.approx(math.log(512), abs=0.3)  # from a uniform guess
     assert losses[-1] < losses[0] - 0.1  # it learns (6.25 -> 6.07 measured)
@@ -160,6 +161,7 @@ def test_time_budget_ends_within_a_step_and_the_schedule_reaches_its_floor(shard
     assert budget <= stop["elapsed_s"] < budget + 3 * step_s, stop  # ends within about one step of the budget
     assert ref.counts == {"steps": stop["step"], "tokens": stop["step"] * cfg.tokens_per_step}
     assert ref.metrics["pretrain/tokens"] == stop["tokens"] and ref.metrics["pretrain/stopped_by_time_budget"] == 1.0
+    assert ref.metrics["pretrain/bf16_autocast"] == 0.0  # cpu_bf16 is off by default
     ckpt = sorted((tmp_path / "out" / "ray").rglob("train_state.json"))[-1]
     assert json.loads(ckpt.read_text())["elapsed_s"] == stop["elapsed_s"]  # the clock a resume continues from
     model = load_model(tmp_path / "out" / "model")

@@ -159,6 +159,32 @@ def test_backward_and_dropout():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cpu_bf16_autocast_keeps_attention_in_fp32_and_the_fp32_loss_and_gradients(arch, monkeypatch):
+    # pretrain.cpu_bf16: matmuls in bf16, attention in fp32 (its CPU backward is slower in bf16)
+    model = build(tiny(**ARCHS[arch]))
+    idx = torch.randint(0, 61, (4, 32), generator=torch.Generator().manual_seed(0))
+    _, ref = model(idx, idx)
+    ref.backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16  # the head's matmul ran in bf16
+    assert seen == [(torch.float32,) * 3 + (False,)] * model.config.n_layer
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.99
+
+
 def test_rms_norm_in_one_kernel_equals_the_composite():
     """RMSNorm on CPU in fp32 goes through `F.rms_norm`; bf16 through the composite (fp32 inside, as HF)."""
     norm = RMSNorm(48, 1e-5)
