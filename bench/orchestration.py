@@ -4,7 +4,8 @@ Measures and prints, asserts nothing:
   (a) starting a local Ray (`infra.ray_cluster.ray_init`), once;
   (b) a Ray Train fit whose loop does nothing (`TorchTrainer` with N workers, the pattern of the pretraining and
       SFT stages), repeated: the controller and worker processes, their imports, the gloo process group; what
-      every training stage pays before its first step, on a Ray that is already up;
+      every training stage pays before its first step, on a Ray that is already up; then one more, with the CPU
+      seconds of each process it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time;
   (b2) a fit whose workers report 6 checkpoints 0.3 s apart, in a fresh Ray each time, with Ray Train's poll of
       its workers at its default 2 s and at ours (`infra.ray_cluster.POLL_S`), alternating: how long the loop and
       the fit's end wait on the poll;
@@ -28,6 +29,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 RAY_TRAIN_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 
@@ -46,6 +48,56 @@ def empty_fit(workers: int) -> float:
         torch_trainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
                      run_config=RunConfig(name="empty", storage_path=storage)).fit()
     return time.perf_counter() - start
+
+
+def _proc_cpu() -> dict[str, tuple[float, str]]:
+    """pid -> (CPU seconds so far, process title) of every process this user can read (Linux /proc)."""
+    hz, found = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                title = fh.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        found[pid] = ((int(fields[11]) + int(fields[12])) / hz, title)
+    return found
+
+
+def _busy_cpu() -> tuple[float, float]:
+    """The machine's busy and total CPU seconds so far, all cores (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def empty_fit_cpu(workers: int) -> dict[str, Any]:
+    """(b), once more, sampled: CPU seconds by the processes the fit started (by Ray's process title)."""
+    import threading
+
+    before, samples, done = _proc_cpu(), {}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.update(_proc_cpu())  # a process's last sample before it exits
+            done.wait(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    busy0, total0 = _busy_cpu()
+    thread.start()
+    wall = empty_fit(workers)
+    done.set()
+    thread.join()
+    busy1, total1 = _busy_cpu()
+    by_title: dict[str, float] = {}
+    for pid, (cpu, title) in samples.items():
+        if pid not in before and title.startswith("ray::"):
+            name = title.split(".")[0]  # "ray::TrainController.run" while in a method
+            by_title[name] = by_title.get(name, 0.0) + cpu
+    return {"wall_s": wall, "busy_cpu_s": busy1 - busy0, "cpu_s": total1 - total0, "new_processes": by_title}
 
 
 def _reporting_loop(config: dict) -> None:
@@ -131,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(a) Ray start: {ray_start:.1f} s")
     print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s")
     result = {"ray_start_s": ray_start, "empty_fit_s": fits}
+    if os.path.exists("/proc/stat"):
+        cpu = empty_fit_cpu(args.workers)
+        print(f"    once more, sampled: {cpu['wall_s']:.1f} s wall; the machine busy {cpu['busy_cpu_s']:.1f} of "
+              f"{cpu['cpu_s']:.1f} CPU-s ({cpu['busy_cpu_s'] / cpu['cpu_s']:.0%}); CPU-s of the processes it started: "
+              + ", ".join(f"{t.removeprefix('ray::')} {c:.1f}" for t, c in sorted(cpu["new_processes"].items(),
+                                                                                 key=lambda kv: -kv[1])))
+        result["empty_fit_cpu"] = cpu
     import ray
 
     ray.shutdown()  # (b2) and (c) start their own
