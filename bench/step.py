@@ -15,7 +15,7 @@ Medians of each part (forward, backward, gradient clip, AdamW, Muon) and of the 
 With `--options`, the set-ups are instead the compiled preset without the speedrun options of `models.gpt`, with
 each one (qk_norm, mlp=relu2, logit_softcap=15, x0_mix) and with all four: what each costs per step.
 
-Run: `python -m bench.step [--options] [--rounds 4] [--steps 10]` (about 2-3 minutes on 2 CPU cores).
+Run: `python -m bench.step [--options] [--rounds 4] [--steps 10]` (about 3-4 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
