@@ -34,6 +34,7 @@ from flows.presets import resolve
 from models.optim import Muon
 
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
+COMPILED = ("compile", "bf16")  # the set-ups under torch.compile
 NONE = {"qk_norm": False, "mlp": "swiglu", "logit_softcap": None, "x0_mix": False}
 OPTIONS = {"none": NONE, "qk_norm": {**NONE, "qk_norm": True}, "relu2": {**NONE, "mlp": "relu2"},
            "softcap": {**NONE, "logit_softcap": 15.0}, "x0_mix": {**NONE, "x0_mix": True},
@@ -61,7 +62,7 @@ def build(setup: str, model_options: dict | None = None) -> tuple[torch.nn.Modul
         matrices = [p for g in opt.muon.param_groups for p in g["params"]]
         opt.muon = Muon([{"params": [p]} for p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt.parts = (opt.adamw, opt.muon)
-    model = torch.compile(raw) if setup in ("compile", "bf16") or model_options is not None else raw
+    model = torch.compile(raw) if setup in COMPILED or model_options is not None else raw
     return raw, model, opt
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     for name, (raw, model, opt) in setups.items():  # warm-up; the compile happens here
         start = time.perf_counter()
         run_steps(name, raw, model, opt, batch, 3)
-        compiled = args.options or name in ("compile", "bf16")
+        compiled = args.options or name in COMPILED
         print(f"{name}: first 3 steps {time.perf_counter() - start:.1f} s" + (" (includes compiling)" * compiled))
     times: dict[str, list[dict]] = {name: [] for name in setups}
     for r in range(args.rounds):

@@ -199,13 +199,13 @@ class CausalSelfAttention(nn.Module):
             y = flex_attention(q, k, v, mask, gqa=self.n_kv_head != self.n_head)
             return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         cpu_amp = not q.is_cuda and torch.is_autocast_enabled("cpu")
+        if cpu_amp:  # fp32 under CPU autocast: torch's CPU flash-attention backward is slower in bf16 than in fp32
+            q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
-            # fp32 under CPU autocast: torch's CPU flash-attention backward is slower in bf16 than in fp32 (10.8
-            # against 7.4 ms forward + backward at the shakespeare preset's shapes; the compiled step: bench.step)
             y = F.scaled_dot_product_attention(
-                q.float() if cpu_amp else q,
-                k.float() if cpu_amp else k,
-                v.float() if cpu_amp else v,
+                q,
+                k,
+                v,
                 attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=mask is None and past == 0,  # mask None and past > 0 means T == 1: see everything

@@ -189,7 +189,7 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
         if d is not None:
             load_weights(raw, d)  # whole weights (and adapters), before any sharding
         model = _distribute(raw, fsdp, world)
-        bf16 = device.type == "cuda" or cpu_bf16(cfg)
+        bf16 = device.type == "cuda" or cpu_bf16(cfg.cpu_bf16)
         opt = raw.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer,  # FSDP: shards
                                       cfg.embed_lr_mult, torch.bfloat16 if bf16 else None)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -202,9 +202,9 @@ def setup_worker(cfg: Any, stage: str = "pretrain",
     return w
 
 
-def cpu_bf16(cfg: Any) -> bool:
-    """Whether a CPU worker trains under bf16 autocast: `cfg.cpu_bf16` on, or auto on a CPU with AMX tiles."""
-    mode = getattr(cfg, "cpu_bf16", "off")
+def cpu_bf16(mode: str) -> bool:
+    """Whether a CPU worker trains under bf16 autocast (`TrainOptions.cpu_bf16`): on, or auto on a CPU with AMX
+    tiles."""
     return mode == "on" or (mode == "auto" and torch.cpu._is_amx_tile_supported())
 
 
@@ -352,8 +352,9 @@ class Meter:
     def __init__(self, w: Worker, run: RunLink, progress: Any):
         cfg = w.cfg
         self.w, self.logger, self.progress = w, run.logger(w.rank), progress
-        cuda = w.device.type == "cuda"  # the peak of the dtype the matmuls run in
-        self.peak_args = (torch.bfloat16, 4096 if cuda else 1024) if cuda or cpu_bf16(cfg) else (torch.float32, 1024)
+        cuda, self.bf16 = w.device.type == "cuda", isinstance(w.amp, torch.autocast)
+        # the peak of the dtype the matmuls run in
+        self.peak_args = (torch.bfloat16, 4096 if cuda else 1024) if self.bf16 else (torch.float32, 1024)
         self.peak = matmul_flops(w.device, *self.peak_args) if w.rank == 0 else math.nan
         self.datasheet = peak_bf16_flops(torch.cuda.get_device_name(w.device)) if w.device.type == "cuda" else None
         self.flops_per_token = w.raw.flops_per_token()
@@ -363,7 +364,7 @@ class Meter:
         if w.rank == 0:
             log.info("[%s] %d workers x %d micro-batches of %d x %d tokens = %s tokens per step, %s", w.stage,
                      w.world, w.accum, cfg.batch_size, block_size, f"{self.tokens_per_step:,}",
-                     "bf16 autocast" if isinstance(w.amp, torch.autocast) else "fp32")
+                     "bf16 autocast" if self.bf16 else "fp32")
         self.restart_clock(w.start_step)
 
     def restart_clock(self, step: int) -> None:
@@ -498,7 +499,7 @@ def run_loop(w: Worker, data: Batches, run: RunLink, progress: Any, eval_first: 
         if last:
             w.history["stop"] = {"reason": "time_budget" if out_of_time else "steps", "step": done,
                                  "tokens": done * meter.tokens_per_step, "elapsed_s": w.elapsed_s,
-                                 "bf16": isinstance(w.amp, torch.autocast)}
+                                 "bf16": meter.bf16}
         if ckpt_due:
             save_checkpoint(w, done, loss, metrics)
         if log_due:
