@@ -4,8 +4,9 @@ Measures and prints, asserts nothing:
   (a) starting a local Ray (`infra.ray_cluster.ray_init`), once;
   (b) a Ray Train fit whose loop does nothing (`TorchTrainer` with N workers, the pattern of the pretraining and
       SFT stages), repeated: the controller and worker processes, their imports, the gloo process group; what
-      every training stage pays before its first step, on a Ray that is already up; then one more, with the CPU
-      seconds of each process it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time;
+      every training stage pays before its first step, on a Ray that is already up; alternating with the same fit
+      on Ray's own `TorchConfig` (ours: `infra.ray_torch`); then one more, with the CPU seconds of each process
+      it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time;
   (b2) a fit whose workers report 6 checkpoints 0.3 s apart, in a fresh Ray each time, with Ray Train's poll of
       its workers at its default 2 s and at ours (`infra.ray_cluster.POLL_S`), alternating: how long the loop and
       the fit's end wait on the poll;
@@ -25,6 +26,7 @@ setup_env()  # before anything imports ray
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -38,15 +40,21 @@ def _empty_loop(config: dict) -> None:
     """A worker that does nothing: the fit's cost is all start-up and tear-down."""
 
 
-def empty_fit(workers: int) -> float:
+def empty_fit(workers: int, ray_backend: bool = False) -> float:
+    """One empty fit; with `ray_backend`, on Ray's own `TorchConfig` instead of ours (`infra.ray_torch`)."""
     from ray.train import RunConfig, ScalingConfig
 
     from infra.ray_cluster import torch_trainer
 
+    extra = {}
+    if ray_backend:
+        from ray.train.torch import TorchConfig
+
+        extra["torch_config"] = TorchConfig()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         torch_trainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
-                     run_config=RunConfig(name="empty", storage_path=storage)).fit()
+                     run_config=RunConfig(name="empty", storage_path=storage), **extra).fit()
     return time.perf_counter() - start
 
 
@@ -80,9 +88,16 @@ def empty_fit_cpu(workers: int) -> dict[str, Any]:
 
     before, samples, done = _proc_cpu(), {}, threading.Event()
 
+    names: dict[str, str] = {}  # pid -> the actor class it became ("ray::IDLE" first; "ray::execute.fn" in tasks)
+
     def sample() -> None:
         while not done.is_set():
-            samples.update(_proc_cpu())  # a process's last sample before it exits
+            now = _proc_cpu()
+            samples.update(now)  # a process's last sample before it exits
+            for pid, (_, title) in now.items():
+                name = title.split(".")[0].removeprefix("ray::")  # "ray::TrainController.run" while in a method
+                if pid not in names and title.startswith("ray::") and name not in ("IDLE", "execute"):
+                    names[pid] = name
             done.wait(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -93,10 +108,9 @@ def empty_fit_cpu(workers: int) -> dict[str, Any]:
     thread.join()
     busy1, total1 = _busy_cpu()
     by_title: dict[str, float] = {}
-    for pid, (cpu, title) in samples.items():
-        if pid not in before and title.startswith("ray::"):
-            name = title.split(".")[0]  # "ray::TrainController.run" while in a method
-            by_title[name] = by_title.get(name, 0.0) + cpu
+    for pid, (cpu, _) in samples.items():
+        if pid not in before and pid in names:
+            by_title[names[pid]] = by_title.get(names[pid], 0.0) + cpu
     return {"wall_s": wall, "busy_cpu_s": busy1 - busy0, "cpu_s": total1 - total0, "new_processes": by_title}
 
 
@@ -177,12 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     ray_init()
     ray_start = time.perf_counter() - start
-    fits = [empty_fit(args.workers) for _ in range(args.repeats)]
+    empty_fit(args.workers)  # the first fit also starts Ray Train's autoscaling coordinator, once per Ray
+    fits, ray_fits = [], []
+    for _ in range(args.repeats):  # alternating
+        fits.append(empty_fit(args.workers))
+        ray_fits.append(empty_fit(args.workers, ray_backend=True))
     fit = min(fits)
     print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"(a) Ray start: {ray_start:.1f} s")
-    print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s")
-    result = {"ray_start_s": ray_start, "empty_fit_s": fits}
+    print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s; on Ray's "
+          "own TorchConfig, whose controller imports torch: " + ", ".join(f"{s:.1f}" for s in ray_fits)
+          + f" s (median {statistics.median(ray_fits) / statistics.median(fits):.2f}x ours)")
+    result = {"ray_start_s": ray_start, "empty_fit_s": fits, "empty_fit_ray_backend_s": ray_fits}
     if os.path.exists("/proc/stat"):
         cpu = empty_fit_cpu(args.workers)
         print(f"    once more, sampled: {cpu['wall_s']:.1f} s wall; the machine busy {cpu['busy_cpu_s']:.1f} of "

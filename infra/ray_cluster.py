@@ -62,6 +62,10 @@ def torch_trainer(loop: Any, **kwargs: Any) -> Any:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return TorchTrainer(loop, **kwargs)
+    from infra import ray_torch
+
+    if ray_torch.supported():
+        kwargs.setdefault("torch_config", ray_torch.LazyTorchConfig())
     unused = (PlacementGroupCleanerCallback,) if not os.environ.get("RAY_ADDRESS") else ()
 
     class Trainer(TorchTrainer):

@@ -1,0 +1,63 @@
+"""Our torch backend for Ray Train (`infra.ray_torch`): the fit's controller unpickles what the trainer sends it
+without importing torch, which Ray's own `TorchConfig` cannot. Its fits (DDP and FSDP over gloo, kill and
+resume) are the 2-worker runs of test_pretrain and test_sft_train, which go through `torch_trainer`.
+
+Run: `.venv/bin/python -m pytest tests/unit/test_ray_torch.py -q`
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from ray import cloudpickle
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig
+
+from infra.env import REPO_ROOT
+from infra.ray_cluster import torch_trainer
+from infra.ray_torch import LazyTorchBackend, LazyTorchConfig, supported
+
+# A fresh interpreter, as the controller's process is: unpickle stdin, say whether torch got imported.
+UNPICKLE = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+
+
+def _loop(config: dict) -> None:
+    pass
+
+
+def controller_imports_torch(tmp_path, **kwargs) -> bool:
+    """What `DataParallelTrainer.fit` hands its controller actor (the callbacks, which hold the backend config,
+    and the run context), unpickled in a new process."""
+    trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=2),
+                            run_config=RunConfig(name="t", storage_path=str(tmp_path)), **kwargs)
+    blob = cloudpickle.dumps((trainer._create_default_callbacks(), trainer.train_run_context))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", UNPICKLE], input=blob, capture_output=True, env=env, check=True)
+    return out.stdout.decode().strip() == "True"
+
+
+def test_this_ray_has_the_worker_steps_our_backend_calls():
+    assert supported()
+
+
+def test_the_controller_of_our_fit_does_not_import_torch_and_of_rays_own_does(tmp_path):
+    trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=2))
+    assert isinstance(trainer.backend_config, LazyTorchConfig)
+    assert trainer.backend_config.backend == "gloo"  # set by TorchTrainer for CPU workers, as for its own config
+    assert trainer.backend_config.backend_cls is LazyTorchBackend
+    assert not controller_imports_torch(tmp_path)
+    assert controller_imports_torch(tmp_path, torch_config=TorchConfig())  # the cost our backend removes
+
+
+def test_a_torch_config_passed_by_the_caller_is_kept():
+    trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(timeout_s=60))
+    assert isinstance(trainer.backend_config, TorchConfig) and trainer.backend_config.timeout_s == 60
+
+
+@pytest.mark.parametrize("use_gpu, backend", [(False, "gloo"), (True, "nccl")])
+def test_the_process_group_backend_follows_the_workers(use_gpu, backend):
+    trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu))
+    assert trainer.backend_config.backend == backend
