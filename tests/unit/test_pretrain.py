@@ -30,7 +30,7 @@ from tasks.train_config import lr_at
 from tasks.train_worker import TokenWindows
 
 # 2 workers x 16 sequences x 64 tokens = 2,048 tokens per step; 30 steps, a checkpoint every 5. Ray takes in a
-# worker's report only when it polls (every 0.5 s, infra.ray_cluster.POLL_S) and holds the next report until then,
+# worker's report only when it polls (every 0.2 s, infra.ray_cluster.POLL_S) and holds the next report until then,
 # so a kill right after the second checkpoint is recorded lands seconds before the run's end. Dropout makes the
 # resume depend on each rank's RNG.
 CFG = PretrainConfig(

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 DATA = DATA_DIR / "sft" / "alpaca_en_demo.json.gz"
 # 2 workers x 2 packed windows x 128 tokens = 512 tokens per step; dropout makes the resume depend on each rank's
-# RNG; 24 steps with a checkpoint every 4: Ray records a report only when it polls (every 0.5 s), so a kill after
+# RNG; 24 steps with a checkpoint every 4: Ray records a report only when it polls (every 0.2 s, infra.ray_cluster.POLL_S), so a kill after
 # the second recorded checkpoint lands seconds before the run's end.
 CFG = SFTConfig(sources=str(DATA), max_examples=200, val_fraction=0.1, steps=24, batch_size=2, lr=3e-3,
                 warmup_steps=2, log_every=2, eval_every=12, ckpt_every=4, seed=0)
