@@ -115,11 +115,25 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         "decision": decision.model_dump(),
         "models": {name: reg.model_dump() for name, reg in registered.items()},
         "times": times,
+        "fit_clocks": fit_clocks(refs),
         "cached": {s: ref.cached for s, ref in refs.items()},
         "stage_dirs": {s: str(ref.dir) for s, ref in refs.items()},
         "eval_table": table,
         "eval_tables": {name: report.table for name, report in reports.items()},
     }
+
+
+def fit_clocks(refs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each Ray Train stage's fit in this run, split: `fit_seconds`, `fit_startup_seconds`, `fit_end_seconds`
+    (`tasks.pretrain.FitClock`), from its model's metrics; a stage reused from an earlier run made no fit."""
+    found = {}
+    for stage, ref in refs.items():
+        if getattr(ref, "cached", False):
+            continue
+        clock = {k.split("/", 1)[1]: v for k, v in getattr(ref, "metrics", {}).items() if "/fit_" in k}
+        if clock:
+            found[stage] = clock
+    return found
 
 
 def register_branches(cfg: PipelineConfig, preset: str, commit: str, root: str, parent: str,

@@ -1,7 +1,7 @@
 """A progress bar in the driver's terminal for work that runs in Ray workers (which may be on other machines).
 
 The worker that reports (rank 0) puts `(step, {name: value})` into a Ray queue; a thread in the driver moves the
-bar. Ray forwards the workers' log lines to the driver too, so the bar shares the terminal with them; when the
+bar. The same queue carries clock marks, `(name, wall time)` (`report_clock`), which the driver keeps in `marks`. Ray forwards the workers' log lines to the driver too, so the bar shares the terminal with them; when the
 terminal is not a TTY (CI, a log file) tqdm stays quiet and the log lines carry the progress.
 """
 
@@ -14,13 +14,15 @@ from typing import IO, Any
 
 
 @contextmanager
-def ray_progress(total: int, desc: str, file: IO[str] | None = None) -> Iterator[Any]:
+def ray_progress(total: int, desc: str, file: IO[str] | None = None,
+                 marks: dict[str, list[float]] | None = None) -> Iterator[Any]:
     """Yield a Ray queue for the workers; show its steps on a tqdm bar until the block ends.
 
     Args:
         total: the last step.
         desc: the bar's label.
         file: where the bar is drawn; None means stderr, and only when it is a terminal.
+        marks: where the workers' clock marks go, name -> wall times in order of arrival.
     """
     import ray
     from ray.util.queue import Empty, Queue
@@ -31,8 +33,12 @@ def ray_progress(total: int, desc: str, file: IO[str] | None = None) -> Iterator
                mininterval=0.5, dynamic_ncols=True)
     done = threading.Event()
 
-    def show(item: tuple[int, dict[str, float]]) -> None:
+    def show(item: tuple[Any, Any]) -> None:
         step, values = item
+        if isinstance(step, str):  # a clock mark
+            if marks is not None:
+                marks.setdefault(step, []).append(values)
+            return
         if values:
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
         bar.update(step - bar.n)
@@ -55,6 +61,14 @@ def ray_progress(total: int, desc: str, file: IO[str] | None = None) -> Iterator
             show(queue.get_nowait())
         bar.close()
         ray.kill(queue.actor)
+
+
+def report_clock(queue: Any, name: str) -> None:
+    """From a worker: mark the wall time of `name` (say, its loop's start) on the driver's `marks`."""
+    import time
+
+    if queue is not None:
+        queue.put((name, time.time()))
 
 
 def report_progress(queue: Any, step: int, **values: float) -> None:

@@ -30,7 +30,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -41,6 +41,9 @@ from tasks.plots import plot_dpo, plot_loss
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 from tasks.train_config import TrainOptions
+
+if TYPE_CHECKING:
+    from tasks.pretrain import FitClock
 
 
 class DPOConfig(TrainOptions):
@@ -180,19 +183,19 @@ def train_dpo(cfg: DPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
     ref_seconds = time.perf_counter() - start
     config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
               "pairs": str((out_dir / "pairs").resolve()), "run": (run or RunLink()).model_dump()}
-    history, final, seconds = fit_and_export(dpo_loop_per_worker, config, cfg, "dpo", out_dir, progress_file,
+    history, final, fit = fit_and_export(dpo_loop_per_worker, config, cfg, "dpo", out_dir, progress_file,
                                              lambda d: export_checkpoint(d, out_dir))
     plot_loss(history, out_dir / "loss_curve.png", f"DPO ({cfg.loss} loss)")
     plot_dpo(history, out_dir / "margins.png", f"DPO implicit rewards (beta={cfg.beta})")
-    return _model_ref(cfg, out_dir, history, counts, final, seconds, ref_seconds)
+    return _model_ref(cfg, out_dir, history, counts, final, fit, ref_seconds)
 
 
 def _model_ref(cfg: DPOConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],
-               final: dict[str, Any], seconds: float, ref_seconds: float) -> ModelRef:
+               final: dict[str, Any], fit: FitClock, ref_seconds: float) -> ModelRef:
     before, after = history["val_dpo"][0], history["val_dpo"][-1]
     metrics = {f"dpo/val_{k}_{when}": v for when, m in (("before", before), ("after", after))
                for k, v in m.items() if k != "step"}
-    metrics |= {"dpo/final_train_loss": history["train"][-1][1], "dpo/fit_seconds": seconds,
+    metrics |= {"dpo/final_train_loss": history["train"][-1][1], **fit.metrics("dpo"),
                 "dpo/reference_seconds": ref_seconds, "dpo/tokens_per_s": final.get("perf_tokens_per_s", math.nan)}
     files = {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png", "margins": out_dir / "margins.png",
              "history": out_dir / "history.json"}

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 from tasks.train_config import TrainOptions
+
+if TYPE_CHECKING:
+    from tasks.pretrain import FitClock
 
 
 class GRPOConfig(TrainOptions):
@@ -121,10 +124,10 @@ def train_grpo(cfg: GRPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_di
     counts = write_prompts(cfg, load_tokenizer(Path(tokenizer.path)), load_config(base).block_size, out_dir / "prompts.json")
     config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()), "prompts": str((out_dir / "prompts.json").resolve()),
               "tokenizer": str(Path(tokenizer.path).resolve()), "run": (run or RunLink()).model_dump()}
-    history, _, seconds = fit_and_export(grpo_loop_per_worker, config, cfg, "grpo", out_dir, progress_file,
+    history, _, fit = fit_and_export(grpo_loop_per_worker, config, cfg, "grpo", out_dir, progress_file,
                                          lambda d: export_checkpoint(d, out_dir))
     plot_grpo(history, out_dir / "grpo_curve.png")
-    return _model_ref(cfg, out_dir, history, counts, seconds)
+    return _model_ref(cfg, out_dir, history, counts, fit)
 
 
 def plot_grpo(history: dict[str, Any], png: Path) -> None:
@@ -151,12 +154,12 @@ def plot_grpo(history: dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
-def _model_ref(cfg: GRPOConfig, out_dir: Path, history: dict[str, Any], counts: dict[str, int], seconds: float) -> ModelRef:
+def _model_ref(cfg: GRPOConfig, out_dir: Path, history: dict[str, Any], counts: dict[str, int], fit: FitClock) -> ModelRef:
     acc, last = history["val_accuracy"], (history.get("grpo") or [{}])[-1]
     metrics = {"grpo/val_accuracy_before": acc[0][1], "grpo/val_accuracy_after": acc[-1][1],
                "grpo/val_loss_before": history["val"][0][1], "grpo/val_loss_after": history["val"][-1][1],
                "grpo/final_reward": last.get("grpo/reward", math.nan), "grpo/final_kl": last.get("grpo/kl", math.nan),
-               "grpo/rollout_tokens_per_s": last.get("grpo/rollout_tokens_per_s", math.nan), "grpo/fit_seconds": seconds}
+               "grpo/rollout_tokens_per_s": last.get("grpo/rollout_tokens_per_s", math.nan), **fit.metrics("grpo")}
     files = {"model": out_dir / "model", "grpo_curve": out_dir / "grpo_curve.png", "history": out_dir / "history.json",
              "prompts": out_dir / "prompts.json"}
     return ModelRef(path=str(out_dir / "model"), counts=counts | {"steps": cfg.steps}, metrics=metrics,

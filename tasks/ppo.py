@@ -35,6 +35,8 @@ from tasks.train_config import TrainOptions
 if TYPE_CHECKING:
     import torch
 
+    from tasks.pretrain import FitClock
+
 Scorer = Callable[[list[list[int]], list[list[int]]], "torch.Tensor"]
 
 
@@ -219,10 +221,10 @@ def train_ppo(cfg: PPOConfig, model: ModelRef, tokenizer: TokenizerRef, out_dir:
                                    "end_id": tok.token_to_id(END), "pad_id": tok.token_to_id(PAD)}))
     config = {"cfg": cfg.model_dump(mode="json"), "sft": str(sft), "prompts": str(prompts.resolve()),
               "reward": spec, "run": (run or RunLink()).model_dump()}
-    history, _, seconds = fit_and_export(ppo_loop_per_worker, config, cfg, "ppo", out_dir, progress_file,
+    history, _, fit = fit_and_export(ppo_loop_per_worker, config, cfg, "ppo", out_dir, progress_file,
                                          lambda d: export_policy(d, out_dir))
     plot_ppo(history, out_dir / "ppo_curves.png")
-    return _model_ref(cfg, out_dir, history, counts, seconds)
+    return _model_ref(cfg, out_dir, history, counts, fit)
 
 
 def export_policy(checkpoint: Path, out_dir: Path) -> dict[str, list]:
@@ -268,12 +270,12 @@ def plot_ppo(history: dict[str, list], png: Path) -> None:
 
 
 def _model_ref(cfg: PPOConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],
-               seconds: float) -> ModelRef:
+               fit: FitClock) -> ModelRef:
     first, last = history["rollout"][0], history["rollout"][-1]
     held = history.get("held_out") or [{"reward": math.nan, "kl": math.nan}]
     metrics = {"ppo/reward_first": first["reward"], "ppo/reward_last": last["reward"], "ppo/kl_last": last["kl"],
                "ppo/kl_coef_last": last["kl_coef"], "ppo/val_reward": held[-1]["reward"],
-               "ppo/val_kl": held[-1]["kl"], "ppo/fit_seconds": seconds}
+               "ppo/val_kl": held[-1]["kl"], **fit.metrics("ppo")}
     files = {"model": out_dir / "model", "curves": out_dir / "ppo_curves.png", "history": out_dir / "history.json",
              "value_head": out_dir / "value_head.safetensors"}
     return ModelRef(path=str(out_dir / "model"), counts={**counts, "steps": cfg.steps,

@@ -14,6 +14,7 @@ the driver brings in Ray, and the workers torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -212,7 +214,7 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     from infra.ray_cluster import torch_trainer
 
     trainer = torch_trainer(
-        loop,
+        functools.partial(clocked_loop, loop),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -223,23 +225,56 @@ def fit_on_workers(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     return trainer.fit()
 
 
+def clocked_loop(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> None:
+    """`loop(config)` on a worker; rank 0 marks the wall time its loop starts and ends on the driver's progress
+    queue, so that the driver can split the fit into its start-up, the loop and its end."""
+    import ray.train
+
+    from infra.progress import report_clock
+
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    if rank0:
+        report_clock(config.get("progress"), "loop_start")
+    loop(config)
+    if rank0:
+        report_clock(config.get("progress"), "loop_end")
+
+
+@dataclass(frozen=True)
+class FitClock:
+    """A fit's seconds, and of them Ray Train's start-up (from `fit()` to rank 0's loop starting: the controller
+    and worker processes, their imports, the process group; with a restarted worker group, up to the first
+    start) and its end (from the loop's last return to `fit()` returning)."""
+
+    seconds: float
+    startup_s: float
+    end_s: float
+
+    def metrics(self, stage: str) -> dict[str, float]:
+        return {f"{stage}/fit_seconds": self.seconds, f"{stage}/fit_startup_seconds": self.startup_s,
+                f"{stage}/fit_end_seconds": self.end_s}
+
+
 def fit_and_export(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, out_dir: Path,
-                   progress_file: IO[str] | None, export: Callable[[Path], Any]) -> tuple[Any, dict[str, Any], float]:
+                   progress_file: IO[str] | None, export: Callable[[Path], Any]) -> tuple[Any, dict[str, Any], FitClock]:
     """The driver side of every training stage: one Ray session and the progress bar around `fit_on_workers`, then
     `export(checkpoint_dir)` on the fit's last checkpoint. Returns what `export` returned, the last metrics the
-    workers reported and the fit's seconds; a worker's error is raised here."""
+    workers reported and the fit's clock; a worker's error is raised here."""
     from infra.progress import ray_progress
     from infra.ray_cluster import ray_session
 
-    start = time.perf_counter()
-    with ray_session(), ray_progress(cfg.steps, name, progress_file) as progress:
-        result = fit_on_workers(loop, {**loop_config, "progress": progress}, cfg, name, out_dir)
-    seconds = time.perf_counter() - start
+    marks: dict[str, list[float]] = {}
+    with ray_session():
+        with ray_progress(cfg.steps, name, progress_file, marks) as progress:
+            start, wall = time.perf_counter(), time.time()
+            result = fit_on_workers(loop, {**loop_config, "progress": progress}, cfg, name, out_dir)
+            seconds, end = time.perf_counter() - start, time.time()
     if result.error:
         raise result.error
+    clock = FitClock(seconds, marks["loop_start"][0] - wall, end - marks["loop_end"][-1])
     with result.checkpoint.as_directory() as d:
         exported = export(Path(d))
-    return exported, result.metrics or {}, seconds
+    return exported, result.metrics or {}, clock
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> dict[str, list]:
@@ -279,10 +314,10 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
     check_compiler(cfg)
     config = {"cfg": cfg.model_dump(mode="json"), "shards": str(Path(shards.path).resolve()),
               "run": (run or RunLink()).model_dump()}
-    history, final, seconds = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,
+    history, final, fit = fit_and_export(train_loop_per_worker, config, cfg, "pretrain", out_dir, progress_file,
                                              lambda d: export_checkpoint(d, out_dir))
     plot_loss(history, out_dir / "loss_curve.png", "pretraining")
-    ref = _model_ref(cfg, out_dir, history, final, seconds)
+    ref = _model_ref(cfg, out_dir, history, final, fit)
     if cfg.heldout_bpb:
         from models.checkpoint import load_model
         from tasks.heldout import split_bits_per_byte
@@ -300,7 +335,7 @@ def pretrain_gpt(cfg: PretrainConfig, shards: ShardsRef, out_dir: Path, run: Run
 
 
 def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], final: dict[str, Any],
-               seconds: float) -> ModelRef:
+               fit: FitClock) -> ModelRef:
     """Counts, and the final metrics: losses from the history, speed from the last report to Ray."""
     model_dir = out_dir / "model"
     planned = {"reason": "steps", "step": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step, "elapsed_s": math.nan}
@@ -308,7 +343,7 @@ def _model_ref(cfg: PretrainConfig, out_dir: Path, history: dict[str, list], fin
     metrics = {"pretrain/final_train_loss": history["train"][-1][1], "pretrain/final_val_loss": history["val"][-1][1],
                "pretrain/val_bpb": final.get("val_bpb", math.nan),
                "pretrain/tokens_per_s": final.get("perf_tokens_per_s", math.nan),
-               "pretrain/mfu": final.get("perf_mfu", math.nan), "pretrain/fit_seconds": seconds,
+               "pretrain/mfu": final.get("perf_mfu", math.nan), **fit.metrics("pretrain"),
                "pretrain/tokens": stop["tokens"], "pretrain/train_seconds": stop["elapsed_s"],
                "pretrain/stopped_by_time_budget": float(stop["reason"] == "time_budget"),
                "pretrain/bf16_autocast": float(stop.get("bf16", cfg.use_gpu))}

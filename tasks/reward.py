@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -32,6 +32,9 @@ from tasks.conversations import Pair, PreferenceSource, PreferenceSources, load_
 from tasks.refs import ModelRef, RunLink, TokenizerRef
 from tasks.stage import GptflowError
 from tasks.train_config import TrainOptions
+
+if TYPE_CHECKING:
+    from tasks.pretrain import FitClock
 
 DEFAULT_SOURCES = (PreferenceSource(path="data/preference/hh_rlhf_harmless_sample.jsonl.gz"),
                    PreferenceSource(path="data/preference/dpo_en_demo.json.gz"))
@@ -150,10 +153,10 @@ def train_reward_model(cfg: RewardConfig, model: ModelRef, tokenizer: TokenizerR
             "too_long": cfg.too_long, "pad": "<|pad|>"}
     config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
               "pairs": str((out_dir / "pairs").resolve()), "run": (run or RunLink()).model_dump()}
-    history, final, seconds = fit_and_export(reward_loop_per_worker, config, cfg, "reward", out_dir, progress_file,
+    history, final, fit = fit_and_export(reward_loop_per_worker, config, cfg, "reward", out_dir, progress_file,
                                              lambda d: _export(d, out_dir, meta))
     _plot(history, counts["val_longer_baseline"], out_dir / "reward_curve.png")
-    return _model_ref(cfg, out_dir, history, counts, final, seconds)
+    return _model_ref(cfg, out_dir, history, counts, final, fit)
 
 
 def _export(checkpoint: Path, out_dir: Path, meta: dict[str, Any]) -> dict[str, list]:
@@ -173,13 +176,13 @@ def _export(checkpoint: Path, out_dir: Path, meta: dict[str, Any]) -> dict[str, 
 
 
 def _model_ref(cfg: RewardConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],
-               final: dict[str, Any], seconds: float) -> ModelRef:
+               final: dict[str, Any], fit: FitClock) -> ModelRef:
     before, after = history["held_out"][0], history["held_out"][-1]
     metrics = {"reward/val_accuracy": after["val/accuracy"], "reward/val_accuracy_before": before["val/accuracy"],
                "reward/val_accuracy_longer_baseline": counts["val_longer_baseline"],
                "reward/val_loss": after["val/loss"], "reward/val_loss_before": before["val/loss"],
                "reward/val_margin": after["val/margin"], "reward/final_train_loss": history["train"][-1][1],
-               "reward/tokens_per_s": final.get("perf_tokens_per_s", math.nan), "reward/fit_seconds": seconds}
+               "reward/tokens_per_s": final.get("perf_tokens_per_s", math.nan), **fit.metrics("reward")}
     files = {"model": out_dir / "model", "reward_curve": out_dir / "reward_curve.png", "history": out_dir / "history.json"}
     counts = {k: v for k, v in counts.items() if k != "val_longer_baseline"} | {"steps": cfg.steps}
     return ModelRef(path=str(out_dir / "model"), counts=counts, metrics=metrics,

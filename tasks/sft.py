@@ -37,6 +37,8 @@ from tasks.train_config import TrainOptions
 if TYPE_CHECKING:
     import torch
 
+    from tasks.pretrain import FitClock
+
 
 class SFTConfig(TrainOptions):
     sources: SFTSources = Field(
@@ -170,11 +172,11 @@ def finetune_sft(cfg: SFTConfig, model: ModelRef, tokenizer: TokenizerRef, out_d
     counts |= make_windows(cfg, train, val, tok, block_size, out_dir / "windows")
     config = {"cfg": cfg.model_dump(mode="json"), "base": str(base.resolve()),
               "windows": str((out_dir / "windows").resolve()), "run": (run or RunLink()).model_dump()}
-    history, final, seconds = fit_and_export(sft_loop_per_worker, config, cfg, "sft", out_dir, progress_file,
+    history, final, fit = fit_and_export(sft_loop_per_worker, config, cfg, "sft", out_dir, progress_file,
                                              lambda d: _export(d, out_dir, cfg.lora))
     plot_loss(history, out_dir / "loss_curve.png", "SFT (assistant tokens)")
     write_samples(out_dir / "model", val[: cfg.samples], tok, out_dir / "samples.md")
-    return _model_ref(cfg, out_dir, history, counts, final, seconds)
+    return _model_ref(cfg, out_dir, history, counts, final, fit)
 
 
 def write_samples(model_dir: Path, rows: list, tok, out: Path, max_new_tokens: int = 64) -> None:
@@ -228,10 +230,10 @@ def _export(checkpoint: Path, out_dir: Path, lora: LoraOptions | None) -> dict[s
 
 
 def _model_ref(cfg: SFTConfig, out_dir: Path, history: dict[str, list], counts: dict[str, Any],
-               final: dict[str, Any], seconds: float) -> ModelRef:
+               final: dict[str, Any], fit: FitClock) -> ModelRef:
     metrics = {"sft/val_loss_before": history["val"][0][1], "sft/val_loss_after": history["val"][-1][1],
                "sft/final_train_loss": history["train"][-1][1],
-               "sft/tokens_per_s": final.get("perf_tokens_per_s", math.nan), "sft/fit_seconds": seconds,
+               "sft/tokens_per_s": final.get("perf_tokens_per_s", math.nan), **fit.metrics("sft"),
                "sft/pad_share": counts["pad_share"], "sft/pad_share_one_per_window": counts["pad_share_one_per_window"]}
     files = {"model": out_dir / "model", "loss_curve": out_dir / "loss_curve.png", "history": out_dir / "history.json",
              "samples": out_dir / "samples.md"}

@@ -254,12 +254,24 @@ def test_a_second_run_started_3_s_later_on_the_same_workspace_completes_beside_t
         == second["model"]["version"]
 
 
+def test_every_ray_train_stage_splits_its_fit_into_start_up_loop_and_end(two_runs):
+    """Each fit is made by one of the two runs (the other reuses the stage) and split in the run that made it."""
+    runs = both(two_runs)
+    assert not set(runs[0]["fit_clocks"]) & set(runs[1]["fit_clocks"])
+    assert set(runs[0]["fit_clocks"]) | set(runs[1]["fit_clocks"]) == {"pretrain", "sft", "dpo", "reward", "ppo"}
+    for run in runs:
+        for stage, c in run["fit_clocks"].items():
+            assert c["fit_startup_seconds"] > 0 and c["fit_end_seconds"] >= 0, (stage, c)
+            assert c["fit_startup_seconds"] + c["fit_end_seconds"] < c["fit_seconds"] < run["times"][stage], (stage, c)
+
+
 def test_rerun_with_unchanged_inputs_reuses_every_stage(first_run):
     again = llm_pipeline_flow(preset="tiny")
     assert all(again["cached"][s] for s in CACHED), again["cached"]
     assert again["stage_dirs"] == first_run["stage_dirs"]
     assert again["models"] == {k: {**v, "reused": True} for k, v in first_run["models"].items()}  # no new version
     assert again["decision"]["outcome"] == "already-champion"
+    assert again["fit_clocks"] == {}  # no stage made a fit
     # a new DPO model alone, every model scored on fewer documents: the champion (the first run's best branch) is
     # scored again under the new setup before the gate compares
     changed = llm_pipeline_flow(preset="tiny", overrides={"align.methods": ["dpo"], "align.dpo.steps": 2,

@@ -216,6 +216,10 @@ def test_two_worker_run_learns_and_exports_the_model(reference):
     m = result.metrics
     assert m["pretrain/final_train_loss"] == train[-1]
     assert m["pretrain/tokens_per_s"] > 0 and m["pretrain/mfu"] > 0 and 0 < m["pretrain/val_bpb"] < 8  # MFU is noisy
+    # the fit's clock: Ray Train's start-up before rank 0's loop, the loop (which holds the steps), the fit's end
+    startup, end, fit = m["pretrain/fit_startup_seconds"], m["pretrain/fit_end_seconds"], m["pretrain/fit_seconds"]
+    assert startup > 0 and end >= 0
+    assert 0 < m["pretrain/train_seconds"] < fit - startup - end
     assert result.file("loss_curve").stat().st_size > 0
     model = load_model(Path(result.path))
     assert model.config == CFG.model
