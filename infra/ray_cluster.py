@@ -51,28 +51,41 @@ def ray_init(num_cpus: int | None = None) -> None:
 
 
 def torch_trainer(loop: Any, **kwargs: Any) -> Any:
-    """Ray Train's `TorchTrainer(loop, **kwargs)`, less two helper actors that a fit of ours does not use, each a
-    Python process started per fit (measured: an empty 2-worker fit 17 s -> ~11 s on 2 cores): the DatasetManager,
-    which Ray Train V2 starts even when no Ray Dataset is passed, and, on the local Ray we start without a
-    dashboard, the placement-group cleaner, which asks the dashboard's state API whether the controller died and
-    so can never act there. On a cluster (`RAY_ADDRESS`) the cleaner stays. Another Ray version: the defaults."""
+    """Ray Train's `TorchTrainer(loop, **kwargs)`, made cheaper to start (`python -m bench.orchestration`):
+    - less two helper actors that a fit of ours does not use, each a Python process started per fit (an empty
+      2-worker fit 17 s -> ~11 s on 2 cores): the DatasetManager, which Ray Train V2 starts even when no Ray
+      Dataset is passed, and, on the local Ray we start without a dashboard, the placement-group cleaner, which
+      asks the dashboard's state API whether the controller died and so can never act there;
+    - on our torch backend (`infra.ray_torch`), whose controller does not import torch, unless `torch_config` is
+      passed;
+    - on a local Ray, without the autoscaling coordinator (`infra.ray_local`).
+    On a cluster (`RAY_ADDRESS`) the cleaner and the coordinator stay. Another Ray version: the defaults."""
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+        from infra.ray_local import LocalScalingPolicy
     except ImportError:
         return TorchTrainer(loop, **kwargs)
     from infra import ray_torch
 
     if ray_torch.supported():
         kwargs.setdefault("torch_config", ray_torch.LazyTorchConfig())
-    unused = (PlacementGroupCleanerCallback,) if not os.environ.get("RAY_ADDRESS") else ()
+    local = not os.environ.get("RAY_ADDRESS")
+    unused = (PlacementGroupCleanerCallback,) if local else ()
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
             drop = unused + (() if self.datasets else (DatasetsCallback,))
             return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer(loop, **kwargs)
 

@@ -1,12 +1,15 @@
-"""Our torch backend for Ray Train (`infra.ray_torch`): the fit's controller unpickles what the trainer sends it
-without importing torch, which Ray's own `TorchConfig` cannot. Its fits (DDP and FSDP over gloo, kill and
-resume) are the 2-worker runs of test_pretrain and test_sft_train, which go through `torch_trainer`.
+"""How `infra.ray_cluster.torch_trainer` starts a Ray Train fit: on our torch backend (`infra.ray_torch`), whose
+controller unpickles what the trainer sends it without importing torch, which Ray's own `TorchConfig` cannot; and
+on a local Ray without the autoscaling coordinator (`infra.ray_local`). A real 2-worker fit on the session's Ray
+checks the process group and the coordinator; the training fits (DDP and FSDP over gloo, kill and resume) are
+those of test_pretrain and test_sft_train, which go through `torch_trainer` too.
 
-Run: `.venv/bin/python -m pytest tests/unit/test_ray_torch.py -q`
+Run: `.venv/bin/python -m pytest tests/unit/test_ray_fit.py -q`
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +29,21 @@ UNPICKLE = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('to
 
 def _loop(config: dict) -> None:
     pass
+
+
+def _all_reduce_ranks(config: dict) -> None:
+    """Each rank adds its rank + 1 over the process group; rank 0 writes the sum and the group's backend."""
+    import json
+
+    import ray.train
+    import torch
+
+    rank = ray.train.get_context().get_world_rank()
+    t = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(t)
+    if rank == 0:
+        with open(config["out"], "w") as fh:
+            json.dump({"sum": t.item(), "backend": torch.distributed.get_backend()}, fh)
 
 
 def controller_imports_torch(tmp_path, **kwargs) -> bool:
@@ -61,3 +79,19 @@ def test_a_torch_config_passed_by_the_caller_is_kept():
 def test_the_process_group_backend_follows_the_workers(use_gpu, backend):
     trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu))
     assert trainer.backend_config.backend == backend
+
+
+@pytest.mark.ray
+def test_a_local_fit_runs_a_gloo_group_without_starting_the_autoscaling_coordinator(ray_once, tmp_path):
+    import ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    try:
+        torch_trainer(_all_reduce_ranks, train_loop_config={"out": str(tmp_path / "out.json")},
+                      scaling_config=ScalingConfig(num_workers=2),
+                      run_config=RunConfig(name="allreduce", storage_path=str(tmp_path))).fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert json.loads((tmp_path / "out.json").read_text()) == {"sum": 3.0, "backend": "gloo"}
+    coordinators = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "AutoscalingCoordinator"]
+    assert coordinators == []
