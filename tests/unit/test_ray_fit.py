@@ -95,3 +95,25 @@ def test_a_local_fit_runs_a_gloo_group_without_starting_the_autoscaling_coordina
     assert json.loads((tmp_path / "out.json").read_text()) == {"sum": 3.0, "backend": "gloo"}
     coordinators = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "AutoscalingCoordinator"]
     assert coordinators == []
+
+
+@pytest.mark.ray
+def test_one_progress_queue_serves_every_bar_of_a_ray_session_and_a_second_bar_at_once_gets_its_own(ray_once, tmp_path):
+    import ray
+
+    from infra.progress import ray_progress, report_clock, report_progress
+
+    marks: dict[str, list[float]] = {}
+    with open(tmp_path / "a.txt", "w") as fa, ray_progress(4, "a", fa, marks) as first:
+        report_clock(first, "loop_start")
+        report_progress(first, 4, loss=1.5)
+        with open(tmp_path / "b.txt", "w") as fb, ray_progress(2, "b", fb) as other:
+            report_progress(other, 2)
+        assert other.actor != first.actor
+    with open(os.devnull, "w") as fc, ray_progress(1, "c", fc) as again:
+        assert again.actor == first.actor  # the session's queue, started once
+    assert list(marks) == ["loop_start"]
+    assert "4/4" in (tmp_path / "a.txt").read_text() and "loss=1.5" in (tmp_path / "a.txt").read_text()
+    assert "2/2" in (tmp_path / "b.txt").read_text()
+    with pytest.raises(ray.exceptions.RayActorError):  # the second bar's own queue is gone with its bar
+        ray.get(other.actor.qsize.remote())
