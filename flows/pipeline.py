@@ -116,6 +116,7 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         "models": {name: reg.model_dump() for name, reg in registered.items()},
         "times": times,
         "fit_clocks": fit_clocks(refs),
+        "core_seconds": {s: ref.seconds for s, ref in refs.items() if not ref.cached},  # the stages' pure cores
         "cached": {s: ref.cached for s, ref in refs.items()},
         "stage_dirs": {s: str(ref.dir) for s, ref in refs.items()},
         "eval_table": table,
