@@ -1,7 +1,8 @@
 """A progress bar in the driver's terminal for work that runs in Ray workers (which may be on other machines).
 
 The worker that reports (rank 0) puts `(step, {name: value})` into a Ray queue; a thread in the driver moves the
-bar. The same queue carries clock marks, `(name, wall time)` (`report_clock`), which the driver keeps in `marks`. Ray forwards the workers' log lines to the driver too, so the bar shares the terminal with them; when the
+bar. The same queue carries clock marks, `(name, wall time)` (`report_clock`), which the driver keeps in `marks`.
+Ray forwards the workers' log lines to the driver too, so the bar shares the terminal with them; when the
 terminal is not a TTY (CI, a log file) tqdm stays quiet and the log lines carry the progress.
 
 The queue is a Ray actor, a Python process of its own: ~1.1-1.5 s to start on 2 cores, which ran beside the fit's
@@ -103,11 +104,19 @@ def _show(queue: Any, total: int, desc: str, file: IO[str] | None, marks: dict[s
 
 
 def report_clock(queue: Any, name: str) -> None:
-    """From a worker: mark the wall time of `name` (say, its loop's start) on the driver's `marks`."""
+    """From a worker: mark the wall time of `name` (say, its loop's start) on the driver's `marks`; a full or lost
+    queue costs the mark, never the fit."""
     import time
 
-    if queue is not None:
-        queue.put((name, time.time()))
+    from ray.exceptions import RayError
+    from ray.util.queue import Full
+
+    if queue is None:
+        return
+    try:
+        queue.put_nowait((name, time.time()))
+    except (Full, RayError):
+        pass
 
 
 def report_progress(queue: Any, step: int, **values: float) -> None:

@@ -271,7 +271,9 @@ def fit_and_export(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
             seconds, end = time.perf_counter() - start, time.time()
     if result.error:
         raise result.error
-    clock = FitClock(seconds, marks["loop_start"][0] - wall, end - marks["loop_end"][-1])
+    # a mark lost (its queue gone) costs the split, never the finished fit
+    starts, ends = marks.get("loop_start"), marks.get("loop_end")
+    clock = FitClock(seconds, starts[0] - wall if starts else math.nan, end - ends[-1] if ends else math.nan)
     with result.checkpoint.as_directory() as d:
         exported = export(Path(d))
     return exported, result.metrics or {}, clock
