@@ -46,6 +46,7 @@ from tasks.conversations import PreferenceSource, SFTSource
 from tasks.decontam import DecontamConfig
 from tasks.evaluate import EvalConfig, clean_table, compare_chart, compare_reports
 from tasks.model_card import card_facts, model_card
+from tasks.pretrain import FitClock
 from tasks.refs import ContaminationReport, EvalReport, ModelRef, RegisteredModel, TokenizerRef
 from tasks.registry import Decision, best_branch, eval_setup, report_scores, version_tags
 
@@ -127,14 +128,8 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
 def fit_clocks(refs: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Each Ray Train stage's fit in this run, split: `fit_seconds`, `fit_startup_seconds`, `fit_end_seconds`
     (`tasks.pretrain.FitClock`), from its model's metrics; a stage reused from an earlier run made no fit."""
-    found = {}
-    for stage, ref in refs.items():
-        if getattr(ref, "cached", False):
-            continue
-        clock = {k.split("/", 1)[1]: v for k, v in getattr(ref, "metrics", {}).items() if "/fit_" in k}
-        if clock:
-            found[stage] = clock
-    return found
+    return {stage: {name: ref.metrics[f"{stage}/{name}"] for name in FitClock.NAMES}
+            for stage, ref in refs.items() if not ref.cached and f"{stage}/fit_seconds" in ref.metrics}
 
 
 def register_branches(cfg: PipelineConfig, preset: str, commit: str, root: str, parent: str,

@@ -67,11 +67,10 @@ def torch_trainer(loop: Any, **kwargs: Any) -> Any:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
+        from infra import ray_torch
         from infra.ray_local import LocalScalingPolicy
     except ImportError:
         return TorchTrainer(loop, **kwargs)
-    from infra import ray_torch
-
     if ray_torch.supported():
         kwargs.setdefault("torch_config", ray_torch.LazyTorchConfig())
     local = not os.environ.get("RAY_ADDRESS")

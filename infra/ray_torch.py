@@ -48,8 +48,9 @@ def _set_master(addr: str, port: int) -> None:
 
 @dataclass
 class LazyTorchConfig(BackendConfig):
-    """`TorchConfig`'s fields that our fits use: the process-group backend (None: nccl on GPU workers, gloo on
-    CPU) and its timeout. Rendezvous is always through the environment (`env://`)."""
+    """`TorchConfig`'s fields that our fits use: the process-group backend (`TorchTrainer` sets nccl for GPU
+    workers and gloo for CPU ones when it is None) and its timeout. Rendezvous is always through the environment
+    (`env://`)."""
 
     backend: str | None = None
     timeout_s: int = 1800
@@ -78,14 +79,12 @@ class LazyTorchBackend(Backend):
     share_cuda_visible_devices = True
 
     def on_start(self, worker_group: Any, config: LazyTorchConfig) -> None:
-        gpu = worker_group.get_resources_per_worker().get("GPU", 0) > 0
-        backend = config.backend or ("nccl" if gpu else "gloo")
         addr, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(_set_master, addr=addr, port=port)
         worker_group.execute(_ray_step, name="_set_torch_distributed_env_vars")
         n = len(worker_group)
         ray.get([worker_group.execute_single_async(
-            rank, _ray_step, name="_setup_torch_process_group", backend=backend, world_rank=rank, world_size=n,
+            rank, _ray_step, name="_setup_torch_process_group", backend=config.backend, world_rank=rank, world_size=n,
             init_method="env://", timeout_s=config.timeout_s) for rank in range(n)])
 
     def on_shutdown(self, worker_group: Any, config: LazyTorchConfig) -> None:

@@ -250,9 +250,11 @@ class FitClock:
     startup_s: float
     end_s: float
 
+    NAMES = ("fit_seconds", "fit_startup_seconds", "fit_end_seconds")  # the metrics, under the stage's scope
+
     def metrics(self, stage: str) -> dict[str, float]:
-        return {f"{stage}/fit_seconds": self.seconds, f"{stage}/fit_startup_seconds": self.startup_s,
-                f"{stage}/fit_end_seconds": self.end_s}
+        return {f"{stage}/{name}": v for name, v in zip(self.NAMES, (self.seconds, self.startup_s, self.end_s),
+                                                         strict=True)}
 
 
 def fit_and_export(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, out_dir: Path,
@@ -266,14 +268,14 @@ def fit_and_export(loop: Any, loop_config: dict[str, Any], cfg: Any, name: str, 
     marks: dict[str, list[float]] = {}
     with ray_session():
         with ray_progress(cfg.steps, name, progress_file, marks) as progress:
-            start, wall = time.perf_counter(), time.time()
+            start = time.time()  # wall time, as the workers' marks are
             result = fit_on_workers(loop, {**loop_config, "progress": progress}, cfg, name, out_dir)
-            seconds, end = time.perf_counter() - start, time.time()
+            end = time.time()
     if result.error:
         raise result.error
     # a mark lost (its queue gone) costs the split, never the finished fit
     starts, ends = marks.get("loop_start"), marks.get("loop_end")
-    clock = FitClock(seconds, starts[0] - wall if starts else math.nan, end - ends[-1] if ends else math.nan)
+    clock = FitClock(end - start, starts[0] - start if starts else math.nan, end - ends[-1] if ends else math.nan)
     with result.checkpoint.as_directory() as d:
         exported = export(Path(d))
     return exported, result.metrics or {}, clock

@@ -52,7 +52,7 @@ def controller_imports_torch(tmp_path, **kwargs) -> bool:
     trainer = torch_trainer(_loop, scaling_config=ScalingConfig(num_workers=2),
                             run_config=RunConfig(name="t", storage_path=str(tmp_path)), **kwargs)
     blob = cloudpickle.dumps((trainer._create_default_callbacks(), trainer.train_run_context))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run([sys.executable, "-c", UNPICKLE], input=blob, capture_output=True, env=env, check=True)
     return out.stdout.decode().strip() == "True"
 
