@@ -5,7 +5,8 @@ Measures and prints, asserts nothing:
   (b) a Ray Train fit whose loop does nothing (`TorchTrainer` with N workers, the pattern of the pretraining and
       SFT stages), repeated: the controller and worker processes, their imports, the gloo process group; what
       every training stage pays before its first step, on a Ray that is already up; alternating with the same fit
-      on Ray's own `TorchConfig` (ours: `infra.ray_torch`); then one more, with the CPU seconds of each process
+      with its controller in Ray's actor (ours runs it in the driver, `infra.ray_local`), and in the actor on
+      Ray's own `TorchConfig` (ours: `infra.ray_torch`); then one more, with the CPU seconds of each process
       it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time;
   (b2) a fit whose workers report 6 checkpoints 0.3 s apart and then run ~3 s of matmuls with no report, in a
       fresh Ray each time, with Ray Train's poll of its workers at its default 2 s, at 0.5 s and at ours
@@ -20,6 +21,7 @@ Measures and prints, asserts nothing:
       cache, is orchestration too).
 
 Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]` (~2 min; --pipeline ~5 min more).
+`GPTFLOW_TRAIN_CONTROLLER=actor` runs (c)'s pipeline with every fit's controller in Ray's actor.
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ def _empty_loop(config: dict) -> None:
     """A worker that does nothing: the fit's cost is all start-up and tear-down."""
 
 
-def empty_fit(workers: int, ray_backend: bool = False) -> float:
-    """One empty fit; with `ray_backend`, on Ray's own `TorchConfig` instead of ours (`infra.ray_torch`)."""
+def empty_fit(workers: int, ray_backend: bool = False, actor: bool = False) -> float:
+    """One empty fit; with `ray_backend`, on Ray's own `TorchConfig` instead of ours (`infra.ray_torch`); with
+    `actor`, its controller in Ray's actor instead of the driver (`infra.ray_local`)."""
     from ray.train import RunConfig, ScalingConfig
 
     from infra.ray_cluster import torch_trainer
+    from infra.ray_local import CONTROLLER_ENV
 
+    before = os.environ.get(CONTROLLER_ENV)
+    os.environ[CONTROLLER_ENV] = "actor" if actor else "driver"
     extra = {}
     if ray_backend:
         from ray.train.torch import TorchConfig
@@ -58,7 +64,12 @@ def empty_fit(workers: int, ray_backend: bool = False) -> float:
     with tempfile.TemporaryDirectory() as storage:
         torch_trainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
                      run_config=RunConfig(name="empty", storage_path=storage), **extra).fit()
-    return time.perf_counter() - start
+    took = time.perf_counter() - start
+    if before is None:
+        del os.environ[CONTROLLER_ENV]
+    else:
+        os.environ[CONTROLLER_ENV] = before
+    return took
 
 
 def _proc_cpu() -> dict[str, tuple[float, str]]:
@@ -203,17 +214,21 @@ def main(argv: list[str] | None = None) -> None:
     ray_init()
     ray_start = time.perf_counter() - start
     first = empty_fit(args.workers)  # the first on this Ray: cold caches (and, on Ray's policy, its coordinator)
-    fits, ray_fits = [], []
+    fits, ray_fits, actor_fits = [], [], []
     for _ in range(args.repeats):  # alternating
         fits.append(empty_fit(args.workers))
-        ray_fits.append(empty_fit(args.workers, ray_backend=True))
+        actor_fits.append(empty_fit(args.workers, actor=True))
+        ray_fits.append(empty_fit(args.workers, ray_backend=True, actor=True))
     fit = min(fits)
     print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"(a) Ray start: {ray_start:.1f} s; the first empty fit on it {first:.1f} s")
-    print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s; on Ray's "
-          "own TorchConfig, whose controller imports torch: " + ", ".join(f"{s:.1f}" for s in ray_fits)
-          + f" s (median {statistics.median(ray_fits) / statistics.median(fits):.2f}x ours)")
-    result = {"ray_start_s": ray_start, "first_fit_s": first, "empty_fit_s": fits, "empty_fit_ray_backend_s": ray_fits}
+    print(f"(b) empty Ray Train fit, {args.workers} workers: " + ", ".join(f"{s:.1f}" for s in fits) + " s; with "
+          "its controller in Ray's actor (as on a cluster), not the driver: " + ", ".join(f"{s:.1f}" for s in actor_fits)
+          + f" s (median {statistics.median(actor_fits) / statistics.median(fits):.2f}x); in the actor and on Ray's own "
+          "TorchConfig, whose controller imports torch: " + ", ".join(f"{s:.1f}" for s in ray_fits)
+          + f" s (median {statistics.median(ray_fits) / statistics.median(actor_fits):.2f}x our backend's)")
+    result = {"ray_start_s": ray_start, "first_fit_s": first, "empty_fit_s": fits, "empty_fit_ray_backend_s": ray_fits,
+              "empty_fit_actor_controller_s": actor_fits}
     if os.path.exists("/proc/stat"):
         cpu = empty_fit_cpu(args.workers)
         print(f"    once more, sampled: {cpu['wall_s']:.1f} s wall; the machine busy {cpu['busy_cpu_s']:.1f} of "

@@ -58,8 +58,10 @@ def torch_trainer(loop: Any, **kwargs: Any) -> Any:
       asks the dashboard's state API whether the controller died and so can never act there;
     - on our torch backend (`infra.ray_torch`), whose controller does not import torch, unless `torch_config` is
       passed;
-    - on a local Ray, without the autoscaling coordinator (`infra.ray_local`).
-    On a cluster (`RAY_ADDRESS`) the cleaner and the coordinator stay. Another Ray version: the defaults."""
+    - on a local Ray, with its controller in the driver and without the autoscaling coordinator
+      (`infra.ray_local`).
+    On a cluster (`RAY_ADDRESS`) the cleaner, the controller's actor and the coordinator stay. Another Ray
+    version: the defaults."""
     from ray.train.torch import TorchTrainer
 
     try:
@@ -67,8 +69,7 @@ def torch_trainer(loop: Any, **kwargs: Any) -> Any:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-        from infra import ray_torch
-        from infra.ray_local import LocalScalingPolicy
+        from infra import ray_local, ray_torch
     except ImportError:
         return TorchTrainer(loop, **kwargs)
     if ray_torch.supported():
@@ -82,8 +83,12 @@ def torch_trainer(loop: Any, **kwargs: Any) -> Any:
             return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
-            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            if not local:
+                return super()._initialize_and_run_controller(**kwargs)
+            if type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = ray_local.LocalScalingPolicy(self.scaling_config)
+            if ray_local.controller_in_driver():
+                return ray_local.run_in_driver(**kwargs)
             return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer(loop, **kwargs)

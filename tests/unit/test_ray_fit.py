@@ -1,7 +1,8 @@
 """How `infra.ray_cluster.torch_trainer` starts a Ray Train fit: on our torch backend (`infra.ray_torch`), whose
 controller unpickles what the trainer sends it without importing torch, which Ray's own `TorchConfig` cannot; and
-on a local Ray without the autoscaling coordinator (`infra.ray_local`). A real 2-worker fit on the session's Ray
-checks the process group and the coordinator; the training fits (DDP and FSDP over gloo, kill and resume) are
+on a local Ray with its controller in the driver and without the autoscaling coordinator (`infra.ray_local`). Real
+2-worker fits on the session's Ray check the process group, the coordinator, where the controller runs and that an
+interrupt stops the workers; the training fits (DDP and FSDP over gloo, kill and resume) are
 those of test_pretrain and test_sft_train, which go through `torch_trainer` too.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_ray_fit.py -q`
@@ -21,6 +22,7 @@ from ray.train.torch import TorchConfig
 
 from infra.env import REPO_ROOT
 from infra.ray_cluster import torch_trainer
+from infra.ray_local import CONTROLLER_ENV
 from infra.ray_torch import LazyTorchBackend, LazyTorchConfig, supported
 
 # A fresh interpreter, as the controller's process is: unpickle stdin, say whether torch got imported.
@@ -44,6 +46,43 @@ def _all_reduce_ranks(config: dict) -> None:
     if rank == 0:
         with open(config["out"], "w") as fh:
             json.dump({"sum": t.item(), "backend": torch.distributed.get_backend()}, fh)
+
+
+def _ask_the_controller(config: dict) -> None:
+    """Rank 0 writes what `ray.train.get_all_reported_checkpoints` (the one call to the controller) gives."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        try:
+            answer = f"checkpoints: {ray.train.get_all_reported_checkpoints()}"
+        except RuntimeError as exc:
+            answer = str(exc)
+        with open(config["out"], "w") as fh:
+            fh.write(answer)
+
+
+def _wait_forever(config: dict) -> None:
+    """Each rank writes its pid, then sleeps past any test's patience."""
+    import os
+    import time
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with open(f"{config['out']}.{rank}", "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _fit(loop, tmp_path, name: str, workers: int = 2) -> None:
+    """A fit of `loop` (defined in this module, which the workers cannot import: sent by value)."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        torch_trainer(loop, train_loop_config={"out": str(tmp_path / "out")},
+                      scaling_config=ScalingConfig(num_workers=workers),
+                      run_config=RunConfig(name=name, storage_path=str(tmp_path))).fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def controller_imports_torch(tmp_path, **kwargs) -> bool:
@@ -85,16 +124,56 @@ def test_the_process_group_backend_follows_the_workers(use_gpu, backend):
 def test_a_local_fit_runs_a_gloo_group_without_starting_the_autoscaling_coordinator(ray_once, tmp_path):
     import ray
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    try:
-        torch_trainer(_all_reduce_ranks, train_loop_config={"out": str(tmp_path / "out.json")},
-                      scaling_config=ScalingConfig(num_workers=2),
-                      run_config=RunConfig(name="allreduce", storage_path=str(tmp_path))).fit()
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert json.loads((tmp_path / "out.json").read_text()) == {"sum": 3.0, "backend": "gloo"}
+    _fit(_all_reduce_ranks, tmp_path, "allreduce")
+    assert json.loads((tmp_path / "out").read_text()) == {"sum": 3.0, "backend": "gloo"}
     coordinators = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "AutoscalingCoordinator"]
     assert coordinators == []
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("where", ["driver", "actor"])
+def test_a_local_fit_runs_its_controller_in_the_driver_unless_asked_for_rays_actor(where, ray_once, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv(CONTROLLER_ENV, where)
+    _fit(_ask_the_controller, tmp_path, where)
+    answer = (tmp_path / "out").read_text()
+    if where == "driver":  # a worker cannot call a controller that is no actor, and says so
+        assert "controller runs in the driver" in answer and f"{CONTROLLER_ENV}=actor" in answer
+    else:
+        assert answer == "checkpoints: []"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.ray
+def test_an_interrupt_during_a_fit_in_the_driver_stops_its_workers(ray_once, tmp_path):
+    import _thread
+    import threading
+    import time
+
+    pids: list[int] = []
+
+    def interrupt_once_both_workers_run() -> None:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids[:] = [int(p.read_text()) for p in tmp_path.glob("out.*") if p.read_text()]
+        _thread.interrupt_main()  # as Ctrl-C does
+
+    threading.Thread(target=interrupt_once_both_workers_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_wait_forever, tmp_path, "interrupted")
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, pids)), "the workers outlived the interrupted fit"
 
 
 @pytest.mark.ray
