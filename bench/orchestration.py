@@ -18,10 +18,12 @@ Measures and prints, asserts nothing:
       `fit()` to rank 0's loop, which includes importing the stage's modules, and from the loop's end back);
       beside it the earlier estimate, with (b) once per Ray Train stage, and a stricter split, in which only
       the stages' pure cores count as compute (the rest of a stage, its Prefect task, MLflow run and stage
-      cache, is orchestration too).
+      cache, is orchestration too);
+  (c2) with `--pairs N`, and nothing else: N pairs of tiny pipelines, every fit's controller in the driver (ours)
+      and in Ray's actor, alternating, split as (c).
 
 Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]` (~2 min; --pipeline ~5 min more).
-`GPTFLOW_TRAIN_CONTROLLER=actor` runs (c)'s pipeline with every fit's controller in Ray's actor.
+`python -m bench.orchestration --pairs 2` (~9 min).
 """
 
 from __future__ import annotations
@@ -198,15 +200,65 @@ def pipeline_times() -> tuple[float, dict[str, Any]]:
     return wall, out
 
 
+def split(wall: float, out: dict[str, Any]) -> dict[str, float]:
+    """A pipeline run's wall time split: orchestration = outside the stages + Ray's start + each Ray Train stage's
+    fit start-up and end (measured in the stage: from fit() to rank 0's loop, and from the loop's end back); the
+    stricter split also counts a stage's time less its pure core's (its Prefect task, its MLflow run and logging,
+    the stage cache's hashes and manifest) and registering and the gate."""
+    times, clocks = out["times"], out["fit_clocks"]
+    outside, ray_start = wall - times["total"], times.get("ray_start", 0.0)
+    in_fits = sum(c["fit_startup_seconds"] + c["fit_end_seconds"] for c in clocks.values())
+    overhead = outside + ray_start + in_fits
+    cores = sum(out["core_seconds"].values())
+    strict = wall - (cores - in_fits)
+    return {"wall_s": wall, "outside_s": outside, "ray_start_s": ray_start, "in_fits_s": in_fits,
+            "orchestration_s": overhead, "share": overhead / wall, "cores_s": cores, "strict_s": strict,
+            "strict_share": strict / wall}
+
+
+def pipeline_pairs(pairs: int) -> dict[str, list[dict[str, float]]]:
+    """(c2) The tiny pipeline with every fit's controller in the driver and in Ray's actor, alternating (the
+    first of each pair swaps), split as (c)."""
+    from infra.ray_local import CONTROLLER_ENV
+
+    found: dict[str, list[dict[str, float]]] = {"driver": [], "actor": []}
+    before = os.environ.get(CONTROLLER_ENV)
+    try:
+        for i in range(pairs):
+            for where in (("driver", "actor") if i % 2 == 0 else ("actor", "driver")):
+                os.environ[CONTROLLER_ENV] = where
+                part = split(*pipeline_times())
+                found[where].append(part)
+                print(f"(c2) controller in the {where}: wall {part['wall_s']:.1f} s, fits' start-up + end "
+                      f"{part['in_fits_s']:.1f} s, orchestration {part['share']:.0%} (stricter {part['strict_share']:.0%})",
+                      flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(CONTROLLER_ENV, None)
+        else:
+            os.environ[CONTROLLER_ENV] = before
+    for where, parts in found.items():
+        print(f"(c2) controller in the {where}, medians of {pairs}: wall "
+              f"{statistics.median(p['wall_s'] for p in parts):.1f} s, fits' start-up + end "
+              f"{statistics.median(p['in_fits_s'] for p in parts):.1f} s, orchestration "
+              f"{statistics.median(p['share'] for p in parts):.0%}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pipeline", action="store_true", help="also run the tiny pipeline and split its wall time")
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="only (c2): N pairs of tiny pipelines, the fits' controller in the driver and in Ray's actor")
     p.add_argument("--reporting-fit", action="store_true", help=argparse.SUPPRESS)  # (b2)'s child process
     args = p.parse_args(argv)
     if args.reporting_fit:
         print(json.dumps(reporting_fit(args.workers)))
+        return
+    if args.pairs:
+        print(json.dumps(pipeline_pairs(args.pairs)))
         return
     from infra.ray_cluster import ray_init
 
@@ -248,29 +300,23 @@ def main(argv: list[str] | None = None) -> None:
     result["reporting_fit"] = reports
     if args.pipeline:
         wall, out = pipeline_times()
+        part = split(wall, out)
         times, clocks = out["times"], out["fit_clocks"]
-        stages, outside, ray_start = times["total"], wall - times["total"], times.get("ray_start", 0.0)
-        n_fits = len(clocks)  # the Ray Train stages this run ran
-        # measured in each stage: from fit() to rank 0's loop, and from the loop's end to fit() returning
-        in_fits = sum(c["fit_startup_seconds"] + c["fit_end_seconds"] for c in clocks.values())
-        overhead = outside + ray_start + in_fits
-        estimate = outside + ray_start + fit * n_fits  # the empty fit (b) in place of each stage's own
-        print(f"(c) tiny pipeline: wall {wall:.1f} s, stages {stages:.1f} s; outside the stages {outside:.1f} s, "
-              f"Ray start {ray_start:.1f} s, the Ray Train fits' start-up and end {in_fits:.1f} s ("
+        estimate = part["outside_s"] + part["ray_start_s"] + fit * len(clocks)  # the empty fit (b) for each stage's own
+        print(f"(c) tiny pipeline: wall {wall:.1f} s, stages {times['total']:.1f} s; outside the stages "
+              f"{part['outside_s']:.1f} s, Ray start {part['ray_start_s']:.1f} s, the Ray Train fits' start-up and end "
+              f"{part['in_fits_s']:.1f} s ("
               + ", ".join(f"{s} {c['fit_startup_seconds']:.1f} + {c['fit_end_seconds']:.1f}" for s, c in clocks.items())
               + ")")
-        print(f"    orchestration {overhead:.0f} s of {wall:.0f} s: {overhead / wall:.0%}; stage compute {wall - overhead:.0f} s "
-              f"(with the empty fit (b) x {n_fits} in place of the fits' own: ~{estimate / wall:.0%})")
+        print(f"    orchestration {part['orchestration_s']:.0f} s of {wall:.0f} s: {part['share']:.0%}; stage compute "
+              f"{wall - part['orchestration_s']:.0f} s (with the empty fit (b) x {len(clocks)} in place of the fits' "
+              f"own: ~{estimate / wall:.0%})")
         print("    " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
-        # stricter: a stage's time less its pure core's is orchestration too (its Prefect task, its MLflow run and
-        # logging, the stage cache's input hashes and manifest), and so are registering and the gate
-        core = sum(out["core_seconds"].values())
-        strict = wall - (core - in_fits)
         print(f"    stricter, with only the stages' pure cores (less their fits' start-up and end) as compute: cores "
-              f"{core:.1f} s, orchestration {strict:.0f} s of {wall:.0f} s: {strict / wall:.0%}")
+              f"{part['cores_s']:.1f} s, orchestration {part['strict_s']:.0f} s of {wall:.0f} s: {part['strict_share']:.0%}")
         result |= {"pipeline_wall_s": wall, "pipeline_times": times, "fit_clocks": clocks,
-                   "core_seconds": out["core_seconds"], "orchestration_share": overhead / wall,
-                   "orchestration_share_strict": strict / wall,
+                   "core_seconds": out["core_seconds"], "orchestration_share": part["share"],
+                   "orchestration_share_strict": part["strict_share"],
                    "orchestration_share_empty_fit_estimate": estimate / wall}
     print(json.dumps(result))
 

@@ -13,41 +13,64 @@ from infra.env import REPO_ROOT, workspace
 log = logging.getLogger(__name__)
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"  # Ray Train's poll of its workers (default 2 s)
+# Ray Train configures the `ray.train` logger of its controller's process with `logging.config.dictConfig`,
+# which closes every other handler of that process: in the driver (`infra.ray_local`), Prefect's and ours.
+STRUCTURED_LOGGING_ENV = "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING"
+
+
+_local_env: tuple[str, dict[str, str]] | None = None  # (node id, environment) of the local Ray we started
 
 
 def ray_init(num_cpus: int | None = None) -> None:
+    global _local_env
     import ray
 
     if ray.is_initialized():
         return
     passed = ("HF_HOME", "HF_ASSETS_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
               "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY")  # the seeded datatrove assets live under HF_*
-    env_vars = {k: os.environ[k] for k in passed if k in os.environ}
-    env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     # Ray Train's controller takes in a worker's report (metrics and checkpoint) only when it polls the workers,
     # every 2 s by default, and a worker's next report waits for that poll: a fit whose checkpoints came quicker
     # stalled at each one, and every fit's end waited ~4 s for its last report. Polling every 0.2 s costs a
     # remote call per worker each time, which did not slow a compute-bound loop measurably (`python -m
     # bench.orchestration`: the report stall and the fit's end at 2, 0.5 and 0.2 s, and a loop's compute).
-    env_vars[POLL_ENV] = os.environ.setdefault(POLL_ENV, POLL_S)
-    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "infra.ray_cluster.quiet_worker_logs"}
+    os.environ.setdefault(POLL_ENV, POLL_S)
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     if os.environ.get("RAY_ADDRESS"):
+        env_vars = {k: os.environ[k] for k in (*passed, POLL_ENV) if k in os.environ} | {"PYTHONPATH": python_path}
+        runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "infra.ray_cluster.quiet_worker_logs"}
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return
     # One machine has no spot preemption to watch for: no PreemptionWatcher actor (a process per fit).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault(STRUCTURED_LOGGING_ENV, "0")  # see infra.ray_local (the controller runs in the driver)
+    # No runtime environment for the job: the local Ray's workers inherit this process's environment, and Ray
+    # starts a worker with an empty runtime environment without a round trip through its runtime-env agent
+    # (`infra.ray_local`; `python -m bench.orchestration`: the empty fits).
+    if str(REPO_ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = python_path
     temp = workspace() / "ray"
     temp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         _temp_dir=str(temp),
-        runtime_env=runtime_env,
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+    _local_env = ray.get_runtime_context().get_node_id(), env
+
+
+def local_env() -> dict[str, str] | None:
+    """The environment that the local Ray this process started gave its workers; None for any other Ray."""
+    import ray
+
+    if _local_env is None or not ray.is_initialized() or ray.get_runtime_context().get_node_id() != _local_env[0]:
+        return None
+    return _local_env[1]
 
 
 def torch_trainer(loop: Any, **kwargs: Any) -> Any:
