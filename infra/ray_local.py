@@ -96,8 +96,8 @@ class DriverWorkerGroup(WorkerGroup):
     @staticmethod
     def _get_worker_runtime_env(custom_runtime_env: dict) -> dict:
         """As Ray's, less the Ray Train variables that the workers have already: those of a local Ray that we
-        started inherit the environment it started with, and a worker with no runtime environment of its own can
-        be one of the idle processes Ray starts ahead, not a new one started through its runtime-env agent."""
+        started inherit the environment it started with, and a worker with no runtime environment of its own
+        starts without a round trip through Ray's runtime-env agent. A variable changed since is still sent."""
         inherited = local_env()
         env_vars = {k: v for k, v in get_env_vars_to_propagate().items()
                     if inherited is None or inherited.get(k) != v}

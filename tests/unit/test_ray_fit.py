@@ -1,8 +1,8 @@
 """How `infra.ray_cluster.torch_trainer` starts a Ray Train fit: on our torch backend (`infra.ray_torch`), whose
 controller unpickles what the trainer sends it without importing torch, which Ray's own `TorchConfig` cannot; and
 on a local Ray with its controller in the driver and without the autoscaling coordinator (`infra.ray_local`). Real
-2-worker fits on the session's Ray check the process group, the coordinator, where the controller runs and that an
-interrupt stops the workers; the training fits (DDP and FSDP over gloo, kill and resume) are
+2-worker fits on the session's Ray check the process group, the coordinator, where the controller runs, that an
+interrupt stops the workers and that the workers get no runtime environment; the training fits (DDP and FSDP over gloo, kill and resume) are
 those of test_pretrain and test_sft_train, which go through `torch_trainer` too.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_ray_fit.py -q`
@@ -25,6 +25,7 @@ from infra.ray_cluster import torch_trainer
 from infra.ray_local import CONTROLLER_ENV
 from infra.ray_torch import LazyTorchBackend, LazyTorchConfig, supported
 
+WARN_ENV = "RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"  # a Ray Train variable that Ray Train sends to its workers
 # A fresh interpreter, as the controller's process is: unpickle stdin, say whether torch got imported.
 UNPICKLE = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
 
@@ -59,6 +60,20 @@ def _ask_the_controller(config: dict) -> None:
             answer = str(exc)
         with open(config["out"], "w") as fh:
             fh.write(answer)
+
+
+def _runtime_env(config: dict) -> None:
+    """Rank 0 writes its runtime environment and the variable the test may have changed."""
+    import json
+    import os
+
+    import ray
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as fh:
+            json.dump({"runtime_env": json.loads(ray.get_runtime_context().get_runtime_env_string()),
+                       "warn": os.environ.get(WARN_ENV)}, fh)
 
 
 def _wait_forever(config: dict) -> None:
@@ -141,6 +156,21 @@ def test_a_local_fit_runs_its_controller_in_the_driver_unless_asked_for_rays_act
         assert "controller runs in the driver" in answer and f"{CONTROLLER_ENV}=actor" in answer
     else:
         assert answer == "checkpoints: []"
+
+
+@pytest.mark.ray
+def test_the_workers_of_a_local_fit_get_no_runtime_env_but_a_variable_changed_since_ray_started(ray_once, tmp_path,
+                                                                                              monkeypatch):
+    from infra.ray_cluster import POLL_ENV
+
+    assert os.environ[POLL_ENV] == "0.2"  # set before Ray started, sent by Ray Train to every worker otherwise
+    monkeypatch.delenv(WARN_ENV, raising=False)
+    _fit(_runtime_env, tmp_path / "same", "same")
+    assert json.loads((tmp_path / "same" / "out").read_text()) == {"runtime_env": {}, "warn": None}
+    monkeypatch.setenv(WARN_ENV, "123")  # after Ray started: the workers cannot have it but through Ray Train
+    _fit(_runtime_env, tmp_path / "changed", "changed")
+    seen = json.loads((tmp_path / "changed" / "out").read_text())
+    assert seen == {"runtime_env": {"env_vars": {WARN_ENV: "123"}}, "warn": "123"}, seen
 
 
 def _alive(pid: int) -> bool:
