@@ -40,11 +40,29 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
 
 def _empty_loop(config: dict) -> None:
     """A worker that does nothing: the fit's cost is all start-up and tear-down."""
+
+
+@contextmanager
+def controller(where: str) -> Iterator[None]:
+    """Fits in this block, and pipelines started in it, run their controller in the `driver` or Ray's `actor`."""
+    from infra.ray_local import CONTROLLER_ENV
+
+    before = os.environ.get(CONTROLLER_ENV)
+    os.environ[CONTROLLER_ENV] = where
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CONTROLLER_ENV]
+        else:
+            os.environ[CONTROLLER_ENV] = before
 
 
 def empty_fit(workers: int, ray_backend: bool = False, actor: bool = False) -> float:
@@ -53,25 +71,17 @@ def empty_fit(workers: int, ray_backend: bool = False, actor: bool = False) -> f
     from ray.train import RunConfig, ScalingConfig
 
     from infra.ray_cluster import torch_trainer
-    from infra.ray_local import CONTROLLER_ENV
 
-    before = os.environ.get(CONTROLLER_ENV)
-    os.environ[CONTROLLER_ENV] = "actor" if actor else "driver"
     extra = {}
     if ray_backend:
         from ray.train.torch import TorchConfig
 
         extra["torch_config"] = TorchConfig()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as storage:
+    with controller("actor" if actor else "driver"), tempfile.TemporaryDirectory() as storage:
         torch_trainer(_empty_loop, scaling_config=ScalingConfig(num_workers=workers),
-                     run_config=RunConfig(name="empty", storage_path=storage), **extra).fit()
-    took = time.perf_counter() - start
-    if before is None:
-        del os.environ[CONTROLLER_ENV]
-    else:
-        os.environ[CONTROLLER_ENV] = before
-    return took
+                      run_config=RunConfig(name="empty", storage_path=storage), **extra).fit()
+    return time.perf_counter() - start
 
 
 def _proc_cpu() -> dict[str, tuple[float, str]]:
@@ -219,24 +229,15 @@ def split(wall: float, out: dict[str, Any]) -> dict[str, float]:
 def pipeline_pairs(pairs: int) -> dict[str, list[dict[str, float]]]:
     """(c2) The tiny pipeline with every fit's controller in the driver and in Ray's actor, alternating (the
     first of each pair swaps), split as (c)."""
-    from infra.ray_local import CONTROLLER_ENV
-
     found: dict[str, list[dict[str, float]]] = {"driver": [], "actor": []}
-    before = os.environ.get(CONTROLLER_ENV)
-    try:
-        for i in range(pairs):
-            for where in (("driver", "actor") if i % 2 == 0 else ("actor", "driver")):
-                os.environ[CONTROLLER_ENV] = where
+    for i in range(pairs):
+        for where in (("driver", "actor") if i % 2 == 0 else ("actor", "driver")):
+            with controller(where):
                 part = split(*pipeline_times())
-                found[where].append(part)
-                print(f"(c2) controller in the {where}: wall {part['wall_s']:.1f} s, fits' start-up + end "
-                      f"{part['in_fits_s']:.1f} s, orchestration {part['share']:.0%} (stricter {part['strict_share']:.0%})",
-                      flush=True)
-    finally:
-        if before is None:
-            os.environ.pop(CONTROLLER_ENV, None)
-        else:
-            os.environ[CONTROLLER_ENV] = before
+            found[where].append(part)
+            print(f"(c2) controller in the {where}: wall {part['wall_s']:.1f} s, fits' start-up + end "
+                  f"{part['in_fits_s']:.1f} s, orchestration {part['share']:.0%} (stricter {part['strict_share']:.0%})",
+                  flush=True)
     for where, parts in found.items():
         print(f"(c2) controller in the {where}, medians of {pairs}: wall "
               f"{statistics.median(p['wall_s'] for p in parts):.1f} s, fits' start-up + end "
