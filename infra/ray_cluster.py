@@ -27,8 +27,6 @@ def ray_init(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    passed = ("HF_HOME", "HF_ASSETS_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
-              "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY")  # the seeded datatrove assets live under HF_*
     # Ray Train's controller takes in a worker's report (metrics and checkpoint) only when it polls the workers,
     # every 2 s by default, and a worker's next report waits for that poll: a fit whose checkpoints came quicker
     # stalled at each one, and every fit's end waited ~4 s for its last report. Polling every 0.2 s costs a
@@ -36,8 +34,10 @@ def ray_init(num_cpus: int | None = None) -> None:
     # bench.orchestration`: the report stall and the fit's end at 2, 0.5 and 0.2 s, and a loop's compute).
     os.environ.setdefault(POLL_ENV, POLL_S)
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    if os.environ.get("RAY_ADDRESS"):
-        env_vars = {k: os.environ[k] for k in (*passed, POLL_ENV) if k in os.environ} | {"PYTHONPATH": python_path}
+    if os.environ.get("RAY_ADDRESS"):  # a cluster's workers get our variables through the job's runtime env
+        passed = ("HF_HOME", "HF_ASSETS_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "GPTFLOW_HOME",
+                  "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY", POLL_ENV)  # datatrove's assets: under HF_*
+        env_vars = {k: os.environ[k] for k in passed if k in os.environ} | {"PYTHONPATH": python_path}
         runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "infra.ray_cluster.quiet_worker_logs"}
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)

@@ -113,7 +113,7 @@ class DriverController(TrainController):
 def run_in_driver(**controller_kwargs: Any) -> Any:
     """Run one fit's controller here, to its end, and return its `Result`. An interrupt or error on the way
     stops the fit's workers before it is raised."""
-    os.environ.setdefault(STRUCTURED_LOGGING_ENV, "0")
+    os.environ.setdefault(STRUCTURED_LOGGING_ENV, "0")  # `ray_init` sets it before Ray starts; this, on any other
     controller = DriverController(**controller_kwargs)
     try:
         _run_coroutine(controller.run())
