@@ -1,9 +1,10 @@
 """How `infra.ray_cluster.torch_trainer` starts a Ray Train fit: on our torch backend (`infra.ray_torch`), whose
 controller unpickles what the trainer sends it without importing torch, which Ray's own `TorchConfig` cannot; and
 on a local Ray with its controller in the driver and without the autoscaling coordinator (`infra.ray_local`). Real
-2-worker fits on the session's Ray check the process group, the coordinator, where the controller runs, that an
-interrupt stops the workers and that the workers get no runtime environment; the training fits (DDP and FSDP over gloo, kill and resume) are
-those of test_pretrain and test_sft_train, which go through `torch_trainer` too.
+2-worker fits on the session's Ray check the process group, the coordinator, where the controller runs (also from
+inside a running event loop), that an interrupt stops the workers and that the workers get no runtime environment;
+the training fits (DDP and FSDP over gloo, kill and resume) are those of test_pretrain and test_sft_train, which go
+through `torch_trainer` too.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_ray_fit.py -q`
 """
@@ -89,12 +90,12 @@ def _wait_forever(config: dict) -> None:
     time.sleep(600)
 
 
-def _fit(loop, tmp_path, name: str, workers: int = 2) -> None:
-    """A fit of `loop` (defined in this module, which the workers cannot import: sent by value)."""
+def _fit(loop, tmp_path, name: str) -> None:
+    """A 2-worker fit of `loop` (defined in this module, which the workers cannot import: sent by value)."""
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         torch_trainer(loop, train_loop_config={"out": str(tmp_path / "out")},
-                      scaling_config=ScalingConfig(num_workers=workers),
+                      scaling_config=ScalingConfig(num_workers=2),
                       run_config=RunConfig(name=name, storage_path=str(tmp_path))).fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -156,6 +157,18 @@ def test_a_local_fit_runs_its_controller_in_the_driver_unless_asked_for_rays_act
         assert "controller runs in the driver" in answer and f"{CONTROLLER_ENV}=actor" in answer
     else:
         assert answer == "checkpoints: []"
+
+
+@pytest.mark.ray
+def test_a_fit_called_inside_a_running_event_loop_runs(ray_once, tmp_path):
+    """As in Jupyter, whose cells run inside an event loop, where `asyncio.run` cannot start the controller's."""
+    import asyncio
+
+    async def cell() -> None:
+        _fit(_all_reduce_ranks, tmp_path, "in-a-loop")
+
+    asyncio.run(cell())
+    assert json.loads((tmp_path / "out").read_text()) == {"sum": 3.0, "backend": "gloo"}
 
 
 @pytest.mark.ray
