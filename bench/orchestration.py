@@ -7,7 +7,8 @@ Measures and prints, asserts nothing:
       every training stage pays before its first step, on a Ray that is already up; alternating with the same fit
       with its controller in Ray's actor (ours runs it in the driver, `infra.ray_local`), and in the actor on
       Ray's own `TorchConfig` (ours: `infra.ray_torch`); then one more, with the CPU seconds of each process
-      it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time;
+      it started (Linux /proc, sampled every 0.1 s) against the machine's busy CPU time; and the same fit on the
+      workers that the fit before it left (`infra.ray_local.warm_workers`, as in the pipeline);
   (b2) a fit whose workers report 6 checkpoints 0.3 s apart and then run ~3 s of matmuls with no report, in a
       fresh Ray each time, with Ray Train's poll of its workers at its default 2 s, at 0.5 s and at ours
       (`infra.ray_cluster.POLL_S`), alternating: how long the reports and the fit's end wait on the poll, and
@@ -19,11 +20,13 @@ Measures and prints, asserts nothing:
       beside it the earlier estimate, with (b) once per Ray Train stage, and a stricter split, in which only
       the stages' pure cores count as compute (the rest of a stage, its Prefect task, MLflow run and stage
       cache, is orchestration too);
-  (c2) with `--pairs N`, and nothing else: N pairs of tiny pipelines, every fit's controller in the driver (ours)
-      and in Ray's actor, alternating, split as (c).
+  (c2) with `--pairs N`, and nothing else: N pairs of tiny pipelines, alternating, split as (c): with
+      `--switch keep` (the default), every fit on the workers the fit before it left (ours) and on new workers
+      (`GPTFLOW_KEEP_WORKERS=0`); with `--switch controller`, every fit's controller in the driver (ours) and in
+      Ray's actor (`GPTFLOW_TRAIN_CONTROLLER=actor`); and whether every run gave the same eval table.
 
 Run: `python -m bench.orchestration [--workers 2] [--repeats 2] [--pipeline]` (~2 min; --pipeline ~5 min more).
-`python -m bench.orchestration --pairs 2` (~9 min).
+`python -m bench.orchestration --pairs 2 [--switch keep|controller]` (~8 min).
 """
 
 from __future__ import annotations
@@ -50,19 +53,24 @@ def _empty_loop(config: dict) -> None:
 
 
 @contextmanager
-def controller(where: str) -> Iterator[None]:
-    """Fits in this block, and pipelines started in it, run their controller in the `driver` or Ray's `actor`."""
-    from infra.ray_local import CONTROLLER_ENV
-
-    before = os.environ.get(CONTROLLER_ENV)
-    os.environ[CONTROLLER_ENV] = where
+def setting(var: str, value: str) -> Iterator[None]:
+    """The environment variable `var` is `value` in this block (and in pipelines started in it)."""
+    before = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ[CONTROLLER_ENV]
+            del os.environ[var]
         else:
-            os.environ[CONTROLLER_ENV] = before
+            os.environ[var] = before
+
+
+def controller(where: str) -> Any:
+    """Fits in this block, and pipelines started in it, run their controller in the `driver` or Ray's `actor`."""
+    from infra.ray_local import CONTROLLER_ENV
+
+    return setting(CONTROLLER_ENV, where)
 
 
 def empty_fit(workers: int, ray_backend: bool = False, actor: bool = False) -> float:
@@ -226,24 +234,36 @@ def split(wall: float, out: dict[str, Any]) -> dict[str, float]:
             "strict_share": strict / wall}
 
 
-def pipeline_pairs(pairs: int) -> dict[str, list[dict[str, float]]]:
-    """(c2) The tiny pipeline with every fit's controller in the driver and in Ray's actor, alternating (the
-    first of each pair swaps), split as (c)."""
-    found: dict[str, list[dict[str, float]]] = {"driver": [], "actor": []}
+SWITCHES = {  # (c2): the two arms of each pair, as (name, environment variable, value); ours first
+    "keep": (("kept", "GPTFLOW_KEEP_WORKERS", "1"), ("new", "GPTFLOW_KEEP_WORKERS", "0")),
+    "controller": (("driver", "GPTFLOW_TRAIN_CONTROLLER", "driver"), ("actor", "GPTFLOW_TRAIN_CONTROLLER", "actor")),
+}
+ARM_TEXT = {"kept": "fits on the workers the fit before left", "new": "fits on new workers",
+            "driver": "controller in the driver", "actor": "controller in Ray's actor"}
+
+
+def pipeline_pairs(pairs: int, switch: str = "keep") -> dict[str, Any]:
+    """(c2) The tiny pipeline with the two arms of `switch`, alternating (the first of each pair swaps), split as
+    (c); and whether every run's eval table was the same."""
+    arms = SWITCHES[switch]
+    found: dict[str, Any] = {name: [] for name, _, _ in arms}
+    tables = set()
     for i in range(pairs):
-        for where in (("driver", "actor") if i % 2 == 0 else ("actor", "driver")):
-            with controller(where):
-                part = split(*pipeline_times())
-            found[where].append(part)
-            print(f"(c2) controller in the {where}: wall {part['wall_s']:.1f} s, fits' start-up + end "
-                  f"{part['in_fits_s']:.1f} s, orchestration {part['share']:.0%} (stricter {part['strict_share']:.0%})",
-                  flush=True)
-    for where, parts in found.items():
-        print(f"(c2) controller in the {where}, medians of {pairs}: wall "
-              f"{statistics.median(p['wall_s'] for p in parts):.1f} s, fits' start-up + end "
-              f"{statistics.median(p['in_fits_s'] for p in parts):.1f} s, orchestration "
-              f"{statistics.median(p['share'] for p in parts):.0%}")
-    return found
+        for name, var, value in (arms if i % 2 == 0 else arms[::-1]):
+            with setting(var, value):
+                wall, out = pipeline_times()
+            part = split(wall, out)
+            tables.add(out["eval_table"])
+            found[name].append(part)
+            print(f"(c2) {ARM_TEXT[name]}: wall {part['wall_s']:.1f} s, fits' start-up + end {part['in_fits_s']:.1f} s, "
+                  f"orchestration {part['share']:.0%} (stricter {part['strict_share']:.0%})", flush=True)
+    for name, parts in found.items():
+        print(f"(c2) {ARM_TEXT[name]}, medians of {pairs}: wall {statistics.median(p['wall_s'] for p in parts):.1f} s, "
+              f"fits' start-up + end {statistics.median(p['in_fits_s'] for p in parts):.1f} s, orchestration "
+              f"{statistics.median(p['share'] for p in parts):.0%} (stricter "
+              f"{statistics.median(p['strict_share'] for p in parts):.0%})")
+    print(f"(c2) the same eval table in all {2 * pairs} runs: {'yes' if len(tables) == 1 else 'no'}")
+    return found | {"same_eval_table": len(tables) == 1}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,14 +272,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pipeline", action="store_true", help="also run the tiny pipeline and split its wall time")
     p.add_argument("--pairs", type=int, default=0, metavar="N",
-                   help="only (c2): N pairs of tiny pipelines, the fits' controller in the driver and in Ray's actor")
+                   help="only (c2): N pairs of tiny pipelines, one arm of --switch and the other, alternating")
+    p.add_argument("--switch", choices=sorted(SWITCHES), default="keep",
+                   help="(c2): kept workers against new ones per fit, or the controller in the driver against Ray's actor")
     p.add_argument("--reporting-fit", action="store_true", help=argparse.SUPPRESS)  # (b2)'s child process
     args = p.parse_args(argv)
     if args.reporting_fit:
         print(json.dumps(reporting_fit(args.workers)))
         return
     if args.pairs:
-        print(json.dumps(pipeline_pairs(args.pairs)))
+        print(json.dumps(pipeline_pairs(args.pairs, args.switch)))
         return
     from infra.ray_cluster import ray_init
 
@@ -282,6 +304,14 @@ def main(argv: list[str] | None = None) -> None:
           + f" s (median {statistics.median(ray_fits) / statistics.median(actor_fits):.2f}x our backend's)")
     result = {"ray_start_s": ray_start, "first_fit_s": first, "empty_fit_s": fits, "empty_fit_ray_backend_s": ray_fits,
               "empty_fit_actor_controller_s": actor_fits}
+    from infra.ray_local import warm_workers
+
+    with warm_workers():
+        empty_fit(args.workers)  # starts the workers that the next fits take over
+        kept = [empty_fit(args.workers) for _ in range(args.repeats)]
+    print("    on the workers the fit before left (warm_workers, as in the pipeline): " + ", ".join(f"{s:.2f}" for s in kept)
+          + f" s ({statistics.median(fits) / statistics.median(kept):.0f}x faster than on new workers)")
+    result["empty_fit_kept_workers_s"] = kept
     if os.path.exists("/proc/stat"):
         cpu = empty_fit_cpu(args.workers)
         print(f"    once more, sampled: {cpu['wall_s']:.1f} s wall; the machine busy {cpu['busy_cpu_s']:.1f} of "

@@ -67,9 +67,10 @@ def llm_pipeline_flow(preset: PresetName = "tiny", overrides: dict[str, Any] | N
         corpus, times["data"] = timed(data_task, cfg.data, root, parent)
         tok, times["tokenizer"] = timed(tokenizer_task, cfg.tokenizer, corpus, root, parent)
         # Ray starts once, here, for every Ray Train stage after it (each stage's own ray_session joins it), and
-        # not before: the data stage forks (datatrove), which a local Ray's gRPC threads do not survive.
+        # not before: the data stage forks (datatrove), which a local Ray's gRPC threads do not survive. Each fit
+        # leaves its worker processes to the next one of the same shape (infra.ray_local.warm_workers).
         start = time.perf_counter()
-        with ray_session():
+        with ray_session(keep_workers=True):
             times["ray_start"] = time.perf_counter() - start
             base, times["pretrain"] = timed(limited(pretrain_task, limits), cfg.pretrain, tok.shards, root, parent)
             chat, times["sft"] = timed(limited(sft_task, limits), cfg.sft, base, tok, root, parent)

@@ -125,17 +125,24 @@ def quiet_worker_logs() -> None:
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(num_cpus: int | None = None, keep_workers: bool = False) -> Iterator[None]:
     """Ray for the length of one job. A local Ray that this call started is shut down afterwards: its gRPC
     threads do not survive a later fork of this process (datatrove, Trafilatura), which hung the next job.
     Inside an outer session (the pipeline holds one from after its forking stages to its end) it joins that Ray
-    and leaves it running, so the Ray Train stages share one start-up."""
+    and leaves it running, so the Ray Train stages share one start-up. With `keep_workers`, a local fit leaves
+    its workers to the next fit of the same shape until the session ends (`infra.ray_local.warm_workers`)."""
     import ray
 
     started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ray_init(num_cpus)
     try:
-        yield
+        if keep_workers and not os.environ.get("RAY_ADDRESS"):
+            from infra.ray_local import warm_workers
+
+            with warm_workers():
+                yield
+        else:
+            yield
     finally:
         if started:
             ray.shutdown()

@@ -1,5 +1,5 @@
 """Ray Train fits, made cheaper to start on the local Ray we start: the controller in the driver, workers with
-no runtime environment, no autoscaling coordinator.
+no runtime environment, workers kept for the next fit, no autoscaling coordinator.
 
 - **The controller in the driver.** Ray Train V2 runs every fit's `TrainController` as an actor: a Python process
   that starts and imports Ray Train before it can start a single worker (~1.6 s of every fit's start-up on 2
@@ -11,6 +11,13 @@ no runtime environment, no autoscaling coordinator.
   driver (the poll interval, ...) as a runtime environment, and Ray starts a worker with a runtime environment
   through its runtime-env agent: a new actor took 0.9-1.05 s to answer with one, 0.5 s without (a one-off
   script). The workers of a local Ray that we started inherit those variables already, so they get none.
+- **Workers kept for the next fit**, inside `warm_workers()`, which the pipeline holds around its Ray Train
+  stages (`GPTFLOW_KEEP_WORKERS=0` turns it off). Each fit used to start its worker processes afresh, and each
+  imported Ray Train and torch before its first step (~2.5-3 CPU-s a worker). Inside the block, a fit that ends
+  well leaves its workers and their placement group to the next fit of the same shape (workers, resources, no
+  runtime environment of its own), which sets them up as Ray Train sets up new ones: a new train context, a new
+  process group, the loop's own seeds and threads. A fit that fails, one of another shape, or the block's end
+  stops them. Only inside the block: kept workers hold their CPUs, which other Ray work would wait for.
 - **No autoscaling coordinator.** Ray Train's fixed scaling policy registers each fit's resources with an
   `AutoscalingCoordinator`, a detached actor that tells a cluster's autoscaler (and Ray Data) what the run
   needs: the first fit on a Ray starts it (one more process), and each fit asks it for resources and cancels
@@ -24,9 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -38,7 +48,11 @@ from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGro
 
 from infra.ray_cluster import STRUCTURED_LOGGING_ENV, local_env
 
+log = logging.getLogger(__name__)
+
 CONTROLLER_ENV = "GPTFLOW_TRAIN_CONTROLLER"  # "driver" (the default on a local Ray) or "actor" (Ray's)
+KEEP_ENV = "GPTFLOW_KEEP_WORKERS"  # "0": every fit starts its own workers, even inside warm_workers()
+KEEP_CHECK_S = 10  # how long kept workers may take to answer before a fit starts new ones
 
 
 class LocalScalingPolicy(FixedScalingPolicy):
@@ -62,7 +76,8 @@ def controller_in_driver() -> bool:
     init = inspect.signature(RayTrainWorker.init_train_context).parameters
     return "controller_actor" in init and all(
         hasattr(WorkerGroup, name) for name in ("_init_train_context_on_workers", "_decorate_worker_log_file_paths",
-                                            "_get_worker_runtime_env"))
+                                            "_get_worker_runtime_env", "_create_placement_group", "_create_workers",
+                                            "get_latest_poll_status"))
 
 
 class NoController:
@@ -76,7 +91,113 @@ class NoController:
     get_all_reported_checkpoints = _Call()
 
 
+class _Kept:
+    """The workers (and their placement group) that the last fit left for the next, inside `warm_workers()`."""
+
+    on = False  # inside warm_workers()
+    key: tuple | None = None
+    state: Any = None  # Ray Train's WorkerGroupState, less its synchronization actor (one per fit)
+
+    @classmethod
+    def take(cls, key: tuple | None) -> Any:
+        """The kept state when `key` matches it and its workers answer; else None, with the kept ones stopped."""
+        if cls.state is not None and key is not None and key == cls.key:
+            state, cls.key, cls.state = cls.state, None, None
+            try:
+                ray.get([w.actor.get_metadata.remote() for w in state.workers], timeout=KEEP_CHECK_S)
+                return state
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("the workers kept from the last fit did not answer (%s); starting new ones", exc)
+                state.shutdown()
+                return None
+        release_warm_workers()
+        return None
+
+
+def release_warm_workers() -> None:
+    """Stop the workers kept from the last fit and free their placement group."""
+    state, _Kept.key, _Kept.state = _Kept.state, None, None
+    if state is not None and ray.is_initialized():
+        state.shutdown()
+
+
+def kept_worker_pids() -> list[int]:
+    """The process ids of the workers kept from the last fit, by rank; empty when none are kept."""
+    return [w.metadata.pid for w in _Kept.state.workers] if _Kept.state is not None else []
+
+
+@contextmanager
+def warm_workers() -> Iterator[None]:
+    """Inside this block, the fits of a local Ray with their controller in the driver keep their workers for the
+    next fit of the same shape; at its end the kept ones stop. `GPTFLOW_KEEP_WORKERS=0` turns it off."""
+    before = _Kept.on
+    _Kept.on = before or os.environ.get(KEEP_ENV, "1") != "0"
+    try:
+        yield
+    finally:
+        _Kept.on = before
+        if not before:
+            release_warm_workers()
+
+
+class _KeepOnShutdown:
+    """A finished fit's worker-group state whose `shutdown` runs the workers' shutdown hooks and stops the fit's
+    synchronization actor, and keeps the workers and their placement group for the next fit."""
+
+    def __init__(self, state: Any, key: tuple) -> None:
+        self._state, self._key = state, key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def shutdown(self) -> None:
+        workers = self._state.workers
+        ray.wait([w.actor.shutdown.remote() for w in workers], num_returns=len(workers), timeout=5)
+        ray.kill(self._state.sync_actor)
+        release_warm_workers()
+        _Kept.key, _Kept.state = self._key, self._state
+
+
 class DriverWorkerGroup(WorkerGroup):
+    _reusing: Any = None  # the kept state this group's start takes over, between its two calls below
+
+    def _keep_key(self) -> tuple | None:
+        """What a fit's workers must share with the kept ones to take them over: this Ray, their count, each one's
+        resources and placement, their class; None when they get a runtime environment of their own (kept workers
+        started without it)."""
+        run_config = self._train_run_context.run_config
+        if not _Kept.on or self._get_worker_runtime_env(custom_runtime_env=run_config.worker_runtime_env):
+            return None
+        ctx = self._worker_group_context
+        return (ray.get_runtime_context().get_node_id(), ctx.num_workers,
+                tuple(sorted(ctx.resources_per_worker.items())), ctx.placement_strategy, repr(ctx.label_selector),
+                self._worker_cls)
+
+    def _create_placement_group(self, scaling_config: Any, worker_group_context: Any) -> Any:
+        """The kept workers' placement group when this fit can take them over; else a new one (the kept workers
+        are stopped first: their placement group holds resources this one may need)."""
+        self._reusing = _Kept.take(self._keep_key())
+        if self._reusing is not None:
+            return self._reusing.placement_group_handle
+        return super()._create_placement_group(scaling_config, worker_group_context)
+
+    def _create_workers(self, num_workers: int, placement_group: Any, resources_per_worker: dict,
+                        placement_group_bundle_indices: list[int] | None = None, **kwargs: Any) -> list:
+        """The kept workers, with the ranks they had, when `_create_placement_group` took them over."""
+        reusing, self._reusing = self._reusing, None
+        if reusing is not None and placement_group_bundle_indices is None and not any(kwargs.values()):
+            return list(reusing.workers)
+        return super()._create_workers(num_workers, placement_group, resources_per_worker,
+                                       placement_group_bundle_indices, **kwargs)
+
+    def shutdown(self) -> None:
+        """As Ray's (the callbacks, the process group's teardown), but the workers of a fit that ended well are
+        kept for the next, inside `warm_workers()`."""
+        status, key = self.get_latest_poll_status(), self._keep_key()
+        if key is not None and self.has_started() and status is not None and status.finished and not status.errors:
+            self._worker_group_state = _KeepOnShutdown(self._worker_group_state, key)
+        super().shutdown()
+
     def _init_train_context_on_workers(self, workers: list, sync_actor: Any, train_context_args: dict) -> None:
         """As Ray's, less `ray.get_runtime_context().current_actor`, which a driver does not have."""
         ray.get([

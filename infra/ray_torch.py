@@ -88,7 +88,9 @@ class LazyTorchBackend(Backend):
             init_method="env://", timeout_s=config.timeout_s) for rank in range(n)])
 
     def on_shutdown(self, worker_group: Any, config: LazyTorchConfig) -> None:
-        done = worker_group.execute_async(_ray_step, name="_shutdown_torch", destroy_process_group=len(worker_group) > 1)
+        # Ray's leaves a 1-worker group's process group to the process's end; ours may start the next fit's
+        # (`infra.ray_local.warm_workers`), which could not make a new one then.
+        done = worker_group.execute_async(_ray_step, name="_shutdown_torch", destroy_process_group=True)
         try:
             ray.get(done, timeout=SHUTDOWN_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:

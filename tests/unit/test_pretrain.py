@@ -321,6 +321,23 @@ def _assert_same_curve(out: Path, reference: tuple[Path, ModelRef], result: Mode
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_run_on_the_workers_an_fsdp_run_left_follows_the_reference(shards, reference, tmp_path):
+    """Inside `warm_workers()`, as in the pipeline, a fit takes over the workers of the fit before it (here a short
+    FSDP run, which leaves its own seeds, threads and process group behind): the same loss curve as on new ones."""
+    from infra.ray_local import kept_worker_pids, warm_workers
+
+    data = ShardsRef(path=str(shards))
+    with warm_workers():
+        pretrain_gpt(CFG_FSDP.model_copy(update={"steps": 4, "seed": 7, "eval_every": 2, "ckpt_every": 2}), data,
+                     tmp_path / "fsdp")
+        before = kept_worker_pids()
+        result = pretrain_gpt(CFG, data, tmp_path / "after")
+        assert len(before) == 2 and kept_worker_pids() == before
+    _assert_same_curve(tmp_path / "after", reference, result)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_loss_curve(shards, reference, tmp_path):
     """The driver and every process it started SIGKILLed after its second checkpoint; the rerun resumes. The kill
     and Ray's recovery of the run do not depend on the strategy: FSDP's own part, restoring sharded state, is
