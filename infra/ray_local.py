@@ -13,10 +13,11 @@ no runtime environment, workers kept for the next fit, no autoscaling coordinato
   script). The workers of a local Ray that we started inherit those variables already, so they get none.
 - **Workers kept for the next fit**, inside `warm_workers()`, which the pipeline holds around its Ray Train
   stages (`GPTFLOW_KEEP_WORKERS=0` turns it off). Each fit used to start its worker processes afresh, and each
-  imported Ray Train and torch before its first step (~2.5-3 CPU-s a worker). Inside the block, a fit that ends
-  well leaves its workers and their placement group to the next fit of the same shape (workers, resources, no
-  runtime environment of its own), which sets them up as Ray Train sets up new ones: a new train context, a new
-  process group, the loop's own seeds and threads. A fit that fails, one of another shape, or the block's end
+  imported Ray Train and torch before its first step (~2.5-3 CPU-s a worker), beside a synchronization actor
+  (~1.9 CPU-s). Inside the block, a fit that ends well leaves its workers, their placement group and its
+  synchronization actor (its barriers all released) to the next fit of the same shape (workers, resources,
+  collective timeouts, no runtime environment of its own), which sets them up as Ray Train sets up new ones: a
+  new train context, a new process group, the loop's own seeds and threads. A fit that fails, one of another shape, or the block's end
   stops them. Only inside the block: kept workers hold their CPUs, which other Ray work would wait for.
 - **No autoscaling coordinator.** Ray Train's fixed scaling policy registers each fit's resources with an
   `AutoscalingCoordinator`, a detached actor that tells a cluster's autoscaler (and Ray Data) what the run
@@ -43,6 +44,7 @@ import ray
 from ray.train.v2._internal.constants import get_env_vars_to_propagate
 from ray.train.v2._internal.execution.controller.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+from ray.train.v2._internal.execution.worker_group import worker_group as ray_worker_group
 from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
 from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
 
@@ -92,26 +94,57 @@ class NoController:
 
 
 class _Kept:
-    """The workers (and their placement group) that the last fit left for the next, inside `warm_workers()`."""
+    """The workers, placement group and synchronization actor that the last fit left for the next, inside
+    `warm_workers()`."""
 
     on = False  # inside warm_workers()
     key: tuple | None = None
-    state: Any = None  # Ray Train's WorkerGroupState, less its synchronization actor (one per fit)
+    state: Any = None  # Ray Train's WorkerGroupState
 
     @classmethod
     def take(cls, key: tuple | None) -> Any:
-        """The kept state when `key` matches it and its workers answer; else None, with the kept ones stopped."""
+        """The kept state when `key` matches it, its workers answer and its synchronization actor holds no barrier;
+        else None, with the kept ones stopped."""
         if cls.state is not None and key is not None and key == cls.key:
             state, cls.key, cls.state = cls.state, None, None
             try:
-                ray.get([w.actor.get_metadata.remote() for w in state.workers], timeout=KEEP_CHECK_S)
-                return state
+                *_, waiting = ray.get([*(w.actor.get_metadata.remote() for w in state.workers),
+                                       state.sync_actor.get_counter.remote()], timeout=KEEP_CHECK_S)
+                if waiting == 0:
+                    return state
+                log.warning("the synchronization actor kept from the last fit holds a barrier; starting anew")
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("the workers kept from the last fit did not answer (%s); starting new ones", exc)
-                state.shutdown()
-                return None
+            state.shutdown()
+            return None
         release_warm_workers()
         return None
+
+
+class _SyncActors:
+    """Stands in for Ray Train's `SynchronizationActor` class in its worker-group module, where a group's start
+    makes one per fit: a fit that takes over kept workers gets the kept one (`pending`, for this thread's next
+    start), any other a new one from Ray's class."""
+
+    pending = threading.local()
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def options(self, **kwargs: Any) -> Any:
+        kept, self.pending.actor = getattr(self.pending, "actor", None), None
+        return self.real.options(**kwargs) if kept is None else _Made(kept)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _Made:
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.actor
 
 
 def release_warm_workers() -> None:
@@ -141,8 +174,8 @@ def warm_workers() -> Iterator[None]:
 
 
 class _KeepOnShutdown:
-    """A finished fit's worker-group state whose `shutdown` runs the workers' shutdown hooks and stops the fit's
-    synchronization actor, and keeps the workers and their placement group for the next fit."""
+    """A finished fit's worker-group state whose `shutdown` runs the workers' shutdown hooks and keeps the workers,
+    their placement group and the synchronization actor for the next fit."""
 
     def __init__(self, state: Any, key: tuple) -> None:
         self._state, self._key = state, key
@@ -153,7 +186,6 @@ class _KeepOnShutdown:
     def shutdown(self) -> None:
         workers = self._state.workers
         ray.wait([w.actor.shutdown.remote() for w in workers], num_returns=len(workers), timeout=5)
-        ray.kill(self._state.sync_actor)
         release_warm_workers()
         _Kept.key, _Kept.state = self._key, self._state
 
@@ -171,13 +203,20 @@ class DriverWorkerGroup(WorkerGroup):
         ctx = self._worker_group_context
         return (ray.get_runtime_context().get_node_id(), ctx.num_workers,
                 tuple(sorted(ctx.resources_per_worker.items())), ctx.placement_strategy, repr(ctx.label_selector),
-                self._worker_cls)
+                self._worker_cls, self._collective_timeout_s, self._collective_warn_interval_s)
+
+    def _start(self) -> None:
+        try:
+            super()._start()
+        finally:
+            _SyncActors.pending.actor = None  # a start that failed before making its synchronization actor
 
     def _create_placement_group(self, scaling_config: Any, worker_group_context: Any) -> Any:
         """The kept workers' placement group when this fit can take them over; else a new one (the kept workers
         are stopped first: their placement group holds resources this one may need)."""
         self._reusing = _Kept.take(self._keep_key())
         if self._reusing is not None:
+            _SyncActors.pending.actor = self._reusing.sync_actor  # made next, by the start that called this
             return self._reusing.placement_group_handle
         return super()._create_placement_group(scaling_config, worker_group_context)
 
@@ -229,6 +268,10 @@ class DriverWorkerGroup(WorkerGroup):
 
 class DriverController(TrainController):
     worker_group_cls = DriverWorkerGroup
+
+
+if isinstance(getattr(ray_worker_group, "SynchronizationActor", None), ray.actor.ActorClass):  # once; as Ray names it
+    ray_worker_group.SynchronizationActor = _SyncActors(ray_worker_group.SynchronizationActor)
 
 
 def run_in_driver(**controller_kwargs: Any) -> Any:

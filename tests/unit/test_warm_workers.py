@@ -1,6 +1,6 @@
 """Workers kept for the next fit (`infra.ray_local.warm_workers`, which the pipeline holds around its Ray Train
-stages): real fits on the session's Ray. Inside the block a fit that ended well leaves its worker processes to
-the next fit of the same shape, whose process group works on them; a fit of another shape, a failed fit, a kept
+stages): real fits on the session's Ray. Inside the block a fit that ended well leaves its worker processes and
+its synchronization actor to the next fit of the same shape, whose process group and barriers work on them; a fit of another shape, a failed fit, a kept
 worker that died and the block's end each stop them; outside the block, or with `GPTFLOW_KEEP_WORKERS=0`, every
 fit starts its own. That a training fit on kept workers follows the same loss curve as on new ones is checked in
 test_pretrain.
@@ -26,24 +26,30 @@ pytestmark = pytest.mark.ray
 
 
 def _pids_and_sum(config: dict) -> None:
-    """Each rank writes its pid and the sum of rank + 1 over the process group."""
+    """Each rank writes its pid, the sum of rank + 1 over the process group, what rank 0 broadcast through Ray
+    Train's synchronization actor, and that actor's id."""
     import os
 
     import ray.train
+    import ray.train.collective
     import torch
+    from ray.train.v2._internal.execution.context import get_train_context
 
     ctx = ray.train.get_context()
     t = torch.tensor([ctx.get_world_rank() + 1.0])
     if ctx.get_world_size() > 1:
         torch.distributed.all_reduce(t)
+    said = ray.train.collective.broadcast_from_rank_zero(f"hello-{ctx.get_world_rank()}")
+    sync = get_train_context().get_synchronization_actor()._actor_id.hex()
     with open(f"{config['out']}.{ctx.get_world_rank()}", "w") as fh:
-        fh.write(f"{os.getpid()} {t.item()}")
+        fh.write(f"{os.getpid()} {t.item()} {said} {sync}")
     if config.get("fail"):
         raise RuntimeError("this loop fails")
 
 
 def _fit(tmp_path, name: str, workers: int = 2, fail: bool = False) -> list[int]:
-    """A fit of `_pids_and_sum` on `workers` workers; the pid of each rank, after checking the sum."""
+    """A fit of `_pids_and_sum` on `workers` workers; the pid of each rank, after checking the sum and the
+    broadcast."""
     out = tmp_path / name
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
@@ -53,8 +59,14 @@ def _fit(tmp_path, name: str, workers: int = 2, fail: bool = False) -> list[int]
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     seen = [(tmp_path / f"{name}.{rank}").read_text().split() for rank in range(workers)]
-    assert [float(s) for _, s in seen] == [workers * (workers + 1) / 2] * workers
-    return [int(pid) for pid, _ in seen]
+    assert [float(s) for _, s, _, _ in seen] == [workers * (workers + 1) / 2] * workers
+    assert [said for _, _, said, _ in seen] == ["hello-0"] * workers
+    return [int(pid) for pid, _, _, _ in seen]
+
+
+def _sync_actor(tmp_path, name: str) -> str:
+    """The id of the synchronization actor that fit `name` used."""
+    return (tmp_path / f"{name}.0").read_text().split()[3]
 
 
 def _alive(pid: int) -> bool:
@@ -88,6 +100,7 @@ def test_inside_the_block_a_fit_of_the_same_shape_takes_over_the_workers_and_the
         first = _fit(tmp_path, "first")
         second = _fit(tmp_path, "second")
         assert second == first  # the same processes, and their new process group sums over both ranks
+        assert _sync_actor(tmp_path, "second") == _sync_actor(tmp_path, "first")  # its barriers work again
         assert all(map(_alive, first))
         alone = _fit(tmp_path, "alone", workers=1)  # another shape: the kept two stop, one new worker
         assert alone[0] not in first and _gone(first)
@@ -100,6 +113,7 @@ def test_outside_the_block_or_switched_off_every_fit_starts_its_own_workers(ray_
     first = _fit(tmp_path, "first")
     second = _fit(tmp_path, "second")
     assert not set(first) & set(second) and _gone(first + second)
+    assert _sync_actor(tmp_path, "second") != _sync_actor(tmp_path, "first")
     monkeypatch.setenv(KEEP_ENV, "0")
     with warm_workers():
         third = _fit(tmp_path, "third")
@@ -114,7 +128,7 @@ def test_a_failed_fit_leaves_no_workers_and_the_next_starts_new_ones(ray_once, t
         failed = [int((tmp_path / f"failed.{rank}").read_text().split()[0]) for rank in range(2)]
         assert _gone(failed)
         after = _fit(tmp_path, "after")
-        assert not set(failed) & set(after)
+        assert not set(failed) & set(after) and _sync_actor(tmp_path, "after") != _sync_actor(tmp_path, "failed")
     assert _gone(after)
 
 
