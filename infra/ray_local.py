@@ -195,8 +195,8 @@ class DriverWorkerGroup(WorkerGroup):
 
     def _keep_key(self) -> tuple | None:
         """What a fit's workers must share with the kept ones to take them over: this Ray, their count, each one's
-        resources and placement, their class; None when they get a runtime environment of their own (kept workers
-        started without it)."""
+        resources and placement, their class, the collective timeouts (the synchronization actor's); None when
+        they get a runtime environment of their own (kept workers started without one)."""
         run_config = self._train_run_context.run_config
         if not _Kept.on or self._get_worker_runtime_env(custom_runtime_env=run_config.worker_runtime_env):
             return None
@@ -216,7 +216,10 @@ class DriverWorkerGroup(WorkerGroup):
         are stopped first: their placement group holds resources this one may need)."""
         self._reusing = _Kept.take(self._keep_key())
         if self._reusing is not None:
-            _SyncActors.pending.actor = self._reusing.sync_actor  # made next, by the start that called this
+            if isinstance(ray_worker_group.SynchronizationActor, _SyncActors):
+                _SyncActors.pending.actor = self._reusing.sync_actor  # made next, by the start that called this
+            else:  # another Ray version, where the start makes a new one whatever we do
+                ray.kill(self._reusing.sync_actor)
             return self._reusing.placement_group_handle
         return super()._create_placement_group(scaling_config, worker_group_context)
 
