@@ -20,7 +20,7 @@ from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 
 from infra.ray_cluster import torch_trainer
-from infra.ray_local import KEEP_ENV, warm_workers
+from infra.ray_local import KEEP_ENV, kept_worker_pids, warm_workers
 
 pytestmark = pytest.mark.ray
 
@@ -98,6 +98,7 @@ def _cpus_free(patience_s: float = 30) -> bool:
 def test_inside_the_block_a_fit_of_the_same_shape_takes_over_the_workers_and_the_block_stops_them(ray_once, tmp_path):
     with warm_workers():
         first = _fit(tmp_path, "first")
+        assert kept_worker_pids() == first
         second = _fit(tmp_path, "second")
         assert second == first  # the same processes, and their new process group sums over both ranks
         assert _sync_actor(tmp_path, "second") == _sync_actor(tmp_path, "first")  # its barriers work again
@@ -109,16 +110,13 @@ def test_inside_the_block_a_fit_of_the_same_shape_takes_over_the_workers_and_the
     assert _cpus_free(), "the block's end left the kept workers' placement group holding CPUs"
 
 
-def test_outside_the_block_or_switched_off_every_fit_starts_its_own_workers(ray_once, tmp_path, monkeypatch):
-    first = _fit(tmp_path, "first")
-    second = _fit(tmp_path, "second")
-    assert not set(first) & set(second) and _gone(first + second)
-    assert _sync_actor(tmp_path, "second") != _sync_actor(tmp_path, "first")
+def test_outside_the_block_or_switched_off_a_fit_keeps_nothing(ray_once, tmp_path, monkeypatch):
+    outside = _fit(tmp_path, "outside")
+    assert kept_worker_pids() == [] and _gone(outside) and _cpus_free()
     monkeypatch.setenv(KEEP_ENV, "0")
     with warm_workers():
-        third = _fit(tmp_path, "third")
-        fourth = _fit(tmp_path, "fourth")
-    assert not set(third) & set(fourth)
+        off = _fit(tmp_path, "off")
+        assert kept_worker_pids() == [] and _gone(off) and _cpus_free()
 
 
 def test_a_failed_fit_leaves_no_workers_and_the_next_starts_new_ones(ray_once, tmp_path):
