@@ -46,6 +46,23 @@ def kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def gone(pids: list[int], patience_s: float = 30) -> bool:
+    """Whether every process of `pids` has ended, waiting up to `patience_s` for them."""
+    deadline = time.monotonic() + patience_s
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(map(alive, pids))
+
+
 def assert_no_line_repeats(text: str, most: int = 3) -> None:
     """The terminal stays readable: no line (its Ray pid prefix aside) printed more than `most` times. Ray
     Train's placement-group cleaner printed "State API may be temporarily unavailable" once a second."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from killing import gone
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
@@ -186,14 +187,6 @@ def test_the_workers_of_a_local_fit_get_no_runtime_env_but_a_variable_changed_si
     assert seen == {"runtime_env": {"env_vars": {WARN_ENV: "123"}}, "warn": "123"}, seen
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.ray
 def test_an_interrupt_during_a_fit_in_the_driver_stops_its_workers(ray_once, tmp_path):
     import _thread
@@ -213,10 +206,7 @@ def test_an_interrupt_during_a_fit_in_the_driver_stops_its_workers(ray_once, tmp
     with pytest.raises(KeyboardInterrupt):
         _fit(_wait_forever, tmp_path, "interrupted")
     assert len(pids) == 2
-    deadline = time.monotonic() + 30
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(map(_alive, pids)), "the workers outlived the interrupted fit"
+    assert gone(pids), "the workers outlived the interrupted fit"
 
 
 @pytest.mark.ray

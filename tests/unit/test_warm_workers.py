@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from killing import alive, gone
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 
@@ -69,21 +70,6 @@ def _sync_actor(tmp_path, name: str) -> str:
     return (tmp_path / f"{name}.0").read_text().split()[3]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _gone(pids: list[int], patience_s: float = 30) -> bool:
-    deadline = time.monotonic() + patience_s
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not any(map(_alive, pids))
-
-
 def _cpus_free(patience_s: float = 30) -> bool:
     import ray
 
@@ -102,21 +88,21 @@ def test_inside_the_block_a_fit_of_the_same_shape_takes_over_the_workers_and_the
         second = _fit(tmp_path, "second")
         assert second == first  # the same processes, and their new process group sums over both ranks
         assert _sync_actor(tmp_path, "second") == _sync_actor(tmp_path, "first")  # its barriers work again
-        assert all(map(_alive, first))
+        assert all(map(alive, first))
         alone = _fit(tmp_path, "alone", workers=1)  # another shape: the kept two stop, one new worker
-        assert alone[0] not in first and _gone(first)
+        assert alone[0] not in first and gone(first)
         assert _fit(tmp_path, "alone-again", workers=1) == alone  # a 1-worker process group made again
-    assert _gone(alone), "the block's end left the kept worker running"
+    assert gone(alone), "the block's end left the kept worker running"
     assert _cpus_free(), "the block's end left the kept workers' placement group holding CPUs"
 
 
 def test_outside_the_block_or_switched_off_a_fit_keeps_nothing(ray_once, tmp_path, monkeypatch):
     outside = _fit(tmp_path, "outside")
-    assert kept_worker_pids() == [] and _gone(outside) and _cpus_free()
+    assert kept_worker_pids() == [] and gone(outside) and _cpus_free()
     monkeypatch.setenv(KEEP_ENV, "0")
     with warm_workers():
         off = _fit(tmp_path, "off")
-        assert kept_worker_pids() == [] and _gone(off) and _cpus_free()
+        assert kept_worker_pids() == [] and gone(off) and _cpus_free()
 
 
 def test_a_failed_fit_leaves_no_workers_and_the_next_starts_new_ones(ray_once, tmp_path):
@@ -124,17 +110,17 @@ def test_a_failed_fit_leaves_no_workers_and_the_next_starts_new_ones(ray_once, t
         with pytest.raises(Exception, match="this loop fails"):
             _fit(tmp_path, "failed", fail=True)
         failed = [int((tmp_path / f"failed.{rank}").read_text().split()[0]) for rank in range(2)]
-        assert _gone(failed)
+        assert gone(failed)
         after = _fit(tmp_path, "after")
         assert not set(failed) & set(after) and _sync_actor(tmp_path, "after") != _sync_actor(tmp_path, "failed")
-    assert _gone(after)
+    assert gone(after)
 
 
 def test_a_kept_worker_that_died_is_replaced_and_the_fit_runs(ray_once, tmp_path):
     with warm_workers():
         first = _fit(tmp_path, "first")
         os.kill(first[1], signal.SIGKILL)
-        assert _gone(first[1:])
+        assert gone(first[1:])
         second = _fit(tmp_path, "second")
-        assert not set(first) & set(second) and _gone(first)
-    assert _gone(second) and _cpus_free()
+        assert not set(first) & set(second) and gone(first)
+    assert gone(second) and _cpus_free()
