@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,17 @@ def alive(pid: int) -> bool:
     return True
 
 
+def eventually(check: Callable[[], bool], patience_s: float = 30) -> bool:
+    """Whether `check()` holds within `patience_s`, asked every 0.2 s."""
+    deadline = time.monotonic() + patience_s
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return check()
+
+
 def gone(pids: list[int], patience_s: float = 30) -> bool:
     """Whether every process of `pids` has ended, waiting up to `patience_s` for them."""
-    deadline = time.monotonic() + patience_s
-    while any(map(alive, pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not any(map(alive, pids))
+    return eventually(lambda: not any(map(alive, pids)), patience_s)
 
 
 def assert_no_line_repeats(text: str, most: int = 3) -> None:

@@ -1,8 +1,8 @@
 """Workers kept for the next fit (`infra.ray_local.warm_workers`, which the pipeline holds around its Ray Train
 stages): real fits on the session's Ray. Inside the block a fit that ended well leaves its worker processes and
-its synchronization actor to the next fit of the same shape, whose process group and barriers work on them; a fit of another shape, a failed fit, a kept
-worker that died and the block's end each stop them; outside the block, or with `GPTFLOW_KEEP_WORKERS=0`, every
-fit starts its own. That a training fit on kept workers follows the same loss curve as on new ones is checked in
+its synchronization actor to the next fit of the same shape, whose process group and barriers work on them; a
+fit of another shape, a failed fit, a kept worker that died and the block's end each stop them; outside the
+block, or with `GPTFLOW_KEEP_WORKERS=0`, nothing is kept. That a training fit on kept workers follows the same loss curve as on new ones is checked in
 test_pretrain.
 
 Run: `.venv/bin/python -m pytest tests/unit/test_warm_workers.py -q`
@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
 import pytest
-from killing import alive, gone
+from killing import alive, eventually, gone
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 
@@ -70,15 +69,10 @@ def _sync_actor(tmp_path, name: str) -> str:
     return (tmp_path / f"{name}.0").read_text().split()[3]
 
 
-def _cpus_free(patience_s: float = 30) -> bool:
+def _cpus_free() -> bool:
     import ray
 
-    deadline = time.monotonic() + patience_s
-    while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"):
-            return True
-        time.sleep(0.2)
-    return False
+    return eventually(lambda: ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"))
 
 
 def test_inside_the_block_a_fit_of_the_same_shape_takes_over_the_workers_and_the_block_stops_them(ray_once, tmp_path):
